@@ -1,0 +1,88 @@
+"""The command line: `picogpt generate "hello world" --model gpt2-medium`."""
+
+import argparse
+import sys
+
+from . import sampling
+from .generate import load, warn
+from .tokenizer import TokenizerError
+from .weights import CheckpointError
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="picogpt", description="GPT-2 inference in NumPy.")
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    g = commands.add_parser(
+        "generate",
+        help="continue a prompt and stream the text to stdout",
+        description="Continue PROMPT with a GPT-2 model, streaming the new text to stdout as it is decoded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g.add_argument("prompt", help='the text to continue; "" starts a new text from <|endoftext|>')
+    g.add_argument("--model", "-m", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a hub repo id (org/name) or a local folder")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=50, help="generate at most this many tokens")
+    g.add_argument("--temperature", "-t", type=float, default=1.0, help="sampling temperature; 0 is greedy")
+    g.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens only")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose probability reaches p (1 turns it off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text (default: a fresh one each run)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text appears; may be given more than once")
+    g.add_argument("--num-samples", type=int, default=1, help="how many continuations to generate, separated by a line of dashes")
+    g.add_argument("--verbose", "-v", action="store_true", help="print prompt and generation speed (tokens/s) to stderr")
+    return p
+
+
+def check(args):
+    """Reject bad options before spending time on loading a model."""
+    sampling.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.stop is not None and not all(args.stop):
+        raise ValueError("--stop needs a non-empty text")
+
+
+def generate(args):
+    model = load(args.model)
+    for n in range(args.num_samples):
+        if n:
+            print("-" * 40, flush=True)
+        stats = {}
+        seed = None if args.seed is None else args.seed + n
+        for piece in model.stream(
+            args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, seed=seed, stop=args.stop, stats=stats,
+        ):  # fmt: skip
+            print(piece, end="", flush=True)
+        print(flush=True)
+        if args.verbose and stats:
+            prompt_rate = stats["prompt_tokens"] / max(stats["prefill_seconds"], 1e-9)
+            decode_rate = stats["new_tokens"] / max(stats.get("decode_seconds", 0), 1e-9)
+            warn(
+                f"prompt: {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s ({prompt_rate:.1f} tokens/s); "
+                f"generated: {stats['new_tokens']} tokens in {stats.get('decode_seconds', 0):.2f} s ({decode_rate:.1f} tokens/s)"
+            )
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        check(args)
+    except ValueError as e:
+        print(f"picogpt: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        generate(args)
+    except (CheckpointError, TokenizerError, OSError) as e:
+        print(f"picogpt: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(flush=True)  # keep what was printed, end its line
+        warn("interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stderr.close()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus)."""
+
+import math
+
+import numpy as np
+
+from .model import softmax
+
+
+def check_sampling(max_new_tokens=0, temperature=1.0, top_k=None, top_p=1.0):
+    """Raise ValueError naming the first bad value."""
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be a whole number >= 1 (or None for no limit), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def sample(logits, rng, temperature=1.0, top_k=None, top_p=1.0):
+    """One token id from logits [n_vocab], in the order transformers applies them: temperature, top-k, top-p."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    candidates = np.arange(len(logits))
+    if top_k is not None and top_k < len(logits):
+        candidates = np.argpartition(logits, -top_k)[-top_k:]  # the k largest, unordered
+    probs = softmax(logits[candidates] / temperature)  # [n_candidates]
+    if top_p < 1:
+        order = np.argsort(-probs, kind="stable")
+        mass_before = np.cumsum(probs[order]) - probs[order]
+        order = order[mass_before < top_p]  # smallest set whose mass reaches top_p; never empty
+        candidates, probs = candidates[order], probs[order]
+    cdf = np.cumsum(probs, dtype=np.float64)
+    i = np.searchsorted(cdf, rng.random() * cdf[-1], side="right")
+    return int(candidates[min(i, len(cdf) - 1)])

