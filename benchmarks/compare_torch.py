@@ -1,0 +1,124 @@
+"""picogpt against transformers (torch, CPU, float32) on the same weights, in the same run.
+
+    python benchmarks/compare_torch.py --random gpt2          # random weights of gpt2's real shapes
+    python benchmarks/compare_torch.py --model path/or/name   # a real checkpoint
+
+Prints the largest |logit difference|, prefill tokens/s on a long prompt, and decode tokens/s
+(greedy, batch 1, KV cache on both sides). Decode speed is (N-1) / (time for N new tokens - time for
+1 new token), the same way for both engines, so prefill is left out of it.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import transformers
+
+import picogpt
+from picogpt.generate import decode_tokens
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from conftest import save_checkpoint  # noqa: E402
+
+SHAPES = {
+    "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+def random_checkpoint(name, folder):
+    """GPT-2 of a real size with transformers' own random initialisation, saved as safetensors."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**SHAPES[name], attn_implementation="eager")
+    return save_checkpoint(transformers.GPT2LMHeadModel(config).eval(), folder)
+
+
+def best_of(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def picogpt_runner(model):
+    greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
+
+    def prefill(ids):
+        model.forward(ids, **model.params, n_head=model.config["n_head"], eps=model.config["layer_norm_epsilon"])
+
+    def generate(ids, n):
+        for _ in decode_tokens(model.forward, model.params, model.config, ids, n, greedy):
+            pass
+
+    return prefill, generate
+
+
+def torch_runner(hf):
+    def prefill(ids):
+        with torch.no_grad():
+            hf(torch.tensor([ids]))
+
+    def generate(ids, n):
+        with torch.no_grad():
+            hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    return prefill, generate
+
+
+def measure(runner, prompt, long_prompt, new_tokens, repeats):
+    prefill, generate = runner
+    generate(prompt, 2)  # warm up (and compile, for jitted backends)
+    t_prefill = best_of(lambda: prefill(long_prompt), repeats)
+    t_one = best_of(lambda: generate(prompt, 1), repeats)
+    t_all = best_of(lambda: generate(prompt, new_tokens), repeats)
+    return {"prefill_tok_s": len(long_prompt) / t_prefill, "decode_tok_s": (new_tokens - 1) / (t_all - t_one)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a picogpt model name, hub repo id or local folder")
+    which.add_argument("--random", choices=SHAPES, help="random weights of this model's shapes")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = random_checkpoint(args.random, tmp) if args.random else picogpt.weights.resolve(args.model)
+        model = picogpt.load(folder)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(0, 50000, args.prompt_tokens).tolist()
+        long_prompt = rng.integers(0, 50000, args.prefill_tokens).tolist()
+
+        check = long_prompt[:64]
+        with torch.no_grad():
+            expected = hf(torch.tensor([check])).logits[0].numpy()
+        diff = np.abs(model.forward(check, **model.params, n_head=model.config["n_head"]) - expected).max()
+
+        results = {"picogpt": measure(picogpt_runner(model), prompt, long_prompt, args.new_tokens, args.repeats)}
+        results["torch"] = measure(torch_runner(hf), prompt, long_prompt, args.new_tokens, args.repeats)
+
+    name = args.random and f"random {args.random}" or args.model
+    print(f"{name}: max |logit diff| vs torch = {diff:.2e}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"| engine | prefill {args.prefill_tokens} tok/s | decode tok/s ({args.prompt_tokens}-token prompt, {args.new_tokens} new) |")
+    print("|---|---|---|")
+    for engine, r in results.items():
+        print(f"| {engine} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
+    ratio = results["picogpt"]["decode_tok_s"] / results["torch"]["decode_tok_s"]
+    print(f"picogpt / torch: decode {ratio:.2f}x, prefill {results['picogpt']['prefill_tok_s'] / results['torch']['prefill_tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The `picogpt` command end to end, in a subprocess, against local fixture folders."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import save_checkpoint
+
+import picogpt
+
+PICOGPT = os.path.join(os.path.dirname(sys.executable), "picogpt")
+
+
+def run(*args, env=None):
+    return subprocess.run([PICOGPT, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("picogpt: error: "), result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_generate_streams_the_same_text_as_the_library(tiny):
+    folder = tiny[0]
+    result = run("generate", "Hello world", "--model", folder, "--max-new-tokens", "12", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    expected = picogpt.load(folder).generate("Hello world", max_new_tokens=12, seed=3)
+    assert result.stdout == expected + "\n" and expected
+    assert run("generate", "Hello world", "--model", folder, "-n", "12", "--seed", "3").stdout == result.stdout
+
+
+def test_greedy_stop_and_samples(tiny):
+    folder = tiny[0]
+    greedy = picogpt.load(folder).generate("The", max_new_tokens=8, temperature=0)
+    stop = greedy[len(greedy) // 2 :][:3]
+    result = run("generate", "The", "--model", folder, "-n", "8", "-t", "0", "--stop", stop, "--num-samples", "2")
+    assert result.returncode == 0, result.stderr
+    cut = greedy[: greedy.index(stop)]
+    assert result.stdout == f"{cut}\n{'-' * 40}\n{cut}\n"
+
+
+def test_verbose_reports_speed_on_stderr(tiny):
+    result = run("generate", "Hello", "--model", tiny[0], "-n", "5", "--verbose")
+    assert result.returncode == 0 and "tokens/s" in result.stderr and "tokens/s" not in result.stdout
+
+
+def test_long_prompt_is_cut_with_a_note(tiny):
+    result = run("generate", "word " * 100, "--model", tiny[0], "-n", "3")
+    assert result.returncode == 0 and "keeping the last 64" in result.stderr
+
+
+def test_help_documents_every_option():
+    out = run("generate", "--help").stdout
+    for option in ["--model", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--stop", "--num-samples", "--verbose"]:
+        assert option in out
+    assert "default: 50" in out and run("--help").returncode == 0
+
+
+@pytest.mark.parametrize(
+    "option,value,name",
+    [("--temperature", "-1", "temperature"), ("--top-p", "1.5", "top_p"), ("--top-k", "0", "top_k"), ("--max-new-tokens", "-3", "max_new_tokens"), ("--num-samples", "0", "num-samples")],
+)
+def test_bad_sampling_values(tiny, option, value, name):
+    assert_one_line_error(run("generate", "hi", "--model", tiny[0], option, value), name)
+
+
+def test_unknown_model_without_network(tmp_path):
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    assert_one_line_error(run("generate", "hi", "--model", "gpt2-medium", env=env), "openai-community/gpt2-medium", "--model", "local folder")
+    assert_one_line_error(run("generate", "hi", "--model", "nobody/nothing", env=env), "nobody/nothing", "--model")
+    assert_one_line_error(run("generate", "hi", "--model", "not a valid/repo id!", env=env), "unknown model")
+    assert_one_line_error(run("generate", "hi", "--model", "./no-such-folder", env=env), "no such folder")
+
+
+@pytest.fixture
+def broken(tiny, tmp_path):
+    return save_checkpoint(tiny[1], str(tmp_path / "ckpt"), layout="hub")
+
+
+def test_checkpoint_errors(broken):
+    weights = os.path.join(broken, "model.safetensors")
+    config = os.path.join(broken, "config.json")
+    good_weights, good_config = open(weights, "rb").read(), open(config).read()
+
+    open(weights, "wb").write(good_weights[: len(good_weights) // 3])
+    assert_one_line_error(run("generate", "hi", "--model", broken), "corrupt or truncated")
+
+    from safetensors.numpy import load_file, save_file
+
+    open(weights, "wb").write(good_weights)
+    tensors = load_file(weights)
+    del tensors["ln_f.weight"]
+    save_file(tensors, weights)
+    assert_one_line_error(run("generate", "hi", "--model", broken), "ln_f.weight")
+
+    json.dump({**json.loads(good_config), "model_type": "bert"}, open(config, "w"))
+    assert_one_line_error(run("generate", "hi", "--model", broken), "model_type")
+
+    os.remove(os.path.join(broken, "merges.txt"))
+    assert_one_line_error(run("generate", "hi", "--model", broken), "merges.txt")
+
+
+def test_ctrl_c_keeps_what_was_printed(tiny):
+    proc = subprocess.Popen(
+        [PICOGPT, "generate", "Hello", "--model", tiny[0], "-n", "100000", "--seed", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    first = os.read(proc.stdout.fileno(), 100)  # unbuffered: wait until text is streaming
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert first and b"Traceback" not in err and b"interrupted" in err
+    printed = (first + out).decode()
+    printed = printed.rstrip("\n")
+    expected = ""
+    for piece in picogpt.load(tiny[0]).stream("Hello", max_new_tokens=100000, seed=1):
+        expected += piece
+        if len(expected) >= len(printed):
+            break
+    assert len(printed) > len(first) and expected.startswith(printed)

@@ -1,0 +1,114 @@
+"""Sampling and text generation: validation, seeds, stop strings, UTF-8 streaming."""
+
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+import picogpt
+from picogpt.generate import stream_text
+from picogpt.sampling import sample
+from picogpt.tokenizer import encode, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return picogpt.load(tiny[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
+def test_invalid_values_raise_naming_the_value(model, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        model.generate("hi", **kwargs)
+
+
+def test_same_seed_same_text(model):
+    a = model.generate("Once upon a time", max_new_tokens=20, seed=7)
+    assert a == model.generate("Once upon a time", max_new_tokens=20, seed=7)
+    assert a != model.generate("Once upon a time", max_new_tokens=20, seed=8)
+    assert len(a) > 0
+
+
+def test_temperature_zero_is_greedy(model):
+    ids = encode(model.tokenizer, "The meaning of life is")
+    for _ in range(5):
+        ids.append(int(np.argmax(picogpt.gpt2(ids, **model.params, n_head=2)[-1])))
+    expected = model.tokenizer.decode(ids[-5:])
+    assert model.generate("The meaning of life is", max_new_tokens=5, temperature=0) == expected
+
+
+def test_empty_prompt_starts_from_endoftext(model):
+    first = int(np.argmax(picogpt.gpt2([50256], **model.params, n_head=2)[-1]))
+    text = model.generate("", max_new_tokens=1, temperature=0)
+    assert text == model.tokenizer.decode([first])
+
+
+def test_zero_new_tokens(model):
+    assert model.generate("hello", max_new_tokens=0) == ""
+
+
+def test_top_k_and_top_p_keep_the_tokens_transformers_keeps():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(200).astype(np.float32) * 3
+    for top_k, top_p in [(10, 1.0), (None, 0.5), (20, 0.7), (1, 1.0)]:
+        scores = torch.from_numpy(logits)[None] / 0.8
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p < 1:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        allowed = set(np.flatnonzero(np.isfinite(scores[0].numpy())))
+        drawn = {sample(logits, rng, 0.8, top_k, top_p) for _ in range(3000)}
+        assert drawn == allowed, (top_k, top_p)
+
+
+def test_sampling_frequencies_follow_softmax_over_temperature():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    rng = np.random.default_rng(1)
+    for temperature in (1.0, 2.0):
+        expected = picogpt.softmax(logits / temperature)
+        counts = np.bincount([sample(logits, rng, temperature) for _ in range(20000)], minlength=4)
+        np.testing.assert_allclose(counts / 20000, expected, atol=0.015)
+
+
+@pytest.fixture(scope="module")
+def enc(bpe_folder):
+    return load_tokenizer(bpe_folder)
+
+
+def test_stream_never_splits_a_utf8_character(enc):
+    text = "rockets 🚀🚀 and 日本語 and 👩‍👩‍👧‍👦 done"
+    ids = encode(enc, text)
+    assert any(not enc.decode_single_token_bytes(t).decode("utf-8", "ignore") for t in ids)  # some split bytes
+    pieces = list(stream_text(iter(ids), enc))
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert len(pieces) > 5  # streamed, not one lump at the end
+
+
+@pytest.mark.parametrize(
+    "stops,expected",
+    [(["Goodbye"], "Hello world. "), (["o w"], "Hell"), (["zzz", ". G"], "Hello world"), (["nothing"], "Hello world. Goodbye world.")],
+)
+def test_stop_strings_cut_the_text_and_are_never_streamed(enc, stops, expected):
+    pieces = list(stream_text(iter(encode(enc, "Hello world. Goodbye world.")), enc, stops))
+    assert "".join(pieces) == expected
+
+
+def test_stream_stops_at_endoftext(enc):
+    ids = encode(enc, "before<|endoftext|>after")
+    assert "".join(stream_text(iter(ids), enc)) == "before"
+
+
+def test_stream_yields_pieces_as_tokens_arrive(model):
+    pieces = list(model.stream("Once upon a time", max_new_tokens=10, seed=3))
+    assert len(pieces) >= 2 and "".join(pieces) == model.generate("Once upon a time", max_new_tokens=10, seed=3)
