@@ -21,7 +21,7 @@ def decode_tokens(forward, params, config, ids, max_new_tokens, pick, stats=None
     the oldest quarter of the context and prefill the rest again, which keeps rebuilds rare.
     """
     n_ctx, n_head, n_layer, n_embd = config["n_positions"], config["n_head"], config["n_layer"], config["n_embd"]
-    run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
+    run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5), last=True)  # logits for the next token only
     if len(ids) > n_ctx:
         warn(f"the prompt has {len(ids)} tokens, more than the model's context of {n_ctx}: keeping the last {n_ctx}")
         ids = ids[-n_ctx:]
@@ -109,8 +109,20 @@ class Model:
         return "".join(self.stream(prompt, **kwargs))
 
 
-def load(name_or_path="gpt2"):
+def forward_for(backend):
+    """The forward pass: "numba" (the kernels, default) or "numpy" (model.py, the readable reference)."""
+    if backend == "numba":
+        from . import kernels  # imports numba: deferred so the NumPy path never pays for it
+
+        return kernels.gpt2
+    if backend == "numpy":
+        return model.gpt2
+    raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
+
+
+def load(name_or_path="gpt2", backend="numba"):
     """Load a GPT-2 checkpoint by name (gpt2, gpt2-medium, ..., distilgpt2), hub repo id or local folder."""
+    forward = forward_for(backend)
     folder = weights.resolve(name_or_path)
     params, config = weights.load_params(folder)
-    return Model(params, config, tok.load_tokenizer(folder))
+    return Model(params, config, tok.load_tokenizer(folder), forward)

@@ -69,8 +69,8 @@ def transformer_block(x, ln_1, attn, ln_2, mlp, n_head, eps=1e-5, kv=None, past=
     return x  # [n_seq, n_embd]
 
 
-def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0):
-    """Logits [len(inputs), n_vocab] for token ids `inputs`.
+def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=False):
+    """Logits [len(inputs), n_vocab] for token ids `inputs` (with `last`, only the last row's: [1, n_vocab]).
 
     With a `cache` (from `kv_cache`), the inputs are the tokens at positions past .. past+len-1,
     their keys and values are written into the cache, and attention also covers the `past` tokens
@@ -80,7 +80,7 @@ def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0):
     x = wte["weight"][inputs] + wpe["weight"][past + np.arange(len(inputs))]  # [n_seq, n_embd]
     for i, block in enumerate(h):
         x = transformer_block(x, **block, n_head=n_head, eps=eps, kv=None if cache is None else cache[i], past=past)
-    x = layer_norm(x, **ln_f, eps=eps)
+    x = layer_norm(x[-1:] if last else x, **ln_f, eps=eps)
     return x @ wte["weight"].T  # lm_head tied to wte: [n_seq, n_embd] -> [n_seq, n_vocab]
 
 
