@@ -16,13 +16,59 @@ from numba import njit, prange
 from . import model
 
 f32 = np.float32
-GELU_A, GELU_B = f32(math.sqrt(2.0 / math.pi)), f32(0.044715)  # float32 constants keep the math float32
-jit = dict(cache=True, fastmath=True, nogil=True)
+# error_model="numpy": a float division may give inf instead of raising, which lets LLVM vectorize it.
+jit = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
+EMPTY = np.zeros(0, f32)  # "no residual"
+
+# Numba's np.tanh and np.exp are scalar libm calls, one per element. These two are pure float32
+# arithmetic, so LLVM vectorizes them: 8 lanes at a time instead of 1, within float32 rounding.
+GELU_A, GELU_B = f32(math.sqrt(2.0 / math.pi)), f32(0.044715)
+TANH_CLAMP = f32(7.90531110763549805)  # tanh is +-1 in float32 past this
+TANH_P = [f32(c) for c in (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
+                           -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)]  # fmt: skip
+TANH_Q = [f32(c) for c in (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)]
+P1, P3, P5, P7, P9, P11, P13 = TANH_P
+Q0, Q2, Q4, Q6 = TANH_Q
+LOG2E, LN2_HI, LN2_LO = f32(1.44269504088896341), f32(0.693359375), f32(-2.12194440e-4)
+E0, E1, E2, E3, E4, E5 = (f32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
 
 
 @njit(inline="always", **jit)
-def _gelu(x):
-    return f32(0.5) * x * (f32(1.0) + np.tanh(GELU_A * (x + GELU_B * x * x * x)))
+def _tanh(x):  # a [13/6] rational approximation (Eigen's float tanh): max error 3e-7
+    x = min(max(x, -TANH_CLAMP), TANH_CLAMP)
+    x2 = x * x
+    p = x * (P1 + x2 * (P3 + x2 * (P5 + x2 * (P7 + x2 * (P9 + x2 * (P11 + x2 * P13))))))
+    return p / (Q0 + x2 * (Q2 + x2 * (Q4 + x2 * Q6)))
+
+
+@njit(inline="always", **jit)
+def _gelu(x):  # model.gelu
+    return f32(0.5) * x * (f32(1.0) + _tanh(GELU_A * (x + GELU_B * x * x * x)))
+
+
+@njit(inline="always", **jit)
+def _softmax_(row, n, scale, ints):
+    """row[:n] <- softmax(row[:n] * scale) in place (model.softmax); ints is int32 scratch of length >= n.
+    exp(v) = 2**k * exp(r), |r| <= ln(2)/2, with Cephes' degree-6 polynomial for exp(r); the 2**k is
+    added straight into the float's exponent bits in a second pass."""
+    top = f32(-np.inf)
+    for t in range(n):
+        top = max(top, row[t])
+    for t in range(n):
+        v = max((row[t] - top) * scale, f32(-87.0))  # exp(-87) ~ 1e-38: still a normal float32
+        k = np.floor(v * LOG2E + f32(0.5))
+        r = v - k * LN2_HI - k * LN2_LO
+        row[t] = (((((E0 * r + E1) * r + E2) * r + E3) * r + E4) * r + E5) * r * r + r + f32(1.0)
+        ints[t] = np.int32(k) << 23
+    bits = row.view(np.int32)
+    for t in range(n):
+        bits[t] += ints[t]
+    total = f32(0.0)
+    for t in range(n):
+        total += row[t]
+    inv = f32(1.0) / total
+    for t in range(n):
+        row[t] *= inv
 
 
 # ---- decode: one row at a time -------------------------------------------------------------------
@@ -30,7 +76,7 @@ def _gelu(x):
 
 # Replaces model.linear (+ model.gelu, + the residual add) for one row. Each thread streams its own
 # contiguous band of rows of the [in, out] weight, so memory is read front to back exactly once;
-# the per-thread partial sums are then added with the bias, GELU and residual in one more pass.
+# the per-thread partial sums are then added with the bias, GELU and residual.
 @njit(parallel=True, **jit)
 def linear_row(x, weight, bias, residual, gelu, n_bands):  # [in] -> [out]
     n_in, n_out = weight.shape
@@ -48,14 +94,14 @@ def linear_row(x, weight, bias, residual, gelu, n_bands):  # [in] -> [out]
             for j in range(n_out):
                 acc[j] += x[i] * weight[i, j]
             i += 1
-    out = np.empty(n_out, f32)
-    for j in prange(n_out):
-        s = bias[j]
-        for band in range(n_bands):
-            s += partial[band, j]
-        if gelu:
-            s = _gelu(s)
-        out[j] = s + residual[j] if residual.size else s
+    out = bias + partial[0]  # a few thousand adds: not worth waking the threads again
+    for band in range(1, n_bands):
+        out += partial[band]
+    if gelu:
+        for j in range(n_out):
+            out[j] = _gelu(out[j])
+    if residual.size:
+        out += residual
     return out
 
 
@@ -78,25 +124,18 @@ def lm_head_row(x, wte):  # [n_embd] -> [n_vocab]
 @njit(parallel=True, **jit)
 def attend_row(q, k_cache, v_cache, n_kv):  # q [n_head, head_dim], caches [n_head, n_ctx, head_dim]
     n_head, head_dim = q.shape
-    scale = f32(1.0 / math.sqrt(head_dim))
     out = np.zeros((n_head, head_dim), f32)
     for h in prange(n_head):
-        scores = np.empty(n_kv, f32)
-        top = f32(-np.inf)
+        scores, ints = np.empty(n_kv, f32), np.empty(n_kv, np.int32)
         for t in range(n_kv):
             s = f32(0.0)
             for d in range(head_dim):
                 s += q[h, d] * k_cache[h, t, d]
-            scores[t] = s * scale
-            top = max(top, scores[t])
-        total = f32(0.0)
+            scores[t] = s
+        _softmax_(scores, n_kv, f32(1.0 / math.sqrt(head_dim)), ints)
         for t in range(n_kv):
-            scores[t] = np.exp(scores[t] - top)
-            total += scores[t]
-        for t in range(n_kv):
-            p = scores[t] / total
             for d in range(head_dim):
-                out[h, d] += p * v_cache[h, t, d]
+                out[h, d] += scores[t] * v_cache[h, t, d]
     return out  # [n_head, head_dim]
 
 
@@ -118,22 +157,40 @@ def layer_norm_row(x, weight, bias, eps):  # [n_embd] -> [n_embd]
     return out
 
 
+# Replaces model.transformer_block for one token: the whole block in one compiled call, so a decode
+# step crosses from Python into Numba once per layer instead of once per operation.
+@njit(**jit)
+def block_row(x, ln_1_w, ln_1_b, c_attn_w, c_attn_b, attn_proj_w, attn_proj_b, ln_2_w, ln_2_b,
+              c_fc_w, c_fc_b, mlp_proj_w, mlp_proj_b, k_cache, v_cache, past, eps, n_threads):  # fmt: skip
+    n_head, _, head_dim = k_cache.shape
+    qkv = linear_row(layer_norm_row(x, ln_1_w, ln_1_b, eps), c_attn_w, c_attn_b, EMPTY, False, n_threads)
+    qkv = qkv.reshape((3, n_head, head_dim))  # [3*n_embd] -> q, k, v: [n_head, head_dim] each
+    k_cache[:, past] = qkv[1]
+    v_cache[:, past] = qkv[2]
+    a = attend_row(qkv[0], k_cache, v_cache, past + 1).reshape(x.size)  # heads merged: [n_embd]
+    x = linear_row(a, attn_proj_w, attn_proj_b, x, False, n_threads)  # x + attn(...)
+    a = linear_row(layer_norm_row(x, ln_2_w, ln_2_b, eps), c_fc_w, c_fc_b, EMPTY, True, n_threads)  # [n_inner]
+    return linear_row(a, mlp_proj_w, mlp_proj_b, x, False, n_threads)  # x + mlp(...)
+
+
 # ---- prefill: many rows ----------------------------------------------------------------------------
+# These run on one thread on purpose: BLAS is using both cores around them, and Numba's worker
+# threads spin-waiting after a parallel region would take cores from BLAS (measured: 40% slower).
 
 
-# Replaces model.layer_norm on [n_seq, n_embd]: rows in parallel, no temporaries.
-@njit(parallel=True, **jit)
+# Replaces model.layer_norm on [n_seq, n_embd]: row by row, no temporaries.
+@njit(**jit)
 def layer_norm_rows(x, weight, bias, eps):
     out = np.empty_like(x)
-    for r in prange(x.shape[0]):
+    for r in range(x.shape[0]):
         out[r] = layer_norm_row(x[r], weight, bias, eps)
     return out
 
 
-# Replaces model.gelu(x + bias) after a BLAS matmul: in place, in parallel, one pass over memory.
-@njit(parallel=True, **jit)
+# Replaces model.gelu(x + bias) after a BLAS matmul: in place, one vectorized pass over memory.
+@njit(**jit)
 def bias_gelu_(x, bias):
-    for r in prange(x.shape[0]):
+    for r in range(x.shape[0]):
         for j in range(x.shape[1]):
             x[r, j] = _gelu(x[r, j] + bias[j])
     return x
@@ -141,30 +198,19 @@ def bias_gelu_(x, bias):
 
 # Replaces model.attention's mask + softmax: in place over [n_head, n_seq, n_kv] scores, each row
 # normalised over its causal part only (keys 0 .. past + row), the rest set to 0.
-@njit(parallel=True, **jit)
+@njit(**jit)
 def causal_softmax_(scores, past, scale):
     n_head, n_seq, n_kv = scores.shape
-    for hr in prange(n_head * n_seq):
-        h, r = hr // n_seq, hr % n_seq
-        row, n = scores[h, r], past + r + 1
-        top = f32(-np.inf)
-        for t in range(n):
-            top = max(top, row[t])
-        total = f32(0.0)
-        for t in range(n):
-            row[t] = np.exp((row[t] - top) * scale)
-            total += row[t]
-        for t in range(n):
-            row[t] /= total
-        for t in range(n, n_kv):
-            row[t] = 0
+    ints = np.empty(n_kv, np.int32)
+    for h in range(n_head):
+        for r in range(n_seq):
+            row, n = scores[h, r], past + r + 1
+            _softmax_(row, n, scale, ints)
+            row[n:] = 0
     return scores
 
 
 # ---- the forward pass on the kernels: model.gpt2's twin ------------------------------------------
-
-EMPTY = np.zeros(0, f32)
-
 
 def linear(x, weight, bias, residual=None, gelu=False):
     """model.linear, optionally then gelu, optionally plus a residual: a kernel for one row, BLAS for many.
@@ -186,7 +232,7 @@ def layer_norm(x, weight, bias, eps):
 
 def attention(q, k, v, past):
     # q: [n_head, n_seq, head_dim]; k, v: [n_head, past + n_seq, head_dim]
-    scores = causal_softmax_(q @ k.transpose(0, 2, 1), past, f32(1.0 / math.sqrt(q.shape[-1])))
+    scores = causal_softmax_(q @ k.transpose(0, 2, 1), past, f32(1.0 / math.sqrt(q.shape[-1])))  # [n_head, n_seq, n_kv]
     return scores @ v  # [n_head, n_seq, head_dim]
 
 
@@ -217,9 +263,18 @@ def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=F
     if cache is None:  # the kernels always attend over a cache: use a scratch one
         cache = model.kv_cache(len(h), n_head, past + len(inputs), wte["weight"].shape[1] // n_head)
     x = wte["weight"][inputs] + wpe["weight"][past + np.arange(len(inputs))]  # [n_seq, n_embd]
-    x = x[0] if len(inputs) == 1 else x  # one token: [n_embd] rows all the way
-    for i, block in enumerate(h):
-        x = transformer_block(x, **block, n_head=n_head, eps=eps, kv=cache[i], past=past)
+    if len(inputs) == 1:  # decode: one compiled call per layer on [n_embd] rows
+        x, n_threads = x[0], numba.get_num_threads()
+        for (k_cache, v_cache), b in zip(cache, h):
+            x = block_row(
+                x, b["ln_1"]["weight"], b["ln_1"]["bias"], b["attn"]["c_attn"]["weight"], b["attn"]["c_attn"]["bias"],
+                b["attn"]["c_proj"]["weight"], b["attn"]["c_proj"]["bias"], b["ln_2"]["weight"], b["ln_2"]["bias"],
+                b["mlp"]["c_fc"]["weight"], b["mlp"]["c_fc"]["bias"], b["mlp"]["c_proj"]["weight"], b["mlp"]["c_proj"]["bias"],
+                k_cache, v_cache, past, eps, n_threads,
+            )  # fmt: skip
+    else:
+        for i, block in enumerate(h):
+            x = transformer_block(x, **block, n_head=n_head, eps=eps, kv=cache[i], past=past)
     if last or x.ndim == 1:
         return lm_head_row(layer_norm_row(x if x.ndim == 1 else x[-1], **ln_f, eps=eps), wte["weight"])[None]
     return layer_norm_rows(x, **ln_f, eps=eps) @ wte["weight"].T  # [n_seq, n_vocab]
