@@ -1,12 +1,8 @@
 """The command line: `picogpt generate "hello world" --model gpt2-medium`."""
 
 import argparse
+import os
 import sys
-
-from . import sampling
-from .generate import load, warn
-from .tokenizer import TokenizerError
-from .weights import CheckpointError
 
 
 def parser():
@@ -27,21 +23,29 @@ def parser():
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text (default: a fresh one each run)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text appears; may be given more than once")
     g.add_argument("--num-samples", type=int, default=1, help="how many continuations to generate, separated by a line of dashes")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels and BLAS (default: all cores, or NUMBA_NUM_THREADS)")
+    g.add_argument("--backend", choices=["numba", "numpy"], default="numba", help="numba kernels, or the pure NumPy reference")
     g.add_argument("--verbose", "-v", action="store_true", help="print prompt and generation speed (tokens/s) to stderr")
     return p
 
 
 def check(args):
     """Reject bad options before spending time on loading a model."""
+    from . import sampling
+
     sampling.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.stop is not None and not all(args.stop):
         raise ValueError("--stop needs a non-empty text")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
 
 
 def generate(args):
-    model = load(args.model)
+    from .generate import load, warn
+
+    model = load(args.model, backend=args.backend)
     for n in range(args.num_samples):
         if n:
             print("-" * 40, flush=True)
@@ -58,12 +62,27 @@ def generate(args):
             decode_rate = stats["new_tokens"] / max(stats.get("decode_seconds", 0), 1e-9)
             warn(
                 f"prompt: {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s ({prompt_rate:.1f} tokens/s); "
-                f"generated: {stats['new_tokens']} tokens in {stats.get('decode_seconds', 0):.2f} s ({decode_rate:.1f} tokens/s)"
+                f"generated: {stats['new_tokens']} tokens in {stats.get('decode_seconds', 0):.2f} s ({decode_rate:.1f} tokens/s); "
+                f"{args.backend} backend, {threads()} threads"
             )
+
+
+def threads():
+    if "numba" in sys.modules:
+        import numba
+
+        return numba.get_num_threads()
+    return os.environ.get("OPENBLAS_NUM_THREADS", os.cpu_count())
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.threads:  # before NumPy (OpenBLAS) and Numba read them at load time
+        for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(args.threads)
+    from .tokenizer import TokenizerError
+    from .weights import CheckpointError
+
     try:
         check(args)
     except ValueError as e:
@@ -71,16 +90,16 @@ def main(argv=None):
         return 2
     try:
         generate(args)
+    except BrokenPipeError:  # e.g. piped into `head`: not an error worth a message
+        sys.stderr.close()
+        return 1
     except (CheckpointError, TokenizerError, OSError) as e:
         print(f"picogpt: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(flush=True)  # keep what was printed, end its line
-        warn("interrupted")
+        print("picogpt: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. piped into `head`
-        sys.stderr.close()
-        return 1
     return 0
 
 
