@@ -4,8 +4,9 @@
     python benchmarks/compare_torch.py --model path/or/name   # a real checkpoint
 
 Prints the largest |logit difference|, prefill tokens/s on a long prompt, and decode tokens/s
-(greedy, batch 1, KV cache on both sides). Decode speed is (N-1) / (time for N new tokens - time for
-1 new token), the same way for both engines, so prefill is left out of it.
+(greedy, batch 1, KV cache on both sides), measured the same way for both engines and interleaved so
+that both see the same machine: prefill is the time to the first new token after a long prompt;
+decode is (N-1) / (time for N new tokens - time for 1 new token), so the prompt is left out of it.
 """
 
 import argparse
@@ -49,38 +50,39 @@ def best_of(fn, repeats):
     return min(times)
 
 
-def picogpt_runner(model):
+def picogpt_generate(model):
     greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
-
-    def prefill(ids):
-        model.forward(ids, **model.params, n_head=model.config["n_head"], eps=model.config["layer_norm_epsilon"])
 
     def generate(ids, n):
         for _ in decode_tokens(model.forward, model.params, model.config, ids, n, greedy):
             pass
 
-    return prefill, generate
+    return generate
 
 
-def torch_runner(hf):
-    def prefill(ids):
-        with torch.no_grad():
-            hf(torch.tensor([ids]))
-
+def torch_generate(hf):
     def generate(ids, n):
         with torch.no_grad():
             hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    return prefill, generate
+    return generate
 
 
-def measure(runner, prompt, long_prompt, new_tokens, repeats):
-    prefill, generate = runner
-    generate(prompt, 2)  # warm up (and compile, for jitted backends)
-    t_prefill = best_of(lambda: prefill(long_prompt), repeats)
-    t_one = best_of(lambda: generate(prompt, 1), repeats)
-    t_all = best_of(lambda: generate(prompt, new_tokens), repeats)
-    return {"prefill_tok_s": len(long_prompt) / t_prefill, "decode_tok_s": (new_tokens - 1) / (t_all - t_one)}
+def measure(engines, prompt, long_prompt, new_tokens, repeats):
+    """{engine: {prefill_tok_s, decode_tok_s, decode_ms_per_token}}, best of `repeats`, engines interleaved."""
+    times = {name: {"prefill": [], "one": [], "all": []} for name in engines}
+    for generate in engines.values():
+        generate(prompt, 2)  # warm up (and load compiled kernels)
+    for _ in range(repeats):
+        for name, generate in engines.items():
+            times[name]["prefill"].append(best_of(lambda: generate(long_prompt, 1), 1))
+            times[name]["one"].append(best_of(lambda: generate(prompt, 1), 1))
+            times[name]["all"].append(best_of(lambda: generate(prompt, new_tokens), 1))
+    results = {}
+    for name, t in times.items():
+        decode = (min(t["all"]) - min(t["one"])) / (new_tokens - 1)
+        results[name] = {"prefill_tok_s": len(long_prompt) / min(t["prefill"]), "decode_tok_s": 1 / decode, "decode_ms_per_token": 1000 * decode}
+    return results
 
 
 def main():
@@ -92,12 +94,13 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backend", choices=["numba", "numpy"], default="numba")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_checkpoint(args.random, tmp) if args.random else picogpt.weights.resolve(args.model)
-        model = picogpt.load(folder)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+        model = picogpt.load(folder, backend=args.backend)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()  # default attention (sdpa)
         rng = np.random.default_rng(0)
         prompt = rng.integers(0, 50000, args.prompt_tokens).tolist()
         long_prompt = rng.integers(0, 50000, args.prefill_tokens).tolist()
@@ -107,8 +110,8 @@ def main():
             expected = hf(torch.tensor([check])).logits[0].numpy()
         diff = np.abs(model.forward(check, **model.params, n_head=model.config["n_head"]) - expected).max()
 
-        results = {"picogpt": measure(picogpt_runner(model), prompt, long_prompt, args.new_tokens, args.repeats)}
-        results["torch"] = measure(torch_runner(hf), prompt, long_prompt, args.new_tokens, args.repeats)
+        engines = {f"picogpt {args.backend}": picogpt_generate(model), "torch": torch_generate(hf)}
+        results = measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
 
     name = args.random and f"random {args.random}" or args.model
     print(f"{name}: max |logit diff| vs torch = {diff:.2e}; torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -116,8 +119,8 @@ def main():
     print("|---|---|---|")
     for engine, r in results.items():
         print(f"| {engine} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
-    ratio = results["picogpt"]["decode_tok_s"] / results["torch"]["decode_tok_s"]
-    print(f"picogpt / torch: decode {ratio:.2f}x, prefill {results['picogpt']['prefill_tok_s'] / results['torch']['prefill_tok_s']:.2f}x")
+    ours, torch_ = results[f"picogpt {args.backend}"], results["torch"]
+    print(f"picogpt / torch: decode {ours['decode_tok_s'] / torch_['decode_tok_s']:.2f}x, prefill {ours['prefill_tok_s'] / torch_['prefill_tok_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -230,10 +230,17 @@ def layer_norm(x, weight, bias, eps):
     return layer_norm_row(x, weight, bias, eps) if x.ndim == 1 else layer_norm_rows(x, weight, bias, eps)
 
 
-def attention(q, k, v, past):
-    # q: [n_head, n_seq, head_dim]; k, v: [n_head, past + n_seq, head_dim]
-    scores = causal_softmax_(q @ k.transpose(0, 2, 1), past, f32(1.0 / math.sqrt(q.shape[-1])))  # [n_head, n_seq, n_kv]
-    return scores @ v  # [n_head, n_seq, head_dim]
+def attention(q, k, v, past, block=128):
+    # q: [n_head, n_seq, head_dim]; k, v: [n_head, past + n_seq, head_dim]. Queries go in blocks, each
+    # against the keys up to its own last position only: the causal mask's zeros are never computed.
+    n_seq, scale = q.shape[1], f32(1.0 / math.sqrt(q.shape[-1]))
+    out = np.empty_like(q)
+    for start in range(0, n_seq, block):
+        stop = min(start + block, n_seq)
+        kt, vt = k[:, : past + stop].transpose(0, 2, 1), v[:, : past + stop]
+        scores = causal_softmax_(q[:, start:stop] @ kt, past + start, scale)  # [n_head, block, past + stop]
+        out[:, start:stop] = scores @ vt  # [n_head, block, head_dim]
+    return out
 
 
 def mha(x, c_attn, c_proj, n_head, kv, past, residual):
