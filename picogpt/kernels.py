@@ -210,13 +210,13 @@ def causal_softmax_(scores, past, scale):
     return scores
 
 
-# ---- the forward pass on the kernels: model.gpt2's twin ------------------------------------------
+# Prefill: the same structure as model.py, with the kernels above in place of the NumPy steps.
+
 
 def linear(x, weight, bias, residual=None, gelu=False):
-    """model.linear, optionally then gelu, optionally plus a residual: a kernel for one row, BLAS for many.
-    This is the dispatch point for weight formats: a packed (bfloat16, int8) weight adds its kernels here."""
-    if x.ndim == 1:
-        return linear_row(x, weight, bias, EMPTY if residual is None else residual, gelu, numba.get_num_threads())
+    """model.linear on [n_seq, in] rows through BLAS, then bias (and GELU) in one pass, plus a residual.
+    The dispatch point for weight formats: a packed weight type (bfloat16, int8) adds its branch here,
+    and its own row kernel beside linear_row, which block_row then picks up by Numba's type dispatch."""
     out = x @ weight  # [n_seq, in] -> [n_seq, out]
     if gelu:
         return bias_gelu_(out, bias)
@@ -224,10 +224,6 @@ def linear(x, weight, bias, residual=None, gelu=False):
     if residual is not None:
         out += residual
     return out
-
-
-def layer_norm(x, weight, bias, eps):
-    return layer_norm_row(x, weight, bias, eps) if x.ndim == 1 else layer_norm_rows(x, weight, bias, eps)
 
 
 def attention(q, k, v, past, block=128):
@@ -244,24 +240,24 @@ def attention(q, k, v, past, block=128):
 
 
 def mha(x, c_attn, c_proj, n_head, kv, past, residual):
-    # x: [n_embd] when decoding one token, [n_seq, n_embd] in prefill
-    n_seq, n_embd = (1, x.size) if x.ndim == 1 else x.shape
-    qkv = linear(x, **c_attn).reshape(n_seq, 3, n_head, n_embd // n_head)
+    n_seq, n_embd = x.shape
+    qkv = linear(x, **c_attn).reshape(n_seq, 3, n_head, n_embd // n_head)  # [n_seq, n_embd] -> [n_seq, 3*n_embd]
     q, k, v = qkv.transpose(1, 2, 0, 3)  # [n_head, n_seq, head_dim] each
     k_cache, v_cache = kv
     k_cache[:, past : past + n_seq] = k
     v_cache[:, past : past + n_seq] = v
-    if x.ndim == 1:
-        out = attend_row(q[:, 0], k_cache, v_cache, past + 1)  # [n_head, head_dim]
-    else:
-        out = attention(q, k_cache[:, : past + n_seq], v_cache[:, : past + n_seq], past).transpose(1, 0, 2)
-    return linear(out.reshape(x.shape), **c_proj, residual=residual)  # [n_seq, n_embd]
+    out = attention(q, k_cache[:, : past + n_seq], v_cache[:, : past + n_seq], past)  # [n_head, n_seq, head_dim]
+    out = out.transpose(1, 0, 2).reshape(n_seq, n_embd)  # merge heads
+    return linear(out, **c_proj, residual=residual)  # [n_seq, n_embd]
 
 
 def transformer_block(x, ln_1, attn, ln_2, mlp, n_head, eps, kv, past):
-    x = mha(layer_norm(x, **ln_1, eps=eps), **attn, n_head=n_head, kv=kv, past=past, residual=x)
-    a = linear(layer_norm(x, **ln_2, eps=eps), **mlp["c_fc"], gelu=True)  # [n_seq, n_inner]
+    x = mha(layer_norm_rows(x, **ln_1, eps=eps), **attn, n_head=n_head, kv=kv, past=past, residual=x)
+    a = linear(layer_norm_rows(x, **ln_2, eps=eps), **mlp["c_fc"], gelu=True)  # [n_seq, n_inner]
     return linear(a, **mlp["c_proj"], residual=x)  # [n_seq, n_embd]
+
+
+# ---- the forward pass: model.gpt2's twin ------------------------------------------------------------
 
 
 def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=False):
