@@ -12,20 +12,19 @@ def parser():
         "generate",
         help="continue a prompt and stream the text to stdout",
         description="Continue PROMPT with a GPT-2 model, streaming the new text to stdout as it is decoded.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g.add_argument("prompt", help='the text to continue; "" starts a new text from <|endoftext|>')
-    g.add_argument("--model", "-m", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a hub repo id (org/name) or a local folder")
-    g.add_argument("--max-new-tokens", "-n", type=int, default=50, help="generate at most this many tokens")
-    g.add_argument("--temperature", "-t", type=float, default=1.0, help="sampling temperature; 0 is greedy")
-    g.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens only")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose probability reaches p (1 turns it off)")
+    g.add_argument("--model", "-m", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a hub repo id (org/name) or a local folder (default: %(default)s)")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=50, help="generate at most this many tokens (default: %(default)s)")
+    g.add_argument("--temperature", "-t", type=float, default=1.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens only (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose probability reaches p; 1 turns it off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text (default: a fresh one each run)")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text appears; may be given more than once")
-    g.add_argument("--num-samples", type=int, default=1, help="how many continuations to generate, separated by a line of dashes")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text appears; may be given more than once (default: none)")
+    g.add_argument("--num-samples", type=int, default=1, help="how many continuations to generate, separated by a line of dashes (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels and BLAS (default: all cores, or NUMBA_NUM_THREADS)")
-    g.add_argument("--backend", choices=["numba", "numpy"], default="numba", help="numba kernels, or the pure NumPy reference")
-    g.add_argument("--verbose", "-v", action="store_true", help="print prompt and generation speed (tokens/s) to stderr")
+    g.add_argument("--backend", choices=["numba", "numpy"], default="numba", help="numba kernels, or the pure NumPy reference (default: %(default)s)")
+    g.add_argument("--verbose", "-v", action="store_true", help="print prompt and generation speed (tokens/s) to stderr (default: off)")
     return p
 
 

@@ -5,8 +5,11 @@ fetched: never `pytorch_model.bin`, never a pickle. Tensors are memory-mapped fr
 float32 weights cost no second copy in memory.
 """
 
+import contextlib
 import json
+import logging
 import os
+import sys
 
 import numpy as np
 
@@ -59,23 +62,27 @@ def _download(repo_id):
     def fetch(filename):
         return huggingface_hub.hf_hub_download(repo_id, filename)
 
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     try:
-        folder = os.path.dirname(fetch("config.json"))
-        try:
-            fetch(SINGLE_FILE)
-        except errors.EntryNotFoundError:  # no single file: a sharded checkpoint, or no safetensors at all
+        if not offline and not isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+            print(f"picogpt: fetching {repo_id} from the Hugging Face hub", file=sys.stderr, flush=True)
+        with _quiet_logger("huggingface_hub"):  # its retry warnings would bury our one-line error
+            folder = os.path.dirname(fetch("config.json"))
             try:
-                with open(fetch(SHARD_INDEX)) as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-            except errors.EntryNotFoundError:
-                raise CheckpointError(
-                    f"{repo_id} has no {SINGLE_FILE} on the hub (picogpt never loads pickled pytorch_model.bin); "
-                    f"convert it to safetensors, {LOCAL_HINT}"
-                ) from None
-            for shard in shards:
-                fetch(shard)
-        for filename in TOKENIZER_FILES:
-            fetch(filename)
+                fetch(SINGLE_FILE)
+            except errors.EntryNotFoundError:  # no single file: a sharded checkpoint, or no safetensors at all
+                try:
+                    with open(fetch(SHARD_INDEX)) as f:
+                        shards = sorted(set(json.load(f)["weight_map"].values()))
+                except errors.EntryNotFoundError:
+                    raise CheckpointError(
+                        f"{repo_id} has no {SINGLE_FILE} on the hub (picogpt never loads pickled pytorch_model.bin); "
+                        f"convert it to safetensors, {LOCAL_HINT}"
+                    ) from None
+                for shard in shards:
+                    fetch(shard)
+            for filename in TOKENIZER_FILES:
+                fetch(filename)
     except errors.HFValidationError:
         raise CheckpointError(
             f"unknown model '{repo_id}': not a local folder, a known name ({', '.join(ALIASES)}) or a hub repo id like org/name"
@@ -83,7 +90,6 @@ def _download(repo_id):
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
         raise CheckpointError(f"unknown model '{repo_id}': no such repo on the Hugging Face hub; check the name, {LOCAL_HINT}") from None
     except errors.LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
         raise CheckpointError(
             f"cannot load '{repo_id}': {why} and its files are not in the cache ({huggingface_hub.constants.HF_HUB_CACHE}); "
@@ -94,6 +100,17 @@ def _download(repo_id):
     except errors.HfHubHTTPError as e:
         raise CheckpointError(f"cannot load '{repo_id}' from the hub: {str(e).splitlines()[0]}; {LOCAL_HINT}") from None
     return folder
+
+
+@contextlib.contextmanager
+def _quiet_logger(name):
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 # ---- reading safetensors -----------------------------------------------------------------------
