@@ -13,7 +13,7 @@ def parser():
         help="continue a prompt and stream the text to stdout",
         description="Continue PROMPT with a GPT-2 model, streaming the new text to stdout as it is decoded.",
     )
-    g.add_argument("prompt", help='the text to continue; "" starts a new text from <|endoftext|>')
+    g.add_argument("prompt", help='the text to continue; "" starts a new text from <|endoftext|>, - reads it from stdin')
     g.add_argument("--model", "-m", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a hub repo id (org/name) or a local folder (default: %(default)s)")
     g.add_argument("--max-new-tokens", "-n", type=int, default=50, help="generate at most this many tokens (default: %(default)s)")
     g.add_argument("--temperature", "-t", type=float, default=1.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
@@ -44,6 +44,7 @@ def check(args):
 def generate(args):
     from .generate import load, warn
 
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = load(args.model, backend=args.backend)
     for n in range(args.num_samples):
         if n:
@@ -51,7 +52,7 @@ def generate(args):
         stats = {}
         seed = None if args.seed is None else args.seed + n
         for piece in model.stream(
-            args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, seed=seed, stop=args.stop, stats=stats,
         ):  # fmt: skip
             print(piece, end="", flush=True)

@@ -27,14 +27,16 @@ def bytes_to_unicode():
 
 
 def read_merges(path):
+    """Yield the (first, second) pairs of merges.txt in order, one line at a time."""
     with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if lines and lines[0].startswith("#version"):
-        lines = lines[1:]
-    merges = [tuple(line.split(" ")) for line in lines if line.strip()]  # a missing final newline is fine
-    if any(len(m) != 2 for m in merges):
-        raise TokenizerError(f"{path}: every line must hold two tokens separated by one space")
-    return merges
+        for i, line in enumerate(f):
+            line = line.rstrip("\r\n")  # a missing final newline is fine
+            if (i == 0 and line.startswith("#version")) or not line.strip():
+                continue
+            pair = line.split(" ")
+            if len(pair) != 2:
+                raise TokenizerError(f"{path}: line {i + 1} must hold two tokens separated by one space")
+            yield pair
 
 
 def load_tokenizer(folder):
@@ -43,7 +45,6 @@ def load_tokenizer(folder):
     try:
         with open(vocab_path, encoding="utf-8") as f:
             vocab = json.load(f)
-        merges = read_merges(merges_path)
     except (OSError, ValueError) as e:
         raise TokenizerError(f"cannot read the tokenizer in {folder}: {e}") from None
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
@@ -57,7 +58,7 @@ def load_tokenizer(folder):
         ranks = {decode(c): vocab[c] for c in bytes_to_unicode().values()}
         if sorted(ranks.values()) != list(range(256)):
             raise TokenizerError(f"{vocab_path}: the 256 single-byte tokens must have ids 0 to 255, as in GPT-2")
-        for n, (first, second) in enumerate(merges):
+        for n, (first, second) in enumerate(read_merges(merges_path)):
             token = decode(first) + decode(second)
             if vocab.get(first + second) != 256 + n:
                 raise TokenizerError(
@@ -67,6 +68,8 @@ def load_tokenizer(folder):
             ranks[token] = 256 + n
     except KeyError as e:
         raise TokenizerError(f"{vocab_path} and {merges_path} disagree: {e} is not a GPT-2 byte-level token") from None
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"cannot read the tokenizer in {folder}: {e}") from None
     specials = {token: i for token, i in vocab.items() if i >= len(ranks)}
     if ENDOFTEXT not in specials:
         raise TokenizerError(f"{vocab_path} has no {ENDOFTEXT} token")

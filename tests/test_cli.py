@@ -47,6 +47,13 @@ def test_greedy_stop_and_samples(tiny):
     assert result.stdout == f"{cut}\n{'-' * 40}\n{cut}\n"
 
 
+def test_prompt_from_stdin(tiny):
+    args = [PICOGPT, "generate", "-", "--model", tiny[0], "-n", "6", "--seed", "2"]
+    from_stdin = subprocess.run(args, input="Once upon a time\n", capture_output=True, text=True, timeout=300)
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert from_stdin.stdout == run("generate", "Once upon a time\n", "--model", tiny[0], "-n", "6", "--seed", "2").stdout
+
+
 def test_verbose_reports_speed_on_stderr(tiny):
     result = run("generate", "Hello", "--model", tiny[0], "-n", "5", "--verbose")
     assert result.returncode == 0 and "tokens/s" in result.stderr and "tokens/s" not in result.stdout
