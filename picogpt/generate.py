@@ -98,8 +98,10 @@ class Model:
         ids = tok.encode(self.tokenizer, prompt) or [self.tokenizer.eot_token]  # empty prompt: start a new text
         rng = np.random.default_rng(seed)
 
+        n_vocab = self.tokenizer.n_vocab  # a padded embedding may have rows no token decodes to
+
         def pick(logits):
-            return sampling.sample(logits, rng, temperature, top_k, top_p)
+            return sampling.sample(logits[:n_vocab], rng, temperature, top_k, top_p)
 
         tokens = decode_tokens(self.forward, self.params, self.config, ids, max_new_tokens, pick, stats)
         yield from stream_text(tokens, self.tokenizer, stops)
@@ -125,4 +127,10 @@ def load(name_or_path="gpt2", backend="numba"):
     forward = forward_for(backend)
     folder = weights.resolve(name_or_path)
     params, config = weights.load_params(folder)
-    return Model(params, config, tok.load_tokenizer(folder), forward)
+    tokenizer = tok.load_tokenizer(folder)
+    if tokenizer.n_vocab > config["vocab_size"]:
+        raise weights.CheckpointError(
+            f"{folder}: the tokenizer has {tokenizer.n_vocab} tokens but the model only {config['vocab_size']} (vocab_size); "
+            "vocab.json and merges.txt belong to another model"
+        )
+    return Model(params, config, tokenizer, forward)

@@ -186,6 +186,9 @@ def read_config(folder):
         raise CheckpointError(
             f"{folder} holds a '{config.get('model_type')}' model, not a GPT-2 one (config.json model_type must be gpt2)"
         )
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        if not (isinstance(config.get(key), int) and config[key] > 0):
+            raise CheckpointError(f"{path} needs a positive whole number for {key}, got {config.get(key)!r}")
     unsupported = {
         "activation_function": ("gelu_new", config.get("activation_function", "gelu_new")),
         "scale_attn_weights": (True, config.get("scale_attn_weights", True)),

@@ -154,3 +154,26 @@ def test_half_precision_checkpoints_load_as_float32(tmp_path, dtype):
     model = picogpt.load(save_checkpoint(hf, str(tmp_path)))
     assert model.params["wte"]["weight"].dtype == np.float32
     assert_matches_torch(model, hf.float())  # the same rounded weights, float32 math
+
+
+def test_config_without_a_size_is_named(broken):
+    path = os.path.join(broken, "config.json")
+    config = json.load(open(path))
+    del config["n_head"]
+    json.dump(config, open(path, "w"))
+    with pytest.raises(CheckpointError, match="n_head"):
+        picogpt.load(broken)
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    folder = save_checkpoint(random_gpt2(seed=7, vocab_size=1000), str(tmp_path))  # GPT-2's 50257-token files
+    with pytest.raises(CheckpointError, match="tokenizer has 50257 tokens but the model only 1000"):
+        picogpt.load(folder)
+
+
+def test_padded_vocabulary_never_samples_a_token_without_text(tmp_path):
+    folder = save_checkpoint(random_gpt2(seed=7, vocab_size=50304), str(tmp_path))  # padded to a multiple of 64
+    model = picogpt.load(folder)
+    model.params["wte"]["weight"] = np.array(model.params["wte"]["weight"])
+    model.params["wte"]["weight"][50257:] = 100.0  # make the padding rows win every argmax
+    assert model.generate("Hello", max_new_tokens=5, temperature=0)  # decodes: only real tokens were picked
