@@ -36,10 +36,10 @@ def decode_tokens(forward, params, config, ids, max_new_tokens, pick, stats=None
         start = time.perf_counter()
     slid = False
     for i in range(max_new_tokens):
-        if i and len(context) < n_ctx:
+        if i and len(context) < n_ctx:  # the usual step: one token against the cache
             logits = forward([token], **params, **run, cache=cache, past=len(context))
             context.append(token)
-        elif i:
+        elif i:  # the cache is full: slide the window and prefill it again
             drop = max(1, n_ctx // 4)
             if not slid:
                 warn(f"the context of {n_ctx} tokens is full: sliding the window, dropping the oldest {drop} tokens at a time")
