@@ -41,13 +41,14 @@ def random_checkpoint(name, folder):
     return save_checkpoint(transformers.GPT2LMHeadModel(config).eval(), folder)
 
 
+def seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(seconds(fn) for _ in range(repeats))
 
 
 def picogpt_generate(model):
@@ -75,9 +76,9 @@ def measure(engines, prompt, long_prompt, new_tokens, repeats):
         generate(prompt, 2)  # warm up (and load compiled kernels)
     for _ in range(repeats):
         for name, generate in engines.items():
-            times[name]["prefill"].append(best_of(lambda: generate(long_prompt, 1), 1))
-            times[name]["one"].append(best_of(lambda: generate(prompt, 1), 1))
-            times[name]["all"].append(best_of(lambda: generate(prompt, new_tokens), 1))
+            times[name]["prefill"].append(seconds(lambda: generate(long_prompt, 1)))
+            times[name]["one"].append(seconds(lambda: generate(prompt, 1)))
+            times[name]["all"].append(seconds(lambda: generate(prompt, new_tokens)))
     results = {}
     for name, t in times.items():
         decode = (min(t["all"]) - min(t["one"])) / (new_tokens - 1)

@@ -57,12 +57,12 @@ def _check_folder(folder):
 def _download(repo_id):
     """Fetch just the needed files with huggingface_hub (its cache, HF_HUB_OFFLINE and progress bars)."""
     import huggingface_hub
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
     def fetch(filename):
         return huggingface_hub.hf_hub_download(repo_id, filename)
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    offline = constants.HF_HUB_OFFLINE
     try:
         if not offline and not isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
             print(f"picogpt: fetching {repo_id} from the Hugging Face hub", file=sys.stderr, flush=True)
@@ -92,7 +92,7 @@ def _download(repo_id):
     except errors.LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
         raise CheckpointError(
-            f"cannot load '{repo_id}': {why} and its files are not in the cache ({huggingface_hub.constants.HF_HUB_CACHE}); "
+            f"cannot load '{repo_id}': {why} and its files are not in the cache ({constants.HF_HUB_CACHE}); "
             f"connect to the network, {LOCAL_HINT}"
         ) from None
     except errors.EntryNotFoundError as e:
