@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import model, sampling, tokenizer as tok, weights
+from . import formats, model, sampling, tokenizer as tok, weights
 
 
 def warn(message):
@@ -88,6 +88,12 @@ class Model:
     config: dict
     tokenizer: object
     forward: object = model.gpt2
+    folder: str = None  # where the checkpoint's files are
+
+    @property
+    def dtype(self):
+        """The weight format of the block linears and wte: float32, float16, bfloat16 or int8."""
+        return formats.dtype_of(self.params["wte"]["weight"])
 
     def stream(self, prompt, max_new_tokens=50, temperature=1.0, top_k=50, top_p=1.0, seed=None, stop=None, stats=None):
         """Yield the continuation of `prompt` piece by piece as it is decoded."""
@@ -122,15 +128,26 @@ def forward_for(backend):
     raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
 
 
-def load(name_or_path="gpt2", backend="numba"):
-    """Load a GPT-2 checkpoint by name (gpt2, gpt2-medium, ..., distilgpt2), hub repo id or local folder."""
+def load(name_or_path="gpt2", backend="numba", dtype=None):
+    """Load a GPT-2 checkpoint by name (gpt2, gpt2-medium, ..., distilgpt2, tiny), hub repo id or local folder.
+
+    dtype: the weight format to run in, "float32", "float16", "bfloat16" or "int8" (see formats.py);
+    None keeps what the checkpoint holds (float32 for ordinary checkpoints, whatever their width on
+    disk; the packed format of one written by `picogpt convert`). Conversion happens once, here."""
+    if dtype is not None and dtype not in formats.DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(formats.DTYPES)}, got {dtype!r}")
     forward = forward_for(backend)
     folder = weights.resolve(name_or_path)
-    params, config = weights.load_params(folder)
+    params, config, stored = weights.load_params(folder)
     tokenizer = tok.load_tokenizer(folder)
     if tokenizer.n_vocab > config["vocab_size"]:
         raise weights.CheckpointError(
             f"{folder}: the tokenizer has {tokenizer.n_vocab} tokens but the model only {config['vocab_size']} (vocab_size); "
             "vocab.json and merges.txt belong to another model"
         )
-    return Model(params, config, tokenizer, forward)
+    if dtype is not None and dtype != stored:
+        try:
+            params = formats.convert(params, dtype)
+        except formats.FormatError as e:
+            raise weights.CheckpointError(f"{folder}: {e}") from None
+    return Model(params, config, tokenizer, forward, folder)

@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from .formats import dequantize, embedding, lm_head
+
 
 def gelu(x):
     # GPT-2 was trained with the tanh approximation ("gelu_new"), not the exact erf GELU.
@@ -28,8 +30,9 @@ def layer_norm(x, weight, bias, eps=1e-5):
 
 
 def linear(x, weight, bias):
-    # HF's Conv1D stores weights as [in, out], so this is x @ w, with no transpose.
-    return x @ weight + bias  # [n_seq, in] -> [n_seq, out]
+    # HF's Conv1D stores weights as [in, out], so this is x @ w, with no transpose. A packed weight
+    # (float16, bfloat16, int8: see formats.py) is widened back to the float32 matrix it stands for.
+    return x @ dequantize(weight) + bias  # [n_seq, in] -> [n_seq, out]
 
 
 def ffn(x, c_fc, c_proj):
@@ -77,11 +80,11 @@ def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=F
     already there.
     """
     inputs = np.asarray(inputs, dtype=np.int64)
-    x = wte["weight"][inputs] + wpe["weight"][past + np.arange(len(inputs))]  # [n_seq, n_embd]
+    x = embedding(wte["weight"], inputs) + wpe["weight"][past + np.arange(len(inputs))]  # [n_seq, n_embd]
     for i, block in enumerate(h):
         x = transformer_block(x, **block, n_head=n_head, eps=eps, kv=None if cache is None else cache[i], past=past)
     x = layer_norm(x[-1:] if last else x, **ln_f, eps=eps)
-    return x @ wte["weight"].T  # lm_head tied to wte: [n_seq, n_embd] -> [n_seq, n_vocab]
+    return x @ lm_head(wte["weight"])  # tied to wte, wte.T: [n_seq, n_embd] -> [n_seq, n_vocab]
 
 
 def kv_cache(n_layer, n_head, n_ctx, head_dim):

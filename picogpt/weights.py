@@ -9,9 +9,12 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 
 import numpy as np
+
+from . import formats
 
 ALIASES = {
     "gpt2": "openai-community/gpt2",
@@ -20,6 +23,7 @@ ALIASES = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "distilgpt2": "distilbert/distilgpt2",
 }
+TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")  # benchmarks/train_tiny.py made it
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -38,6 +42,8 @@ def resolve(name_or_path):
     folder = os.path.expanduser(name_or_path)
     if os.path.isdir(folder):
         return _check_folder(folder)
+    if name_or_path == "tiny":  # the small GPT-2 that ships inside the package: no network needed
+        return _check_folder(TINY)
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise CheckpointError(f"no such folder: {name_or_path}")
     return _download(ALIASES.get(name_or_path, name_or_path))
@@ -113,18 +119,25 @@ def _quiet_logger(name):
         log.setLevel(level)
 
 
-# ---- reading safetensors -----------------------------------------------------------------------
+# ---- reading and writing safetensors ---------------------------------------------------------------
 
-DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
+# safetensors dtype -> how its bytes are viewed: BF16 as its uint16 bits, as NumPy has no bfloat16.
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I8": np.int8, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
+PICOGPT_FORMAT = "picogpt"  # __metadata__ "format" of checkpoints written by `picogpt convert`
 
 
 def read_safetensors(path):
-    """{name: array} memory-mapped from a .safetensors file.
+    """{name: array} memory-mapped from a .safetensors file, in their stored dtypes (BF16 as uint16).
 
     The format is an 8-byte little-endian header length, a JSON header of
     {name: {dtype, shape, data_offsets}}, then the raw bytes. safetensors' own numpy loader copies
-    every tensor into memory; mapping the file keeps float32 weights at one copy (page cache).
+    every tensor into memory; mapping the file keeps the weights at one copy (page cache).
     """
+    return _read_safetensors(path)[0]
+
+
+def _read_safetensors(path):
+    """(tensors, metadata) of a .safetensors file; see read_safetensors."""
     size = os.path.getsize(path)
     bad = f"corrupt or truncated safetensors file {path}: delete it and download or save it again"
     with open(path, "rb") as f:
@@ -135,7 +148,7 @@ def read_safetensors(path):
             header = json.loads(f.read(n_header))
         except ValueError:
             raise CheckpointError(bad) from None
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n_header) if size > 8 + n_header else np.zeros(0, np.uint8)
     tensors = {}
     for name, info in header.items():
@@ -145,20 +158,43 @@ def read_safetensors(path):
             raise CheckpointError(f"{bad} (tensor {name} has an unreadable entry)") from None
         if not 0 <= start <= end <= len(data) or end - start != dtype.itemsize * int(np.prod(shape)):
             raise CheckpointError(bad)
-        tensors[name] = _float32(data[start:end].view(dtype).reshape(shape), info["dtype"])
-    return tensors
+        tensors[name] = data[start:end].view(dtype).reshape(shape)
+    return tensors, metadata
 
 
-def _float32(array, dtype):
-    if dtype == "F32":
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: (safetensors dtype, array)} to `path`, through a temporary file so that a full disk
+    or an interrupt never leaves a truncated checkpoint behind."""
+    header, offset = {"__metadata__": metadata or {}}, 0
+    for name, (dtype, array) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header so the data starts 8-byte aligned
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little") + head)
+            for _, array in tensors.values():
+                f.write(np.ascontiguousarray(array).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _float32(array):
+    if array.dtype == np.float32:
         return array  # still memory-mapped
-    if dtype == "BF16":  # bfloat16 is the top half of a float32
+    if array.dtype == np.uint16:  # bfloat16 is the top half of a float32
         return (array.astype(np.uint32) << 16).view(np.float32)
     return array.astype(np.float32) if array.dtype.kind == "f" else array
 
 
 def read_checkpoint(folder):
-    """All tensors of a checkpoint folder, single file or sharded."""
+    """All tensors of a checkpoint folder, single file or sharded, and the weight format they hold:
+    None for an ordinary checkpoint (floats of any width), or the dtype `picogpt convert` packed."""
     index = os.path.join(folder, SHARD_INDEX)
     if not os.path.exists(os.path.join(folder, SINGLE_FILE)) and os.path.exists(index):
         with open(index) as f:
@@ -168,8 +204,13 @@ def read_checkpoint(folder):
             if not os.path.exists(os.path.join(folder, shard)):
                 raise CheckpointError(f"{folder} is missing the shard {shard} named in {SHARD_INDEX}")
             tensors.update(read_safetensors(os.path.join(folder, shard)))
-        return tensors
-    return read_safetensors(os.path.join(folder, SINGLE_FILE))
+        return tensors, None
+    tensors, metadata = _read_safetensors(os.path.join(folder, SINGLE_FILE))
+    if metadata.get("format") == PICOGPT_FORMAT:
+        if metadata.get("dtype") not in formats.DTYPES:
+            raise CheckpointError(f"{folder}: written by picogpt with weight format {metadata.get('dtype')!r}, which this version cannot read")
+        return tensors, metadata["dtype"]
+    return tensors, None
 
 
 # ---- config and the parameter tree ---------------------------------------------------------------
@@ -222,8 +263,11 @@ def expected_shapes(config):
     return shapes
 
 
-def to_params(tensors, config, source="checkpoint"):
-    """Check tensors against the config and nest them: params["h"][i]["attn"]["c_attn"]["weight"]."""
+def to_params(tensors, config, source="checkpoint", packed=None):
+    """Check tensors against the config and nest them: params["h"][i]["attn"]["c_attn"]["weight"].
+
+    Ordinary checkpoints become float32. `packed` names the format of a checkpoint written by
+    `picogpt convert` (see formats.py): its linears and wte are packed tuples, wte as wte.T."""
     # save_pretrained writes "transformer.h.0...", the hub's own files "h.0...": accept both.
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     lm_head = tensors.pop("lm_head.weight", None)
@@ -231,19 +275,75 @@ def to_params(tensors, config, source="checkpoint"):
     for name, shape in expected_shapes(config).items():
         if name not in tensors:
             raise CheckpointError(f"{source} lacks tensor '{name}': the file is incomplete or not a GPT-2 checkpoint")
-        if tuple(tensors[name].shape) != shape:
+        if packed not in (None, "float32") and name in packed_names(config):
+            leaf = _packed(tensors, name, shape[::-1] if name == "wte.weight" else shape, packed, source)
+        elif tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)}, config.json implies {shape}")
-        *path, leaf = name.split(".")
+        else:
+            leaf = _float32(tensors[name])
+        *path, key = name.split(".")
         node = params
         for part in path:
             node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
-        node[leaf] = tensors[name]
-    if lm_head is not None and not np.array_equal(lm_head, params["wte"]["weight"]):
+        node[key] = leaf
+    if lm_head is not None and not np.array_equal(lm_head, tensors["wte.weight"]):
         raise CheckpointError(f"{source}: lm_head.weight differs from wte.weight; picogpt supports only GPT-2's tied lm_head")
     return params
 
 
+def packed_names(config):
+    """The tensors a converted checkpoint packs: every block linear's weight and wte."""
+    return {"wte.weight"} | {f"h.{i}.{part}.{name}.weight" for i in range(config["n_layer"]) for part, name in formats.LINEARS}
+
+
+def _packed(tensors, name, shape, dtype, source):
+    """The packed tuple stored under `name` (and `name.scales` for int8), checked against its [in, out] shape."""
+    data, want = tensors[name], {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}[dtype]
+    scales = tensors.get(f"{name}.scales")
+    n_blocks = -(-shape[0] // formats.BLOCK)
+    if data.dtype != want or tuple(data.shape) != shape:
+        raise CheckpointError(f"{source}: tensor '{name}' is {data.dtype} {tuple(data.shape)}, a {dtype} checkpoint needs {np.dtype(want)} {shape}")
+    if dtype == "int8":
+        if scales is None or scales.dtype != np.float32 or tuple(scales.shape) != (n_blocks, shape[1]):
+            raise CheckpointError(f"{source}: tensor '{name}.scales' is missing or not float32 {(n_blocks, shape[1])}")
+        return formats.Q8(data, scales)
+    return formats.F16(data.view(np.uint16)) if dtype == "float16" else formats.BF16(data)
+
+
 def load_params(folder):
-    """(params, config) for a checkpoint folder, validated."""
+    """(params, config, dtype) for a checkpoint folder, validated; dtype is the format it holds."""
     config = read_config(folder)
-    return to_params(read_checkpoint(folder), config, source=folder), config
+    tensors, packed = read_checkpoint(folder)
+    return to_params(tensors, config, source=folder, packed=packed), config, packed or "float32"
+
+
+def save_params(params, config, out_folder, tokenizer_folder):
+    """Write a loadable checkpoint folder: config.json, vocab.json, merges.txt and model.safetensors
+    holding the parameter tree as it is, packed weights as they are (wte of a packed tree as wte.T,
+    int8 scales as NAME.scales), so that loading it again converts nothing."""
+    dtype = formats.dtype_of(params["h"][0]["attn"]["c_attn"]["weight"]) if params["h"] else "float32"
+    tensors = {}
+
+    def add(name, leaf):
+        if isinstance(leaf, dict):
+            for key, value in leaf.items():
+                add(f"{name}.{key}" if name else key, value)
+        elif isinstance(leaf, list):
+            for i, value in enumerate(leaf):
+                add(f"{name}.{i}", value)
+        elif isinstance(leaf, formats.Q8):
+            tensors[name], tensors[f"{name}.scales"] = ("I8", leaf.data), ("F32", leaf.scales)
+        elif isinstance(leaf, (formats.F16, formats.BF16)):
+            tensors[name] = ("F16" if isinstance(leaf, formats.F16) else "BF16", leaf.data)
+        else:
+            tensors[name] = ("F32", np.asarray(leaf, np.float32))
+
+    add("", params)
+    os.makedirs(out_folder, exist_ok=True)
+    metadata = {"format": "pt"} if dtype == "float32" else {"format": PICOGPT_FORMAT, "dtype": dtype}
+    write_safetensors(os.path.join(out_folder, SINGLE_FILE), tensors, metadata)
+    with open(os.path.join(out_folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for name in TOKENIZER_FILES:
+        if os.path.abspath(tokenizer_folder) != os.path.abspath(out_folder):
+            shutil.copyfile(os.path.join(tokenizer_folder, name), os.path.join(out_folder, name))

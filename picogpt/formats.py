@@ -1,0 +1,156 @@
+"""Weight formats: float16, bfloat16 and int8 weights, packed once at load and read by the kernels.
+
+Batch-1 decoding reads every weight once per token, so its speed is bytes per weight: 4 in float32,
+2 in the 16-bit formats, 1.125 in int8. A packed weight is a small named tuple of NumPy arrays:
+
+- `F16(data)`:  float16, stored as its uint16 bits (Numba has no float16 type on the CPU);
+- `BF16(data)`: bfloat16, the top half of a float32, as uint16 bits (NumPy has no bfloat16);
+- `Q8(data, scales)`: int8 with one float32 scale per block of 32 along the input dimension
+  (llama.cpp's q8_0 idea): weight[i, j] = data[i, j] * scales[i // 32, j].
+
+A packed weight always holds the [in, out] matrix the matmul reads, Conv1D's layout, blocks running
+down the input rows. The tied `wte` is read two ways, as embedding rows and as the lm_head
+`x @ wte.T`, and only the lm_head costs bandwidth at every step, so a packed wte holds `wte.T`,
+[n_embd, n_vocab]: the lm_head is then an ordinary [in, out] linear and an embedding is a column.
+
+`dequantize` is the NumPy reference that model.py's math calls and the kernels are tested against.
+Layer norms, biases, wpe, activations and the KV cache stay float32.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+DTYPES = ("float32", "float16", "bfloat16", "int8")
+BLOCK = 32  # int8 rows per scale
+F16_MAX = 65504.0  # the largest finite float16
+
+
+class F16(NamedTuple):
+    data: np.ndarray  # uint16 [in, out]: float16 bits
+
+
+class BF16(NamedTuple):
+    data: np.ndarray  # uint16 [in, out]: the top 16 bits of a float32
+
+
+class Q8(NamedTuple):
+    data: np.ndarray  # int8 [in, out]
+    scales: np.ndarray  # float32 [ceil(in / 32), out]
+
+
+PACKED = (F16, BF16, Q8)
+DTYPE_OF = {np.ndarray: "float32", F16: "float16", BF16: "bfloat16", Q8: "int8"}
+
+
+class FormatError(ValueError):
+    """A weight that cannot be stored in the asked-for format (for example beyond float16's range)."""
+
+
+# ---- packing: float32 [in, out] -> packed ----------------------------------------------------------
+
+
+def pack(w, dtype):
+    """Pack a float32 [in, out] matrix into `dtype` (float32 is returned as is)."""
+    w = np.asarray(w, np.float32)
+    if dtype == "float32":
+        return w
+    if not np.isfinite(w).all():
+        raise FormatError(f"it has NaN or infinite values, which {dtype} cannot scale or round meaningfully")
+    if dtype == "float16":
+        if np.abs(w).max(initial=0) > F16_MAX:
+            raise FormatError(f"it has values beyond float16's range (+-{F16_MAX:g}); use bfloat16, which has float32's range")
+        return F16(np.ascontiguousarray(w.astype(np.float16)).view(np.uint16))  # rounds to nearest even
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(w).view(np.uint32)
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)  # round to nearest even on the 16 dropped bits
+        return BF16((rounded >> 16).astype(np.uint16))
+    if dtype == "int8":
+        blocks = _blocks(w)  # [n_blocks, 32, out], zero-padded rows
+        scales = np.abs(blocks).max(axis=1) / np.float32(127)  # [n_blocks, out]
+        safe = np.where(scales == 0, np.float32(1), scales)
+        q = np.rint(blocks / safe[:, None]).astype(np.int8)  # |q| <= 127: symmetric, no -128
+        return Q8(np.ascontiguousarray(q.reshape(-1, w.shape[1])[: w.shape[0]]), scales.astype(np.float32))
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _blocks(w):
+    n_in, n_out = w.shape
+    pad = -n_in % BLOCK
+    if pad:
+        w = np.concatenate([w, np.zeros((pad, n_out), w.dtype)])
+    return w.reshape(-1, BLOCK, n_out)
+
+
+# ---- the NumPy reference: packed -> float32 ------------------------------------------------------
+
+
+def dequantize(w):
+    """The float32 [in, out] matrix a packed weight stands for (a float32 array is returned as is)."""
+    if isinstance(w, F16):
+        return w.data.view(np.float16).astype(np.float32)  # exact: every float16 is a float32
+    if isinstance(w, BF16):
+        return (w.data.astype(np.uint32) << 16).view(np.float32)  # exact
+    if isinstance(w, Q8):
+        return w.data * np.repeat(w.scales, BLOCK, axis=0)[: w.data.shape[0]]  # [in, out] float32
+    return w
+
+
+def columns(w, ids):
+    """Columns `ids` of a packed [in, out] matrix as float32 rows: [len(ids), in]."""
+    if isinstance(w, Q8):
+        return (w.data[:, ids] * np.repeat(w.scales[:, ids], BLOCK, axis=0)[: w.data.shape[0]]).T
+    return dequantize(type(w)(w.data[:, ids])).T
+
+
+def embedding(wte, ids):
+    """wte rows for token ids: [len(ids), n_embd]. A packed wte holds wte.T, so its rows are columns."""
+    return wte[ids] if isinstance(wte, np.ndarray) else columns(wte, ids)
+
+
+def lm_head(wte):
+    """The tied lm_head as an [n_embd, n_vocab] matrix: wte.T, which a packed wte already is."""
+    return wte.T if isinstance(wte, np.ndarray) else dequantize(wte)
+
+
+def shape(w):
+    """The [in, out] shape of a weight, packed or not."""
+    return w.shape if isinstance(w, np.ndarray) else w.data.shape
+
+
+def nbytes(w):
+    return w.nbytes if isinstance(w, np.ndarray) else sum(a.nbytes for a in w)
+
+
+def dtype_of(w):
+    return DTYPE_OF[type(w)] if not isinstance(w, np.ndarray) else "float32"
+
+
+# ---- whole parameter trees -----------------------------------------------------------------------
+
+LINEARS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+
+
+def convert(params, dtype):
+    """A parameter tree with every block linear and the tied wte in `dtype`; the rest shared, float32.
+
+    Packed weights are converted from float32 (a packed tree is dequantized first)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    wte = params["wte"]["weight"]
+    wte = wte if isinstance(wte, np.ndarray) else lm_head(wte).T  # a float32 [n_vocab, n_embd] either way
+    out = {**params, "wte": {"weight": wte if dtype == "float32" else _pack(wte.T, dtype, "wte.weight")}, "h": []}
+    for i, block in enumerate(params["h"]):
+        block = {**block, "attn": dict(block["attn"]), "mlp": dict(block["mlp"])}
+        for part, name in LINEARS:
+            w = dequantize(block[part][name]["weight"])
+            block[part][name] = {**block[part][name], "weight": _pack(w, dtype, f"h.{i}.{part}.{name}.weight")}
+        out["h"].append(block)
+    return out
+
+
+def _pack(w, dtype, name):
+    try:
+        return pack(w, dtype)
+    except FormatError as e:
+        raise FormatError(f"cannot store tensor '{name}' in {dtype}: {e}") from None
