@@ -5,8 +5,17 @@ import os
 import sys
 
 
+DTYPES = ("float32", "float16", "bfloat16", "int8")  # formats.DTYPES, without importing NumPy before --threads
+DTYPE_HELP = "weight format: float32, float16 (half the bytes, the fast 16-bit one), bfloat16 or int8 (blocks of 32 with a scale each)"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other picogpt error, instead of usage + message
+        self.exit(2, f"picogpt: error: {message} (see {self.prog} --help)\n")
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="picogpt", description="GPT-2 inference in NumPy.")
+    p = Parser(prog="picogpt", description="GPT-2 inference in NumPy.")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = commands.add_parser(
         "generate",
@@ -14,7 +23,8 @@ def parser():
         description="Continue PROMPT with a GPT-2 model, streaming the new text to stdout as it is decoded.",
     )
     g.add_argument("prompt", help='the text to continue; "" starts a new text from <|endoftext|>, - reads it from stdin')
-    g.add_argument("--model", "-m", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, a hub repo id (org/name) or a local folder (default: %(default)s)")
+    g.add_argument("--model", "-m", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny (ships with picogpt), a hub repo id (org/name) or a local folder (default: %(default)s)")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help=f"{DTYPE_HELP} (default: as the checkpoint holds it, float32 for ordinary checkpoints)")
     g.add_argument("--max-new-tokens", "-n", type=int, default=50, help="generate at most this many tokens (default: %(default)s)")
     g.add_argument("--temperature", "-t", type=float, default=1.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
     g.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens only (default: %(default)s)")
@@ -25,6 +35,15 @@ def parser():
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels and BLAS (default: all cores, or NUMBA_NUM_THREADS)")
     g.add_argument("--backend", choices=["numba", "numpy"], default="numba", help="numba kernels, or the pure NumPy reference (default: %(default)s)")
     g.add_argument("--verbose", "-v", action="store_true", help="print prompt and generation speed (tokens/s) to stderr (default: off)")
+    c = commands.add_parser(
+        "convert",
+        help="convert a model's weights once and save them in a folder",
+        description="Convert MODEL's weights to --dtype and write a checkpoint folder that `--model OUT_FOLDER` "
+        "loads memory-mapped, with nothing to convert at load time.",
+    )
+    c.add_argument("model", help="gpt2, gpt2-medium, ..., tiny, a hub repo id (org/name) or a local folder")
+    c.add_argument("out_folder", help="the folder to write (config.json, model.safetensors, vocab.json, merges.txt)")
+    c.add_argument("--dtype", choices=DTYPES, required=True, help=DTYPE_HELP)
     return p
 
 
@@ -32,6 +51,10 @@ def check(args):
     """Reject bad options before spending time on loading a model."""
     from . import sampling
 
+    if args.command == "convert":
+        if os.path.exists(os.path.join(args.out_folder, "model.safetensors")):
+            raise ValueError(f"{args.out_folder} already holds a model.safetensors: remove it or pick another folder")
+        return
     sampling.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -45,7 +68,7 @@ def generate(args):
     from .generate import load, warn
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model = load(args.model, backend=args.backend)
+    model = load(args.model, backend=args.backend, dtype=args.dtype)
     for n in range(args.num_samples):
         if n:
             print("-" * 40, flush=True)
@@ -63,8 +86,18 @@ def generate(args):
             warn(
                 f"prompt: {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s ({prompt_rate:.1f} tokens/s); "
                 f"generated: {stats['new_tokens']} tokens in {stats.get('decode_seconds', 0):.2f} s ({decode_rate:.1f} tokens/s); "
-                f"{args.backend} backend, {threads()} threads"
+                f"{args.backend} backend, {model.dtype} weights, {threads()} threads"
             )
+
+
+def convert(args):
+    from .generate import load, warn
+    from .weights import save_params
+
+    model = load(args.model, backend="numpy", dtype=args.dtype)
+    save_params(model.params, model.config, args.out_folder, model.folder)
+    size = os.path.getsize(os.path.join(args.out_folder, "model.safetensors"))
+    warn(f"wrote {args.out_folder}: {args.dtype} weights, {size / 1e6:.1f} MB; load it with --model {args.out_folder}")
 
 
 def threads():
@@ -77,7 +110,7 @@ def threads():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    if args.threads:  # before NumPy (OpenBLAS) and Numba read them at load time
+    if getattr(args, "threads", None):  # before NumPy (OpenBLAS) and Numba read them at load time
         for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(args.threads)
     from .tokenizer import TokenizerError
@@ -89,7 +122,7 @@ def main(argv=None):
         print(f"picogpt: error: {e}", file=sys.stderr)
         return 2
     try:
-        generate(args)
+        {"generate": generate, "convert": convert}[args.command](args)
     except BrokenPipeError:  # e.g. piped into `head`: not an error worth a message
         sys.stderr.close()
         return 1

@@ -384,7 +384,7 @@ def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=F
     """model.gpt2 on the kernels: same arguments, same logits within float32 rounding."""
     inputs = np.asarray(inputs, dtype=np.int64)
     if cache is None:  # the kernels always attend over a cache: use a scratch one
-        cache = model.kv_cache(len(h), n_head, past + len(inputs), wte["weight"].shape[1] // n_head)
+        cache = model.kv_cache(len(h), n_head, past + len(inputs), wpe["weight"].shape[1] // n_head)
     x = formats.embedding(wte["weight"], inputs) + wpe["weight"][past + np.arange(len(inputs))]  # [n_seq, n_embd]
     if len(inputs) == 1:  # decode: one compiled call per layer on [n_embd] rows
         x, n_threads = x[0], numba.get_num_threads()
