@@ -1,16 +1,24 @@
-"""Decode and prefill speed of picogpt (numba kernels and the NumPy reference) against transformers,
-in one process and one run, on random weights of gpt2 and gpt2-medium's real shapes.
+"""Decode and prefill speed of picogpt in every weight format against transformers and llama.cpp,
+in one process and one run, on random weights of GPT-2's real shapes.
 
-    python benchmarks/bench_decode.py [--sizes gpt2 gpt2-medium] [--json benchmarks/bench_decode.json]
+    python benchmarks/bench_decode.py [--sizes gpt2 gpt2-medium gpt2-large gpt2-xl] [--dtypes float32 int8]
 
 For each size: a 16-token prompt then 128 new tokens, greedy, batch 1, KV cache on every engine; and
-a 512-token prefill (time to the first new token). Also measured: this machine's memory bandwidth
-(NumPy's sgemv streaming a 512 MB matrix), which caps batch-1 decoding at bandwidth / bytes of
-weights read per token, and the peak RSS of `picogpt generate` and of transformers generating the
-same 128 tokens, each in a child process after the timings (nothing else runs while timing).
+a 512-token prefill (time to the first new token). Engines: picogpt's numba kernels in each --dtypes
+format (converted once, as `picogpt convert` does), transformers on torch in float32, and, when
+`llama_cpp` is importable, llama.cpp in f32, f16 and q8_0 from GGUF files that llama.cpp's own
+converter makes of the same weights (benchmarks/llama_cpp_engine.py). Engines are interleaved and
+the best of --repeats is kept; sizes whose engines do not all fit in memory at once (gpt2-large,
+gpt2-xl) run one family at a time (picogpt, torch, llama.cpp), interleaved within it.
+
+Also measured: this machine's memory bandwidth (NumPy's sgemv streaming a 512 MB matrix), which caps
+batch-1 decoding at bandwidth / bytes of weights read per token (the "ceiling", for each format's
+bytes), and the peak RSS of `picogpt generate` on the converted checkpoint folder of each format and
+of transformers generating the same tokens, each in a child process after the timings.
 """
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -23,7 +31,10 @@ import torch
 import transformers
 from compare_torch import SHAPES, best_of, measure, picogpt_generate, random_checkpoint, torch_generate
 
+import llama_cpp_engine
 import picogpt
+from picogpt import formats
+from picogpt.weights import save_params
 
 # Each child prints its own peak RSS (VmHWM, in KiB) last: ru_maxrss of a child would also count the
 # pages it shared with this process between fork and exec.
@@ -36,6 +47,8 @@ with torch.no_grad():
     hf.generate(torch.tensor([list(range(1000, 1016))]), max_new_tokens=int(sys.argv[2]), do_sample=False, pad_token_id=0)
 {PEAK}
 """
+LLAMA_TYPES = {"float32": "f32", "float16": "f16", "int8": "q8_0"}  # the llama.cpp format beside each of ours
+BIG = ("gpt2-large", "gpt2-xl")  # too large to hold every engine at once in 24 GB
 
 
 def bandwidth_gb_s():
@@ -46,13 +59,13 @@ def bandwidth_gb_s():
 
 
 def bytes_per_token(params):
-    """Every block weight and bias, the final layer norm and wte (the tied lm_head); wpe is one row."""
-    blocks = sum(leaf.nbytes for block in params["h"] for part in block.values() for leaf in _leaves(part))
-    return blocks + params["wte"]["weight"].nbytes + sum(a.nbytes for a in params["ln_f"].values())
+    """Every block weight and bias, the final layer norm and wte (the tied lm_head), in their formats."""
+    blocks = sum(formats.nbytes(leaf) for block in params["h"] for part in block.values() for leaf in _leaves(part))
+    return blocks + formats.nbytes(params["wte"]["weight"]) + sum(a.nbytes for a in params["ln_f"].values())
 
 
 def _leaves(tree):
-    return [tree] if isinstance(tree, np.ndarray) else [leaf for v in tree.values() for leaf in _leaves(v)]
+    return [leaf for v in tree.values() for leaf in _leaves(v)] if isinstance(tree, dict) else [tree]
 
 
 def child_peak_rss_mb(code, *args):
@@ -61,39 +74,75 @@ def child_peak_rss_mb(code, *args):
     return int(result.stderr.split()[-1]) * 1024 / 1e6
 
 
+def families(name, folder, tmp, dtypes, with_llama):
+    """{family: {engine name: () -> generate}}: the engines of one size, built on first use."""
+    def picogpt_engines():
+        engines = {}
+        for dtype in dtypes:
+            model = picogpt.load(folder, dtype=dtype)
+            if dtype != "float32":  # run from the converted folder, as a user of `picogpt convert` would
+                save_params(model.params, model.config, os.path.join(tmp, dtype), folder)
+                model = picogpt.load(os.path.join(tmp, dtype))
+            engines[f"picogpt {dtype}"] = picogpt_generate(model)
+        return engines
+
+    def torch_engines():
+        return {"torch float32": torch_generate(transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval())}
+
+    def llama_engines():
+        paths = llama_cpp_engine.gguf_files(folder, [LLAMA_TYPES[d] for d in dtypes if d in LLAMA_TYPES], out_dir=tmp)
+        return {f"llama.cpp {t}": llama_cpp_engine.llama_generate(path) for t, path in paths.items()}
+
+    found = {"picogpt": picogpt_engines, "torch": torch_engines}
+    if with_llama:
+        found["llama.cpp"] = llama_engines
+    return found
+
+
 def bench_size(name, args, bandwidth):
-    with tempfile.TemporaryDirectory() as folder:
-        random_checkpoint(name, folder)
-        fast, ref = picogpt.load(folder, backend="numba"), picogpt.load(folder, backend="numpy")
-        hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = random_checkpoint(name, os.path.join(tmp, "float32"))
         rng = np.random.default_rng(0)
         prompt = rng.integers(0, 50000, args.prompt_tokens).tolist()
         long_prompt = rng.integers(0, 50000, args.prefill_tokens).tolist()
-        engines = {"picogpt numba": picogpt_generate(fast), "picogpt numpy": picogpt_generate(ref), "torch": torch_generate(hf)}
-        results = measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
-        weight_mb = os.path.getsize(os.path.join(folder, "model.safetensors")) / 1e6
-        per_token = bytes_per_token(fast.params)
-        del hf
+        build = families(name, folder, tmp, args.dtypes, args.llama)
+        groups = [list(build)] if name not in BIG else [[family] for family in build]
+        results = {}
+        for group in groups:  # one family at a time for the big sizes, all together otherwise
+            engines = {k: v for family in group for k, v in build[family]().items()}
+            results |= measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
+            del engines
+            gc.collect()
+        per_token = {d: bytes_per_token(picogpt.load(folder, dtype=d).params) for d in args.dtypes}
         n = str(args.new_tokens)
-        rss = {
-            "picogpt numba": child_peak_rss_mb(PICOGPT_CHILD, "generate", "x" * 16, "--model", folder, "-n", n, "-t", "0"),
-            "picogpt numpy": child_peak_rss_mb(PICOGPT_CHILD, "generate", "x" * 16, "--model", folder, "-n", n, "-t", "0", "--backend", "numpy"),
-            "torch": child_peak_rss_mb(TORCH_CHILD, folder, n),
-        }
-    ceiling = bandwidth * 1e9 / per_token
-    torch_ = results["torch"]
+        rss = {f"picogpt {d}": child_peak_rss_mb(PICOGPT_CHILD, "generate", "x" * 16, "--model", os.path.join(tmp, d), "-n", n, "-t", "0") for d in args.dtypes}
+        rss["torch float32"] = child_peak_rss_mb(TORCH_CHILD, folder, n)
+        weight_mb = {d: os.path.getsize(os.path.join(tmp, d, "model.safetensors")) / 1e6 for d in args.dtypes}
+    f32 = results.get("picogpt float32")
+    torch_ = results["torch float32"]
     for engine, r in results.items():
+        dtype = engine.split()[-1]
         r["decode_vs_torch"] = r["decode_tok_s"] / torch_["decode_tok_s"]
         r["prefill_vs_torch"] = r["prefill_tok_s"] / torch_["prefill_tok_s"]
-        r["decode_vs_ceiling"] = r["decode_tok_s"] / ceiling
+        if f32:
+            r["decode_vs_picogpt_float32"] = r["decode_tok_s"] / f32["decode_tok_s"]
+            r["prefill_vs_picogpt_float32"] = r["prefill_tok_s"] / f32["prefill_tok_s"]
+        if engine.startswith("picogpt"):
+            r["ceiling_tok_s"] = bandwidth * 1e9 / per_token[dtype]
+            r["decode_vs_ceiling"] = r["decode_tok_s"] / r["ceiling_tok_s"]
+            r["bytes_per_token_mb"] = per_token[dtype] / 1e6
+            r["weights_mb"] = weight_mb[dtype]
         if engine in rss:
             r["peak_rss_mb"] = rss[engine]
-    return {"weights_mb": weight_mb, "bytes_read_per_token_mb": per_token / 1e6, "ceiling_tok_s": ceiling, "engines": results}
+    return results
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["gpt2", "gpt2-medium"], choices=SHAPES)
+    p.add_argument("--dtypes", nargs="+", default=list(formats.DTYPES), choices=formats.DTYPES)
+    p.add_argument("--llama", action=argparse.BooleanOptionalAction, default=llama_cpp_engine.available(),
+                   help="put llama.cpp beside them (default: when llama_cpp is importable)")  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-tokens", type=int, default=512)
@@ -104,29 +153,34 @@ def main():
     import numba
 
     bandwidth = bandwidth_gb_s()
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__, "numba": numba.__version__}
+    if args.llama:
+        import llama_cpp
+
+        versions["llama_cpp_python"] = llama_cpp.__version__
     report = {
         "machine": {"cores": os.cpu_count(), "bandwidth_gb_s": bandwidth, "numba_threads": numba.get_num_threads(), "torch_threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__, "numba": numba.__version__},
+        "versions": versions,
         "setup": vars(args) | {"when": time.strftime("%Y-%m-%d %H:%M")},
-        "sizes": {name: bench_size(name, args, bandwidth) for name in args.sizes},
+        "sizes": {},
     }
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
-
-    print(f"{os.cpu_count()} cores, sgemv bandwidth {bandwidth:.1f} GB/s; torch {torch.__version__} ({torch.get_num_threads()} threads), numba {numba.__version__} ({numba.get_num_threads()} threads)")
+    print(f"{os.cpu_count()} cores, sgemv bandwidth {bandwidth:.1f} GB/s; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"greedy, batch 1: {args.prompt_tokens}-token prompt + {args.new_tokens} new tokens; prefill = time to first token after {args.prefill_tokens} tokens; best of {args.repeats}")
     print()
-    print("| model | engine | decode tok/s | ms/token | vs torch | vs ceiling | prefill tok/s | vs torch | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, size in report["sizes"].items():
-        for engine, r in size["engines"].items():
+    print("| model | engine | decode tok/s | vs picogpt f32 | vs torch | vs ceiling | prefill tok/s | vs picogpt f32 | peak RSS MB | weights MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.sizes:
+        results = report["sizes"][name] = bench_size(name, args, bandwidth)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        for engine, r in results.items():
+            ceiling = f"{100 * r['decode_vs_ceiling']:.0f}% of {r['ceiling_tok_s']:.0f}" if "decode_vs_ceiling" in r else ""
             print(
-                f"| {name} | {engine} | {r['decode_tok_s']:.1f} | {r['decode_ms_per_token']:.1f} | {r['decode_vs_torch']:.2f}x | "
-                f"{100 * r['decode_vs_ceiling']:.0f}% | {r['prefill_tok_s']:.0f} | {r['prefill_vs_torch']:.2f}x | {r.get('peak_rss_mb', float('nan')):.0f} |"
+                f"| {name} | {engine} | {r['decode_tok_s']:.1f} | {r.get('decode_vs_picogpt_float32', float('nan')):.2f}x | {r['decode_vs_torch']:.2f}x | "
+                f"{ceiling} | {r['prefill_tok_s']:.0f} | {r.get('prefill_vs_picogpt_float32', float('nan')):.2f}x | "
+                f"{r.get('peak_rss_mb', float('nan')):.0f} | {r.get('weights_mb', float('nan')):.0f} |",
+                flush=True,
             )
-        print(f"| {name} | ceiling | {size['ceiling_tok_s']:.1f} | {1000 / size['ceiling_tok_s']:.1f} | | 100% | | | weights {size['weights_mb']:.0f} |")
-        rss = size["engines"]["picogpt numba"]["peak_rss_mb"]
-        print(f"{name}: picogpt peak RSS {rss:.0f} MB = {rss / size['weights_mb']:.2f}x the weights")
     print(f"\nwritten to {args.json}")
 
 

@@ -16,7 +16,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import formats, model
-from .formats import BF16, BLOCK, F16, Q8
+from .formats import BLOCK
 
 f32 = np.float32
 # error_model="numpy": a float division may give inf instead of raising, which lets LLVM vectorize it.
