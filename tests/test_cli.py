@@ -145,3 +145,30 @@ def test_threads_and_backends_give_the_same_text(tiny):
     reference = run(*args, "--backend", "numpy")
     assert one.stdout == two.stdout == reference.stdout and one.stdout.strip()
     assert_one_line_error(run(*args, "--threads", "0"), "--threads")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_dtype_and_convert(tiny, tmp_path, dtype):
+    out = str(tmp_path / dtype)
+    converted = run("convert", tiny[0], out, "--dtype", dtype)
+    assert converted.returncode == 0 and "wrote" in converted.stderr, converted.stderr
+    expected = picogpt.load(tiny[0], dtype=dtype).generate("Hello world", max_new_tokens=12, seed=3)
+    on_the_fly = run("generate", "Hello world", "--model", tiny[0], "--dtype", dtype, "-n", "12", "--seed", "3", "-v")
+    from_folder = run("generate", "Hello world", "--model", out, "-n", "12", "--seed", "3", "-v")
+    assert on_the_fly.stdout == from_folder.stdout == expected + "\n"
+    assert f"{dtype} weights" in from_folder.stderr
+    assert_one_line_error(run("convert", tiny[0], out, "--dtype", dtype), "already holds", "another folder")
+
+
+def test_bad_dtype_values(tiny, tmp_path):
+    assert_one_line_error(run("generate", "hi", "--model", tiny[0], "--dtype", "int4"), "--dtype", "int8")
+    assert_one_line_error(run("convert", tiny[0], str(tmp_path / "x")), "--dtype")
+    from conftest import random_gpt2
+    import torch
+
+    hf = random_gpt2(seed=5)
+    with torch.no_grad():
+        hf.transformer.h[0].attn.c_attn.weight[1, 2] = -7e4  # beyond float16
+    folder = save_checkpoint(hf, str(tmp_path / "big"))
+    assert_one_line_error(run("generate", "hi", "--model", folder, "--dtype", "float16"), "h.0.attn.c_attn.weight", "bfloat16")
+    assert_one_line_error(run("convert", folder, str(tmp_path / "y"), "--dtype", "float16"), "bfloat16")
