@@ -175,13 +175,16 @@ def main():
             json.dump(report, f, indent=2)
         for engine, r in results.items():
             ceiling = f"{100 * r['decode_vs_ceiling']:.0f}% of {r['ceiling_tok_s']:.0f}" if "decode_vs_ceiling" in r else ""
-            print(
-                f"| {name} | {engine} | {r['decode_tok_s']:.1f} | {r.get('decode_vs_picogpt_float32', float('nan')):.2f}x | {r['decode_vs_torch']:.2f}x | "
-                f"{ceiling} | {r['prefill_tok_s']:.0f} | {r.get('prefill_vs_picogpt_float32', float('nan')):.2f}x | "
-                f"{r.get('peak_rss_mb', float('nan')):.0f} | {r.get('weights_mb', float('nan')):.0f} |",
-                flush=True,
-            )
+            cells = [f"{r['decode_tok_s']:.1f}", cell(r, "decode_vs_picogpt_float32", "{:.2f}x"), f"{r['decode_vs_torch']:.2f}x", ceiling,
+                     f"{r['prefill_tok_s']:.0f}", cell(r, "prefill_vs_picogpt_float32", "{:.2f}x"), cell(r, "peak_rss_mb", "{:.0f}"), cell(r, "weights_mb", "{:.0f}")]  # fmt: skip
+            print(f"| {name} | {engine} | " + " | ".join(cells) + " |", flush=True)
     print(f"\nwritten to {args.json}")
+
+
+def cell(r, key, fmt):
+    """A table cell: the figure if this engine has it (llama.cpp's RSS is not measured), else blank."""
+    value = r.get(key)
+    return "" if value is None or value != value else fmt.format(value)
 
 
 if __name__ == "__main__":

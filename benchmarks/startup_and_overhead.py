@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import transformers
 from compare_torch import SHAPES, random_checkpoint
 

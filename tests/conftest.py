@@ -1,6 +1,5 @@
 """Tiny random GPT-2 checkpoints, built with transformers and saved in the real Hugging Face layouts."""
 
-import json
 import os
 import shutil
 
