@@ -69,25 +69,30 @@ def generate(args):
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = load(args.model, backend=args.backend, dtype=args.dtype)
-    for n in range(args.num_samples):
-        if n:
-            print("-" * 40, flush=True)
-        stats = {}
-        seed = None if args.seed is None else args.seed + n
-        for piece in model.stream(
-            prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, seed=seed, stop=args.stop, stats=stats,
-        ):  # fmt: skip
+    stats, later = {}, [""] * args.num_samples
+    # --num-samples N: one batch of N rows, row i sampled with seed + i. Row 0 streams as it is decoded,
+    # the others print when the batch is done (they finish at about the same time).
+    for row, piece in model.stream(
+        [prompt] * args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, stats=stats,
+    ):  # fmt: skip
+        if row == 0:
             print(piece, end="", flush=True)
-        print(flush=True)
-        if args.verbose and stats:
-            prompt_rate = stats["prompt_tokens"] / max(stats["prefill_seconds"], 1e-9)
-            decode_rate = stats["new_tokens"] / max(stats.get("decode_seconds", 0), 1e-9)
-            warn(
-                f"prompt: {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s ({prompt_rate:.1f} tokens/s); "
-                f"generated: {stats['new_tokens']} tokens in {stats.get('decode_seconds', 0):.2f} s ({decode_rate:.1f} tokens/s); "
-                f"{args.backend} backend, {model.dtype} weights, {threads()} threads"
-            )
+        else:
+            later[row] += piece
+    print(flush=True)
+    for text in later[1:]:
+        print("-" * 40)
+        print(text, flush=True)
+    if args.verbose and stats:
+        prompt_rate = stats["prompt_tokens"] / max(stats["prefill_seconds"], 1e-9)
+        decode_rate = stats["new_tokens"] / max(stats.get("decode_seconds", 0), 1e-9)
+        warn(
+            f"prompt: {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s ({prompt_rate:.1f} tokens/s); "
+            f"generated: {stats['new_tokens']} tokens in {stats.get('decode_seconds', 0):.2f} s ({decode_rate:.1f} tokens/s"
+            f"{f', {args.num_samples} rows at once' if args.num_samples > 1 else ''}); "
+            f"{args.backend} backend, {model.dtype} weights, {threads()} threads"
+        )
 
 
 def convert(args):

@@ -1,6 +1,7 @@
 """Generation: prefill the prompt into a KV cache, decode one token at a time, stream the text."""
 
 import codecs
+import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -14,42 +15,99 @@ def warn(message):
     print(f"picogpt: {message}", file=sys.stderr, flush=True)
 
 
-def decode_tokens(forward, params, config, ids, max_new_tokens, pick, stats=None):
-    """Yield up to max_new_tokens token ids following `ids`, one forward step per token.
+def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eot, stopped=(), stats=None):
+    """Decode many sequences together: each step, yield [(row, token), ...] for every row still running.
 
-    GPT-2's positions are absolute, so past n_positions tokens the cache cannot simply roll: we drop
-    the oldest quarter of the context and prefill the rest again, which keeps rebuilds rare.
+    forward_rows(inputs, **params, cache=, rows=, past=) runs the rows' new tokens through the model
+    at once (batched.gpt2_rows); picks[row](logits) chooses a row's next token. A row stops at `eot`,
+    after max_new_tokens, or once the caller adds it to `stopped` (a stop string). Rows with the same
+    prompt share one prefill. GPT-2's positions are absolute, so past n_positions tokens a row's cache
+    cannot simply roll: that row drops the oldest quarter of its context and prefills the rest again
+    (rebuilds stay rare), while the other rows go on decoding in the same step.
     """
     n_ctx, n_head, n_layer, n_embd = config["n_positions"], config["n_head"], config["n_layer"], config["n_embd"]
-    run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5), last=True)  # logits for the next token only
-    if len(ids) > n_ctx:
-        warn(f"the prompt has {len(ids)} tokens, more than the model's context of {n_ctx}: keeping the last {n_ctx}")
-        ids = ids[-n_ctx:]
+    run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
+    if max(len(ids) for ids in prompts) > n_ctx:
+        warn(f"a prompt has {max(len(ids) for ids in prompts)} tokens, more than the model's context of {n_ctx}: keeping the last {n_ctx}")
+        prompts = [ids[-n_ctx:] for ids in prompts]
     if max_new_tokens == 0:
         return
-    cache = model.kv_cache(n_layer, n_head, n_ctx, n_embd // n_head)
-    context = list(ids)  # the tokens whose keys and values are in the cache
+    cache = model.kv_cache(n_layer, n_head, n_ctx, n_embd // n_head, n_rows=len(prompts))
+    contexts = [list(ids) for ids in prompts]  # each row's tokens whose keys and values are in the cache
     start = time.perf_counter()
-    logits = forward(context, **params, **run, cache=cache, past=0)
+    first = {}  # prompt -> the row that prefills it
+    for row, ids in enumerate(prompts):
+        first.setdefault(tuple(ids), row)
+    prefilled = sorted(set(first.values()))
+    logits = forward_rows([contexts[r] for r in prefilled], **params, **run, cache=cache, rows=prefilled, past=[0] * len(prefilled))
+    for row, ids in enumerate(prompts):  # the same prompt: copy its keys and values
+        source = first[tuple(ids)]
+        for k, v in cache if source != row else ():
+            k[row, :, : len(ids)], v[row, :, : len(ids)] = k[source, :, : len(ids)], v[source, :, : len(ids)]
+    logits = logits[[prefilled.index(first[tuple(ids)]) for ids in prompts]]
     if stats is not None:
-        stats.update(prompt_tokens=len(context), prefill_seconds=time.perf_counter() - start, new_tokens=0)
+        stats.update(prompt_tokens=sum(map(len, contexts)), prefill_seconds=time.perf_counter() - start, new_tokens=0)
         start = time.perf_counter()
-    slid = False
+    running, slid = list(range(len(prompts))), False
     for i in range(max_new_tokens):
-        if i and len(context) < n_ctx:  # the usual step: one token against the cache
-            logits = forward([token], **params, **run, cache=cache, past=len(context))
-            context.append(token)
-        elif i:  # the cache is full: slide the window and prefill it again
-            drop = max(1, n_ctx // 4)
-            if not slid:
-                warn(f"the context of {n_ctx} tokens is full: sliding the window, dropping the oldest {drop} tokens at a time")
-                slid = True
-            context = context[drop:] + [token]
-            logits = forward(context, **params, **run, cache=cache, past=0)
-        token = pick(logits[-1])
+        tokens = [picks[row](logits[s]) for s, row in enumerate(running)]
         if stats is not None:
-            stats.update(new_tokens=i + 1, decode_seconds=time.perf_counter() - start)
-        yield token
+            stats.update(new_tokens=stats["new_tokens"] + len(tokens), decode_seconds=time.perf_counter() - start)
+        yield list(zip(running, tokens))
+        if i + 1 == max_new_tokens:
+            return
+        inputs, past, still = [], [], []
+        for row, token in zip(running, tokens):
+            if token == eot or row in stopped:
+                continue
+            context = contexts[row]
+            if len(context) < n_ctx:  # the usual step: one token against the cache
+                inputs.append([token]), past.append(len(context))
+                context.append(token)
+            else:  # the row's cache is full: slide its window and prefill it again
+                drop = max(1, n_ctx // 4)
+                if not slid:
+                    warn(f"the context of {n_ctx} tokens is full: sliding the window, dropping the oldest {drop} tokens at a time")
+                    slid = True
+                contexts[row] = context = context[drop:] + [token]
+                inputs.append(context), past.append(0)
+            still.append(row)
+        if not still:
+            return
+        running = still
+        logits = forward_rows(inputs, **params, **run, cache=cache, rows=running, past=past)
+
+
+def rows_one_by_one(forward):
+    """forward_rows for a one-sequence forward pass (model.gpt2): each row on its own, in turn."""
+
+    def forward_rows(inputs, cache, rows, past, **params):
+        return np.stack([forward(ids, **params, cache=[(k[r], v[r]) for k, v in cache], past=p, last=True)[-1] for ids, r, p in zip(inputs, rows, past)])
+
+    return forward_rows
+
+
+def detokenizer(tokenizer, stops=()):
+    """A function taking each new token id (None: there are no more) and returning (text, finished):
+    the new text, whole UTF-8 characters only, cut before any stop string; finished at end of text,
+    at a stop string, or at None."""
+    eot = tokenizer.eot_token
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text, emitted = "", 0
+
+    def push(token):
+        nonlocal text, emitted
+        final = token is None or token == eot
+        text += utf8.decode(b"" if final else tokenizer.decode_single_token_bytes(token), final=final)
+        hits = [i for s in stops if (i := text.find(s, emitted)) >= 0]
+        if hits:
+            piece, emitted = text[emitted : min(hits)], len(text)
+            return piece, True
+        end = len(text) if final else len(text) - held_back(text, stops)
+        piece, emitted = text[emitted:end], max(emitted, end)
+        return piece, final
+
+    return push
 
 
 def held_back(text, stops):
@@ -59,25 +117,20 @@ def held_back(text, stops):
 
 def stream_text(tokens, tokenizer, stops=()):
     """Turn token ids into text pieces: whole UTF-8 characters only, cut before any stop string."""
-    eot = tokenizer.eot_token
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    text, emitted = "", 0
-    for token in tokens:
-        final = token == eot
-        text += utf8.decode(b"" if final else tokenizer.decode_single_token_bytes(token), final=final)
-        hits = [i for s in stops if (i := text.find(s, emitted)) >= 0]
-        if hits:
-            yield text[emitted : min(hits)]
+    push = detokenizer(tokenizer, stops)
+    for token in itertools.chain(tokens, [None]):
+        piece, finished = push(token)
+        if piece:
+            yield piece
+        if finished:
             return
-        end = len(text) if final else len(text) - held_back(text, stops)
-        if end > emitted:
-            yield text[emitted:end]
-            emitted = end
-        if final:
-            return
-    text += utf8.decode(b"", final=True)
-    if len(text) > emitted:
-        yield text[emitted:]
+
+
+def decode_tokens(forward, params, config, ids, max_new_tokens, pick, stats=None):
+    """Yield up to max_new_tokens token ids following `ids`, one forward step per token: decode_rows
+    for one row, which leaves stopping (at end of text too) to the caller."""
+    for [(_, token)] in decode_rows(rows_one_by_one(forward), params, config, [ids], max_new_tokens, [pick], None, stats=stats):
+        yield token
 
 
 @dataclass
@@ -89,6 +142,7 @@ class Model:
     tokenizer: object
     forward: object = model.gpt2
     folder: str = None  # where the checkpoint's files are
+    forward_rows: object = None  # many sequences at once (batched.gpt2_rows); None: forward on each in turn
 
     @property
     def dtype(self):
@@ -96,35 +150,62 @@ class Model:
         return formats.dtype_of(self.params["wte"]["weight"])
 
     def stream(self, prompt, max_new_tokens=50, temperature=1.0, top_k=50, top_p=1.0, seed=None, stop=None, stats=None):
-        """Yield the continuation of `prompt` piece by piece as it is decoded."""
+        """Yield the continuation of `prompt` piece by piece as it is decoded.
+
+        `prompt` may also be a list of prompts, decoded together as one batch: then the pieces come as
+        (i, piece) pairs, i the prompt's index, and prompt i samples with its own random stream, seed + i,
+        so it gets the text a single run with seed + i gives."""
+        batch = not isinstance(prompt, str)
+        prompts = list(prompt) if batch else [prompt]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
         sampling.check_sampling(max_new_tokens, temperature, top_k, top_p)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
-        ids = tok.encode(self.tokenizer, prompt) or [self.tokenizer.eot_token]  # empty prompt: start a new text
-        rng = np.random.default_rng(seed)
-
+        eot = self.tokenizer.eot_token
+        ids = [tok.encode(self.tokenizer, p) or [eot] for p in prompts]  # empty prompt: start a new text
         n_vocab = self.tokenizer.n_vocab  # a padded embedding may have rows no token decodes to
 
-        def pick(logits):
-            return sampling.sample(logits[:n_vocab], rng, temperature, top_k, top_p)
+        def picker(rng):
+            return lambda logits: sampling.sample(logits[:n_vocab], rng, temperature, top_k, top_p)
 
-        tokens = decode_tokens(self.forward, self.params, self.config, ids, max_new_tokens, pick, stats)
-        yield from stream_text(tokens, self.tokenizer, stops)
+        picks = [picker(np.random.default_rng(None if seed is None else seed + i)) for i in range(len(prompts))]
+        texts = [detokenizer(self.tokenizer, stops) for _ in prompts]
+        stopped = set()  # rows at end of text or a stop string: decode_rows drops them
+        forward_rows = self.forward_rows or rows_one_by_one(self.forward)
+        for step in decode_rows(forward_rows, self.params, self.config, ids, max_new_tokens, picks, eot, stopped, stats):
+            for row, token in step:
+                piece, finished = texts[row](token)
+                if finished:
+                    stopped.add(row)
+                if piece:
+                    yield (row, piece) if batch else piece
+        for row in range(len(prompts)):  # rows that used up max_new_tokens: any characters held back
+            piece, _ = texts[row](None) if row not in stopped else ("", True)
+            if piece:
+                yield (row, piece) if batch else piece
 
     def generate(self, prompt, **kwargs):
-        """The continuation of `prompt` as one string; takes the same options as `stream`."""
-        return "".join(self.stream(prompt, **kwargs))
+        """The continuation of `prompt` as one string, or of a list of prompts (one batch) as a list of
+        strings; takes the same options as `stream`."""
+        if isinstance(prompt, str):
+            return "".join(self.stream(prompt, **kwargs))
+        texts = [""] * len(prompt)
+        for row, piece in self.stream(prompt, **kwargs):
+            texts[row] += piece
+        return texts
 
 
 def forward_for(backend):
-    """The forward pass: "numba" (the kernels, default) or "numpy" (model.py, the readable reference)."""
+    """The forward passes, one sequence and many: "numba" (the kernels, default) or "numpy" (model.py,
+    the readable reference, which runs many sequences one after another)."""
     if backend == "numba":
-        from . import kernels  # imports numba: deferred so the NumPy path never pays for it
+        from . import batched, kernels  # imports numba: deferred so the NumPy path never pays for it
 
-        return kernels.gpt2
+        return kernels.gpt2, batched.gpt2_rows
     if backend == "numpy":
-        return model.gpt2
+        return model.gpt2, rows_one_by_one(model.gpt2)
     raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
 
 
@@ -136,7 +217,7 @@ def load(name_or_path="gpt2", backend="numba", dtype=None):
     disk; the packed format of one written by `picogpt convert`). Conversion happens once, here."""
     if dtype is not None and dtype not in formats.DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(formats.DTYPES)}, got {dtype!r}")
-    forward = forward_for(backend)
+    forward, forward_rows = forward_for(backend)
     folder = weights.resolve(name_or_path)
     params, config, stored = weights.load_params(folder)
     tokenizer = tok.load_tokenizer(folder)
@@ -150,4 +231,4 @@ def load(name_or_path="gpt2", backend="numba", dtype=None):
             params = formats.convert(params, dtype)
         except formats.FormatError as e:
             raise weights.CheckpointError(f"{folder}: {e}") from None
-    return Model(params, config, tokenizer, forward, folder)
+    return Model(params, config, tokenizer, forward, folder, forward_rows)

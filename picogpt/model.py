@@ -87,7 +87,8 @@ def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=F
     return x @ lm_head(wte["weight"])  # tied to wte, wte.T: [n_seq, n_embd] -> [n_seq, n_vocab]
 
 
-def kv_cache(n_layer, n_head, n_ctx, head_dim):
-    """Preallocated keys and values for every layer: a list of (k, v), each [n_head, n_ctx, head_dim]."""
-    shape = (n_head, n_ctx, head_dim)
+def kv_cache(n_layer, n_head, n_ctx, head_dim, n_rows=None):
+    """Preallocated keys and values for every layer: a list of (k, v), each [n_head, n_ctx, head_dim];
+    with n_rows, one such cache per row of a batch: [n_rows, n_head, n_ctx, head_dim]."""
+    shape = (n_head, n_ctx, head_dim) if n_rows is None else (n_rows, n_head, n_ctx, head_dim)
     return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(n_layer)]
