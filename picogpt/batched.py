@@ -15,20 +15,35 @@ model.gpt2 run on it alone.
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 from . import formats, kernels
 from .formats import BLOCK
-from .kernels import EMPTY, _rows_into, _shape, _softmax_, attend_row, f32, jit, layer_norm_rows
+from .kernels import EMPTY, _at, _format, _rows_into, _shape, _softmax_, f32, jit, layer_norm_rows
 
-# Up to this many rows, linear_rows beats BLAS's `@` (measured on gpt2's shapes, 2 cores: OpenBLAS's
-# sgemm takes as long for 2 rows as for 8); a packed weight would first have to be widened for BLAS.
-ROWS_MAX = {"float32": 8, "float16": 32, "bfloat16": 32, "int8": 32}
+# Up to this many rows linear_rows beats BLAS's `@` (measured on gpt2-medium's 1024 x 4096, 2 cores:
+# float32 BLAS wins from 8 rows on; a packed weight must first be widened for BLAS, so it wins later).
+ROWS_MAX = {"float32": 32, "float16": 32, "bfloat16": 32, "int8": 32}
+
+
+def _quad(w, i, j, x0, x1, x2, x3):
+    """x0 * w[i, j] + x1 * w[i + 1, j] + x2 * w[i + 2, j] + x3 * w[i + 3, j], rows of one 32-row block."""
+
+
+@overload(_quad, inline="always")
+def _quad_overload(w, i, j, x0, x1, x2, x3):
+    if _format(w) == "int8":  # the block's scale once for the four rows
+        return lambda w, i, j, x0, x1, x2, x3: (
+            x0 * f32(w.data[i, j]) + x1 * f32(w.data[i + 1, j]) + x2 * f32(w.data[i + 2, j]) + x3 * f32(w.data[i + 3, j])
+        ) * w.scales[i // BLOCK, j]
+    return lambda w, i, j, x0, x1, x2, x3: x0 * _at(w, i, j) + x1 * _at(w, i + 1, j) + x2 * _at(w, i + 2, j) + x3 * _at(w, i + 3, j)
 
 
 # Replaces model.linear (+ GELU, + residual) for a few rows [n_rows, in] at once, every weight format.
 # kernels.linear_row's bands, one 32-row block at a time: the block is read from memory once and stays
-# in L2 while every row's accumulator takes its product with it. (Column tiles, and two rows sharing
-# each loaded weight, measured slower: LLVM no longer vectorized the loop.)
+# in cache while the rows take their products with it, two rows per pass so that each weight loaded
+# and widened feeds both (measured: 10 to 35% faster than one row per pass; four rows per pass, column
+# tiles, or loops not starting at 0 were slower, the last because LLVM then stops vectorizing).
 @njit(parallel=True, **jit)
 def linear_rows(x, weight, bias, residual, gelu, n_bands):  # [n_rows, in] -> [n_rows, out]
     n_rows = x.shape[0]
@@ -38,9 +53,21 @@ def linear_rows(x, weight, bias, residual, gelu, n_bands):  # [n_rows, in] -> [n
     partial = np.zeros((n_bands, n_rows, n_out), f32)
     for band in prange(n_bands):
         start, end = band * n_blocks // n_bands * BLOCK, min((band + 1) * n_blocks // n_bands * BLOCK, n_in)
-        for i in range(start, end, BLOCK):
-            for r in range(n_rows):
-                _rows_into(partial[band, r], x[r], weight, i, min(i + BLOCK, end))
+        acc = partial[band]
+        for block in range(start, end, BLOCK):
+            stop, r = min(block + BLOCK, end), 0
+            while r + 2 <= n_rows and stop - block == BLOCK:
+                a, b = acc[r], acc[r + 1]
+                for i in range(block, stop, 4):
+                    a0, a1, a2, a3 = x[r, i], x[r, i + 1], x[r, i + 2], x[r, i + 3]
+                    b0, b1, b2, b3 = x[r + 1, i], x[r + 1, i + 1], x[r + 1, i + 2], x[r + 1, i + 3]
+                    for j in range(n_out):
+                        a[j] += _quad(weight, i, j, a0, a1, a2, a3)
+                        b[j] += _quad(weight, i, j, b0, b1, b2, b3)
+                r += 2
+            while r < n_rows:  # an odd row, or the last, partial block
+                _rows_into(acc[r], x[r], weight, block, stop)
+                r += 1
     out = partial[0]
     for band in range(1, n_bands):
         out += partial[band]
@@ -85,6 +112,71 @@ def attend_rows(q, k_cache, v_cache, rows, n_kv):  # q [n_seq, n_head, head_dim]
     return out
 
 
+# Replaces the tied lm_head `x @ wte.T` for a few rows of a float32 wte [n_vocab, n_embd]: threads
+# split the vocabulary, and each wte row is dotted with four rows of x per pass, so one load of it
+# feeds four sums. (BLAS here would leave its threads spinning into the next step's Numba kernels.)
+@njit(parallel=True, **jit)
+def lm_head_rows(x, wte):  # [n_rows, n_embd] -> [n_rows, n_vocab]
+    n_vocab, n_embd = wte.shape
+    n_rows = x.shape[0]
+    logits = np.empty((n_rows, n_vocab), f32)
+    for v in prange(n_vocab):
+        w, r = wte[v], 0
+        while r + 4 <= n_rows:
+            xa, xb, xc, xd = x[r], x[r + 1], x[r + 2], x[r + 3]
+            sa = sb = sc = sd = f32(0.0)
+            for k in range(n_embd):
+                sa += w[k] * xa[k]
+                sb += w[k] * xb[k]
+                sc += w[k] * xc[k]
+                sd += w[k] * xd[k]
+            logits[r, v], logits[r + 1, v], logits[r + 2, v], logits[r + 3, v] = sa, sb, sc, sd
+            r += 4
+        while r < n_rows:
+            s = f32(0.0)
+            for k in range(n_embd):
+                s += w[k] * x[r, k]
+            logits[r, v] = s
+            r += 1
+    return logits
+
+
+# The same for a packed wte, which holds wte.T [n_embd, n_vocab] (a linear whose 50257 columns make
+# linear_rows's per-row accumulators too big for the cache: measured 4x slower). Threads take chunks of
+# CHUNK columns, whose sums stay in L1 while every row passes over all the chunk's input rows, two rows
+# sharing each widened weight. Column indices are unsigned: a signed offset (j0 + j) makes Numba check
+# for negative indices, and LLVM then leaves the loop unvectorized.
+CHUNK = 512
+
+
+@njit(parallel=True, **jit)
+def lm_head_packed_rows(x, w):  # [n_rows, n_embd] -> [n_rows, n_vocab]
+    n_rows, (n_in, n_out) = x.shape[0], _shape(w)
+    logits = np.empty((n_rows, n_out), f32)
+    for chunk in prange((n_out + CHUNK - 1) // CHUNK):
+        j0, width = np.uint64(chunk * CHUNK), np.uint64(min(CHUNK, n_out - chunk * CHUNK))
+        acc = np.zeros((n_rows + 1, CHUNK), f32)  # one spare row: an odd last row pairs with a copy of itself
+        for r in range(0, n_rows, 2):
+            a, b, s = acc[r], acc[r + 1], min(r + 1, n_rows - 1)
+            i = 0
+            while i + 4 <= n_in:
+                a0, a1, a2, a3 = x[r, i], x[r, i + 1], x[r, i + 2], x[r, i + 3]
+                b0, b1, b2, b3 = x[s, i], x[s, i + 1], x[s, i + 2], x[s, i + 3]
+                for j in range(width):
+                    a[j] += _quad(w, i, j0 + j, a0, a1, a2, a3)
+                    b[j] += _quad(w, i, j0 + j, b0, b1, b2, b3)
+                i += 4
+            while i < n_in:
+                for j in range(width):
+                    a[j] += x[r, i] * _at(w, i, j0 + j)
+                    b[j] += x[s, i] * _at(w, i, j0 + j)
+                i += 1
+        for r in range(n_rows):
+            for j in range(width):
+                logits[r, j0 + j] = acc[r, j]
+    return logits
+
+
 def mha(x, c_attn, c_proj, n_head, kv, rows, past, lengths, residual):
     n_tokens, n_embd = x.shape
     qkv = linear(x, **c_attn).reshape(n_tokens, 3, n_head, n_embd // n_head)  # [n_tokens, 3, n_head, head_dim]
@@ -117,8 +209,9 @@ def transformer_block(x, ln_1, attn, ln_2, mlp, n_head, eps, kv, rows, past, len
 def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5):
     """kernels.gpt2 for many sequences: sequence s continues row rows[s] of the batch cache, which holds
     past[s] tokens, with the token ids inputs[s]. Returns the logits after each sequence's last new
-    token: [len(inputs), n_vocab]. One sequence alone takes kernels.gpt2's batch-1 path."""
-    if len(inputs) == 1:
+    token: [len(inputs), n_vocab]. One sequence decoding alone takes kernels.gpt2's batch-1 path; a
+    short prompt goes through linear_rows here, a long one through BLAS either way."""
+    if len(inputs) == 1 and len(inputs[0]) == 1:
         row_cache = [(k[rows[0]], v[rows[0]]) for k, v in cache]
         return kernels.gpt2(inputs[0], wte, wpe, h, ln_f, n_head, eps, cache=row_cache, past=past[0], last=True)
     lengths = [len(ids) for ids in inputs]
@@ -131,5 +224,5 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5):
     x = layer_norm_rows(np.ascontiguousarray(x[last]), **ln_f, eps=eps)  # [n_seq, n_embd]
     wte = wte["weight"]
     if isinstance(wte, np.ndarray):
-        return x @ wte.T  # [n_seq, n_vocab]
-    return linear_rows(x, wte, EMPTY, EMPTY.reshape(0, 0), False, numba.get_num_threads())  # a packed wte holds wte.T
+        return lm_head_rows(x, wte)  # [n_seq, n_vocab]
+    return lm_head_packed_rows(x, wte)  # a packed wte holds wte.T

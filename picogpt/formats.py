@@ -52,7 +52,7 @@ class FormatError(ValueError):
 
 def pack(w, dtype):
     """Pack a float32 [in, out] matrix into `dtype` (float32 is returned as is)."""
-    w = np.asarray(w, np.float32)
+    w = np.ascontiguousarray(w, np.float32)  # C order in, C order out: the kernels are compiled for it
     if dtype == "float32":
         return w
     if not np.isfinite(w).all():
@@ -70,7 +70,7 @@ def pack(w, dtype):
         scales = np.abs(blocks).max(axis=1) / np.float32(127)  # [n_blocks, out]
         safe = np.where(scales == 0, np.float32(1), scales)
         q = np.rint(blocks / safe[:, None]).astype(np.int8)  # |q| <= 127: symmetric, no -128
-        return Q8(np.ascontiguousarray(q.reshape(-1, w.shape[1])[: w.shape[0]]), scales.astype(np.float32))
+        return Q8(np.ascontiguousarray(q.reshape(-1, w.shape[1])[: w.shape[0]]), np.ascontiguousarray(scales, np.float32))
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 

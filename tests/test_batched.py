@@ -41,6 +41,19 @@ def test_linear_rows_equals_the_reference_row_by_row(dtype, n_rows, n_in, n_out)
         assert_close(out, np.stack([model.gelu(model.linear(r, wide, b)) + e for r, e in zip(x, res)]))
 
 
+@pytest.mark.parametrize("dtype", formats.DTYPES)
+@pytest.mark.parametrize("n_rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("n_vocab,n_embd", [(7, 3), (1000, 50), (1500, 64)])
+def test_lm_head_rows_equals_the_reference_row_by_row(dtype, n_rows, n_vocab, n_embd):
+    x, wte = randn(n_rows, n_embd), randn(n_vocab, n_embd, scale=0.1)
+    if dtype == "float32":
+        got = batched.lm_head_rows(x, wte)
+    else:
+        packed = formats.pack(wte.T, dtype)  # a packed wte holds wte.T
+        got, wte = batched.lm_head_packed_rows(x, packed), formats.dequantize(packed).T
+    assert_close(got, np.stack([r @ wte.T for r in x]))
+
+
 @pytest.mark.parametrize("n_head,head_dim", [(1, 1), (3, 7), (12, 64)])
 def test_attend_rows_reads_each_row_only_to_its_own_length(n_head, head_dim):
     n_rows, n_ctx = 4, 40
