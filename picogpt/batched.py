@@ -21,9 +21,11 @@ from . import formats, kernels
 from .formats import BLOCK
 from .kernels import EMPTY, _at, _format, _rows_into, _shape, _softmax_, f32, jit, layer_norm_rows
 
-# Up to this many rows linear_rows beats BLAS's `@` (measured on gpt2-medium's 1024 x 4096, 2 cores:
-# float32 BLAS wins from 8 rows on; a packed weight must first be widened for BLAS, so it wins later).
-ROWS_MAX = {"float32": 32, "float16": 32, "bfloat16": 32, "int8": 32}
+# Prefill: up to this many rows linear_rows beats BLAS's `@` (measured on gpt2-medium's 1024 x 4096,
+# 2 cores: float32 BLAS wins from 8 rows on; a packed weight must first be widened for BLAS, so it wins
+# later). Decoding steps always use linear_rows: BLAS's threads, spinning after each call, would take
+# the cores from the Numba kernels between the matmuls (measured 3x slower at 16 rows).
+ROWS_MAX = {"float32": 8, "float16": 16, "bfloat16": 16, "int8": 16}
 
 
 def _quad(w, i, j, x0, x1, x2, x3):
@@ -82,9 +84,9 @@ def linear_rows(x, weight, bias, residual, gelu, n_bands):  # [n_rows, in] -> [n
     return out
 
 
-def linear(x, weight, bias, residual=None, gelu=False):
-    """model.linear on [n_tokens, in]: linear_rows for a few rows, BLAS (kernels.linear) for many."""
-    if len(x) <= ROWS_MAX[formats.dtype_of(weight)]:
+def linear(x, weight, bias, residual=None, gelu=False, decoding=False):
+    """model.linear on [n_tokens, in]: linear_rows while decoding or for a few rows, else BLAS (kernels.linear)."""
+    if decoding or len(x) <= ROWS_MAX[formats.dtype_of(weight)]:
         return linear_rows(x, weight, bias, EMPTY.reshape(0, 0) if residual is None else residual, gelu, numba.get_num_threads())
     return kernels.linear(x, weight, bias, residual, gelu)
 
@@ -179,7 +181,8 @@ def lm_head_packed_rows(x, w):  # [n_rows, n_embd] -> [n_rows, n_vocab]
 
 def mha(x, c_attn, c_proj, n_head, kv, rows, past, lengths, residual):
     n_tokens, n_embd = x.shape
-    qkv = linear(x, **c_attn).reshape(n_tokens, 3, n_head, n_embd // n_head)  # [n_tokens, 3, n_head, head_dim]
+    decoding = len(lengths) == n_tokens  # one new token per sequence
+    qkv = linear(x, **c_attn, decoding=decoding).reshape(n_tokens, 3, n_head, n_embd // n_head)  # [n_tokens, 3, n_head, head_dim]
     k_cache, v_cache = kv
     out = np.empty_like(qkv[:, 0])  # [n_tokens, n_head, head_dim]
     ones, start = [], 0
@@ -197,13 +200,14 @@ def mha(x, c_attn, c_proj, n_head, kv, rows, past, lengths, residual):
         at = (np.cumsum(lengths) - 1)[ones]  # where their tokens are among the n_tokens
         n_kv = np.asarray(past)[ones] + 1
         out[at] = attend_rows(np.ascontiguousarray(qkv[at, 0]), k_cache, v_cache, np.asarray(rows)[ones], n_kv)
-    return linear(out.reshape(n_tokens, n_embd), **c_proj, residual=residual)
+    return linear(out.reshape(n_tokens, n_embd), **c_proj, residual=residual, decoding=decoding)
 
 
 def transformer_block(x, ln_1, attn, ln_2, mlp, n_head, eps, kv, rows, past, lengths):
     x = mha(layer_norm_rows(x, **ln_1, eps=eps), **attn, n_head=n_head, kv=kv, rows=rows, past=past, lengths=lengths, residual=x)
-    a = linear(layer_norm_rows(x, **ln_2, eps=eps), **mlp["c_fc"], gelu=True)  # [n_tokens, n_inner]
-    return linear(a, **mlp["c_proj"], residual=x)  # [n_tokens, n_embd]
+    decoding = len(lengths) == len(x)
+    a = linear(layer_norm_rows(x, **ln_2, eps=eps), **mlp["c_fc"], gelu=True, decoding=decoding)  # [n_tokens, n_inner]
+    return linear(a, **mlp["c_proj"], residual=x, decoding=decoding)  # [n_tokens, n_embd]
 
 
 def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5):
