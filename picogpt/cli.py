@@ -31,7 +31,7 @@ def parser():
     g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose probability reaches p; 1 turns it off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text (default: a fresh one each run)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text appears; may be given more than once (default: none)")
-    g.add_argument("--num-samples", type=int, default=1, help="how many continuations to generate, separated by a line of dashes (default: %(default)s)")
+    g.add_argument("--num-samples", type=int, default=1, help="how many continuations, decoded together as one batch (sample i uses seed + i) and separated by a line of dashes (default: %(default)s)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels and BLAS (default: all cores, or NUMBA_NUM_THREADS)")
     g.add_argument("--backend", choices=["numba", "numpy"], default="numba", help="numba kernels, or the pure NumPy reference (default: %(default)s)")
     g.add_argument("--verbose", "-v", action="store_true", help="print prompt and generation speed (tokens/s) to stderr (default: off)")
