@@ -1,6 +1,7 @@
 """The command line: `picogpt generate "hello world" --model gpt2-medium`."""
 
 import argparse
+import json
 import os
 import sys
 
@@ -14,6 +15,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"picogpt: error: {message} (see {self.prog} --help)\n")
 
 
+def model_options(p, run=True):
+    p.add_argument("--model", "-m", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny (ships with picogpt), a hub repo id (org/name) or a local folder (default: %(default)s)")
+    p.add_argument("--revision", default=None, help="a branch, tag or commit of a hub model (default: main)")
+    if run:
+        p.add_argument("--dtype", choices=DTYPES, default=None, help=f"{DTYPE_HELP} (default: as the checkpoint holds it, float32 for ordinary checkpoints)")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels and BLAS (default: all cores, or NUMBA_NUM_THREADS)")
+        p.add_argument("--backend", choices=["numba", "numpy"], default="numba", help="numba kernels, or the pure NumPy reference (default: %(default)s)")
+
+
+class Failed(Exception):
+    """A problem found while running a command: its message is the one line the user sees."""
+
+
 def parser():
     p = Parser(prog="picogpt", description="GPT-2 inference in NumPy.")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -23,18 +37,44 @@ def parser():
         description="Continue PROMPT with a GPT-2 model, streaming the new text to stdout as it is decoded.",
     )
     g.add_argument("prompt", help='the text to continue; "" starts a new text from <|endoftext|>, - reads it from stdin')
-    g.add_argument("--model", "-m", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny (ships with picogpt), a hub repo id (org/name) or a local folder (default: %(default)s)")
-    g.add_argument("--dtype", choices=DTYPES, default=None, help=f"{DTYPE_HELP} (default: as the checkpoint holds it, float32 for ordinary checkpoints)")
+    model_options(g)
     g.add_argument("--max-new-tokens", "-n", type=int, default=50, help="generate at most this many tokens (default: %(default)s)")
     g.add_argument("--temperature", "-t", type=float, default=1.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
     g.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens only (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose probability reaches p; 1 turns it off (default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the positive logits of tokens already in the text by P, multiply the negative ones, as transformers does; 1 turns it off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text (default: a fresh one each run)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text appears; may be given more than once (default: none)")
     g.add_argument("--num-samples", type=int, default=1, help="how many continuations, decoded together as one batch (sample i uses seed + i) and separated by a line of dashes (default: %(default)s)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels and BLAS (default: all cores, or NUMBA_NUM_THREADS)")
-    g.add_argument("--backend", choices=["numba", "numpy"], default="numba", help="numba kernels, or the pure NumPy reference (default: %(default)s)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per sample (text, token ids, finish reason, counts, timings) and nothing else")
+    g.add_argument("--logprobs", action="store_true", help="with --json: each new token's log-probability under the model")
     g.add_argument("--verbose", "-v", action="store_true", help="print prompt and generation speed (tokens/s) to stderr (default: off)")
+    s = commands.add_parser(
+        "score",
+        help="perplexity of a text file",
+        description="Score FILE's text: token count, mean negative log-likelihood, perplexity, bits per byte. "
+        "Texts longer than the context slide a window of the context length by --stride tokens.",
+    )
+    s.add_argument("file", help="a UTF-8 text file, or - for standard input")
+    model_options(s)
+    s.add_argument("--stride", type=int, default=None, help="tokens between the starts of windows (default: half the context)")
+    s.add_argument("--json", action="store_true", help="print the totals and every token's id, text and log-probability as JSON")
+    i = commands.add_parser(
+        "info",
+        help="a model's config, size, files and memory needs",
+        description="Print MODEL's config, parameter count, files (where they are cached) and the memory its weights need in each dtype.",
+    )
+    model_options(i, run=False)
+    i.add_argument("--check", action="store_true", help="also scan every tensor for NaN and infinite values and name the bad ones")
+    i.add_argument("--json", action="store_true", help="print it as JSON")
+    d = commands.add_parser(
+        "download",
+        help="fetch and check a hub model ahead of time, so later runs work offline",
+        description="Fetch NAME from the Hugging Face hub into its cache (or refresh it there), read every "
+        "safetensors header and check the shapes against config.json.",
+    )
+    d.add_argument("name", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 or a hub repo id (org/name)")
+    d.add_argument("--revision", default=None, help="a branch, tag or commit (default: main)")
     c = commands.add_parser(
         "convert",
         help="convert a model's weights once and save them in a folder",
@@ -55,27 +95,41 @@ def check(args):
         if os.path.exists(os.path.join(args.out_folder, "model.safetensors")):
             raise ValueError(f"{args.out_folder} already holds a model.safetensors: remove it or pick another folder")
         return
-    sampling.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.command == "score":
+        if args.stride is not None and args.stride < 1:
+            raise ValueError(f"--stride must be >= 1, got {args.stride}")
+        return
+    if args.command != "generate":
+        return
+    sampling.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    if args.logprobs and not args.json:
+        raise ValueError("--logprobs goes with --json: add --json")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.stop is not None and not all(args.stop):
         raise ValueError("--stop needs a non-empty text")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
 
 
 def generate(args):
     from .generate import load, warn
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model = load(args.model, backend=args.backend, dtype=args.dtype)
+    model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision)
+    options = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty,
+    )  # fmt: skip
+    if args.json:  # one JSON object per sample, when the batch is done, and nothing else on stdout
+        for i, sample in enumerate(model.complete([prompt] * args.num_samples, logprobs=args.logprobs, **options)):
+            seed = None if args.seed is None else args.seed + i
+            print(json.dumps({"sample": i, "seed": seed, **sample, "model": args.model, "dtype": model.dtype}), flush=True)
+        return
     stats, later = {}, [""] * args.num_samples
     # --num-samples N: one batch of N rows, row i sampled with seed + i. Row 0 streams as it is decoded,
     # the others print when the batch is done (they finish at about the same time).
-    for row, piece in model.stream(
-        [prompt] * args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, stats=stats,
-    ):  # fmt: skip
+    for row, piece in model.stream([prompt] * args.num_samples, **options, stats=stats):
         if row == 0:
             print(piece, end="", flush=True)
         else:
@@ -105,6 +159,79 @@ def convert(args):
     warn(f"wrote {args.out_folder}: {args.dtype} weights, {size / 1e6:.1f} MB; load it with --model {args.out_folder}")
 
 
+def score(args):
+    from tqdm import tqdm
+
+    from .generate import load
+    from .scoring import summary
+
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        with open(args.file, "rb") as f:
+            try:
+                text = f.read().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise Failed(f"{args.file} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
+    model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision)
+    ids = model.tokenizer.encode(text, allowed_special="all")
+    n_ctx = model.config["n_positions"]
+    stride = n_ctx // 2 if args.stride is None else args.stride
+    if len(ids) < 2:
+        raise Failed(f"{args.file} holds {len(ids)} tokens; scoring needs at least 2")
+    if stride >= n_ctx:
+        raise Failed(f"--stride must be less than the model's context of {n_ctx} tokens, got {stride}")
+    with tqdm(total=max(len(ids) - 1, 0), unit="tok", desc="scoring", file=sys.stderr, disable=True if len(ids) <= n_ctx else None) as bar:
+        logprobs = model.logprobs(ids, stride, progress=bar.update)
+    totals = {"model": args.model, "dtype": model.dtype, **summary(model.tokenizer, ids, logprobs), "n_ctx": n_ctx, "stride": stride}
+    if args.json:
+        pieces = [model.tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace") for t in ids]
+        tokens = [{"id": t, "text": p, "logprob": None if i == 0 else float(lp)} for i, (t, p, lp) in enumerate(zip(ids, pieces, logprobs))]
+        print(json.dumps({**totals, "token_logprobs": tokens}))
+        return
+    print(f"tokens        {totals['tokens']} ({totals['scored_tokens']} scored, {totals['bytes']} bytes; windows of {n_ctx} tokens, stride {stride})")
+    print(f"nll           {totals['nll']:.4f} nats per token")
+    print(f"perplexity    {totals['perplexity']:.3f}")
+    print(f"bits per byte {totals['bits_per_byte']:.4f}")
+
+
+def info(args):
+    from . import manage
+
+    about = manage.info(args.model, args.revision)
+    if args.check:
+        from tqdm import tqdm
+
+        total = sum(size for name, size in about["files"].items() if name.endswith(".safetensors"))
+        with tqdm(total=total, unit="B", unit_scale=True, desc="checking", file=sys.stderr, disable=None) as bar:
+            about["non_finite"] = manage.check(about["folder"], progress=bar.update)
+    if args.json:
+        print(json.dumps(about))
+    else:
+        mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+        print(f"model       {args.model}" + (f" (revision {args.revision})" if args.revision else ""))
+        print(f"config      {about['n_layer']} layers, {about['n_head']} heads, width {about['n_embd']}, context {about['n_positions']}, vocabulary {about['vocab_size']}")
+        print(f"parameters  {about['parameters']:,}")
+        print(f"stored as   {about['stored_as']}")
+        print(f"folder      {about['folder']}")
+        for name, size in about["files"].items():
+            print(f"  {name:<28} {mb(size):>12}")
+        print("weights in  " + ", ".join(f"{dtype} {mb(n)}" for dtype, n in about["memory"].items()))
+        if args.check:
+            print("check       " + (", ".join(f"{name}: {n} NaN or infinite" for name, n in about["non_finite"].items()) or "every tensor is finite"))
+    if about.get("non_finite"):
+        raise Failed(f"{len(about['non_finite'])} tensors hold NaN or infinite values: {', '.join(about['non_finite'])}; the checkpoint is damaged, download or save it again")
+
+
+def download(args):
+    from . import manage
+    from .generate import warn
+
+    folder = manage.download(args.name, args.revision)
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in manage.weights.checkpoint_files(folder))
+    warn(f"{args.name} is ready in {folder} ({size / 1e6:,.1f} MB, checked against its config): it now loads with no network")
+
+
 def threads():
     if "numba" in sys.modules:
         import numba
@@ -118,6 +245,7 @@ def main(argv=None):
     if getattr(args, "threads", None):  # before NumPy (OpenBLAS) and Numba read them at load time
         for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(args.threads)
+    from .sampling import NonFiniteError
     from .tokenizer import TokenizerError
     from .weights import CheckpointError
 
@@ -127,11 +255,11 @@ def main(argv=None):
         print(f"picogpt: error: {e}", file=sys.stderr)
         return 2
     try:
-        {"generate": generate, "convert": convert}[args.command](args)
+        {"generate": generate, "score": score, "info": info, "download": download, "convert": convert}[args.command](args)
     except BrokenPipeError:  # e.g. piped into `head`: not an error worth a message
         sys.stderr.close()
         return 1
-    except (CheckpointError, TokenizerError, OSError) as e:
+    except (CheckpointError, TokenizerError, OSError, NonFiniteError, Failed) as e:
         print(f"picogpt: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import formats, model, sampling, tokenizer as tok, weights
+from . import formats, model, sampling, scoring, tokenizer as tok, weights
 
 
 def warn(message):
@@ -45,6 +45,7 @@ def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eo
         for k, v in cache if source != row else ():
             k[row, :, : len(ids)], v[row, :, : len(ids)] = k[source, :, : len(ids)], v[source, :, : len(ids)]
     logits = logits[[prefilled.index(first[tuple(ids)]) for ids in prompts]]
+    sampling.check_finite(logits, "the prompt, choosing new token 1")
     if stats is not None:
         stats.update(prompt_tokens=sum(map(len, contexts)), prefill_seconds=time.perf_counter() - start, new_tokens=0)
         start = time.perf_counter()
@@ -76,6 +77,7 @@ def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eo
             return
         running = still
         logits = forward_rows(inputs, **params, **run, cache=cache, rows=running, past=past)
+        sampling.check_finite(logits, f"the step choosing new token {i + 2}")  # ~10 us of a 10+ ms step
 
 
 def rows_one_by_one(forward):
@@ -149,52 +151,109 @@ class Model:
         """The weight format of the block linears and wte: float32, float16, bfloat16 or int8."""
         return formats.dtype_of(self.params["wte"]["weight"])
 
-    def stream(self, prompt, max_new_tokens=50, temperature=1.0, top_k=50, top_p=1.0, seed=None, stop=None, stats=None):
+    def stream(self, prompt, max_new_tokens=50, temperature=1.0, top_k=50, top_p=1.0, seed=None, stop=None, repetition_penalty=1.0, stats=None):
         """Yield the continuation of `prompt` piece by piece as it is decoded.
 
         `prompt` may also be a list of prompts, decoded together as one batch: then the pieces come as
         (i, piece) pairs, i the prompt's index, and prompt i samples with its own random stream, seed + i,
         so it gets the text a single run with seed + i gives."""
         batch = not isinstance(prompt, str)
-        prompts = list(prompt) if batch else [prompt]
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        for row, _, piece, _ in self._decode(prompt if batch else [prompt], **options, repetition_penalty=repetition_penalty, stats=stats):
+            if piece:
+                yield (row, piece) if batch else piece
+
+    def generate(self, prompt, **options):
+        """The continuation of `prompt` as one string, or of a list of prompts (one batch) as a list of
+        strings; takes the same options as `stream`."""
+        if isinstance(prompt, str):
+            return "".join(self.stream(prompt, **options))
+        texts = [""] * len(prompt)
+        for row, piece in self.stream(prompt, **options):
+            texts[row] += piece
+        return texts
+
+    def complete(self, prompts, logprobs=False, **options):
+        """Everything about each continuation of a list of prompts (one batch; `stream`'s options): a
+        list of dicts with the text, token_ids (the new tokens, without a final <|endoftext|>),
+        finish_reason ("length", "eos" or "stop"), prompt_tokens, generated_tokens (counting that
+        <|endoftext|>), timings for the whole batch, and with `logprobs` each token of token_ids'
+        log-probability under the model (its raw logits: before penalty, temperature, top-k and top-p).
+        With finish_reason "stop", token_ids run through the token that completed the stop string, so
+        they decode to the text, then the stop string and whatever else that last token held."""
+        stats, chosen = {}, [[] for _ in prompts] if logprobs else None
+        out = [dict(text="", token_ids=[], finish_reason="length", prompt_tokens=0, generated_tokens=0) for _ in prompts]
+        for row, token, piece, finish in self._decode(prompts, **options, stats=stats, logprobs=chosen):
+            out[row]["text"] += piece
+            if token is not None:
+                out[row]["generated_tokens"] += 1
+                if token != self.tokenizer.eot_token:
+                    out[row]["token_ids"].append(token)
+            out[row]["finish_reason"] = finish or out[row]["finish_reason"]
+        timings = {k: round(stats.get(k, 0.0), 4) for k in ("prefill_seconds", "decode_seconds")}
+        for row, o in enumerate(out):
+            o.update(prompt_tokens=stats.get("row_prompt_tokens", [0] * len(out))[row], timings=timings)
+            if logprobs:
+                o["logprobs"] = chosen[row][: len(o["token_ids"])]
+        return out
+
+    def _decode(self, prompts, max_new_tokens=50, temperature=1.0, top_k=50, top_p=1.0, seed=None, stop=None, repetition_penalty=1.0, stats=None, logprobs=None):
+        """Decode a list of prompts as one batch. Yield (row, token, piece, finish) for every new token:
+        piece the new text (maybe ""), finish None, "eos" or "stop"; then (row, None, piece, "length")
+        for each row that used up max_new_tokens. logprobs: a list per row to append each chosen
+        token's log-probability to."""
+        prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        sampling.check_sampling(max_new_tokens, temperature, top_k, top_p)
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
+        sampling.check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
         eot = self.tokenizer.eot_token
         ids = [tok.encode(self.tokenizer, p) or [eot] for p in prompts]  # empty prompt: start a new text
         n_vocab = self.tokenizer.n_vocab  # a padded embedding may have rows no token decodes to
+        if stats is not None:
+            stats["row_prompt_tokens"] = [len(i) for i in ids]
 
-        def picker(rng):
-            return lambda logits: sampling.sample(logits[:n_vocab], rng, temperature, top_k, top_p)
+        def picker(row):
+            rng, seen = np.random.default_rng(None if seed is None else seed + row), list(ids[row])
 
-        picks = [picker(np.random.default_rng(None if seed is None else seed + i)) for i in range(len(prompts))]
+            def pick(logits):
+                token = sampling.sample(sampling.penalize(logits[:n_vocab], seen, repetition_penalty), rng, temperature, top_k, top_p)
+                seen.append(token)
+                if logprobs is not None:
+                    logprobs[row].append(float(scoring.log_softmax_at(logits[None], [token])[0]))
+                return token
+
+            return pick
+
         texts = [detokenizer(self.tokenizer, stops) for _ in prompts]
         stopped = set()  # rows at end of text or a stop string: decode_rows drops them
         forward_rows = self.forward_rows or rows_one_by_one(self.forward)
+        picks = [picker(row) for row in range(len(prompts))]
         for step in decode_rows(forward_rows, self.params, self.config, ids, max_new_tokens, picks, eot, stopped, stats):
             for row, token in step:
                 piece, finished = texts[row](token)
                 if finished:
                     stopped.add(row)
-                if piece:
-                    yield (row, piece) if batch else piece
+                yield row, token, piece, ("eos" if token == eot else "stop") if finished else None
         for row in range(len(prompts)):  # rows that used up max_new_tokens: any characters held back
-            piece, _ = texts[row](None) if row not in stopped else ("", True)
-            if piece:
-                yield (row, piece) if batch else piece
+            if row not in stopped:
+                yield row, None, texts[row](None)[0], "length"
 
-    def generate(self, prompt, **kwargs):
-        """The continuation of `prompt` as one string, or of a list of prompts (one batch) as a list of
-        strings; takes the same options as `stream`."""
-        if isinstance(prompt, str):
-            return "".join(self.stream(prompt, **kwargs))
-        texts = [""] * len(prompt)
-        for row, piece in self.stream(prompt, **kwargs):
-            texts[row] += piece
-        return texts
+    def logprobs(self, ids, stride=None, progress=None):
+        """The log-probability of each token id in `ids` given the ones before it: a float64 NumPy array
+        [len(ids)] whose first entry is NaN. Texts longer than the context slide a window of n_ctx
+        tokens by `stride` (default n_ctx // 2); see scoring.py. progress(n): called as tokens are scored."""
+        return scoring.logprobs(self.forward, self.params, self.config, ids, stride, progress)
+
+    def score(self, text, stride=None, progress=None):
+        """How well the model predicts `text`: a dict of tokens, scored_tokens (all but the first), nll
+        (their mean negative log-likelihood, nats), perplexity (exp nll), bits_per_byte (over the bytes
+        of the scored tokens), bytes, and per token: ids, logprobs (see `logprobs`)."""
+        ids = tok.encode(self.tokenizer, text)
+        token_logprobs = self.logprobs(ids, stride, progress)
+        return {**scoring.summary(self.tokenizer, ids, token_logprobs), "ids": ids, "logprobs": token_logprobs}
 
 
 def forward_for(backend):
@@ -209,8 +268,9 @@ def forward_for(backend):
     raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
 
 
-def load(name_or_path="gpt2", backend="numba", dtype=None):
-    """Load a GPT-2 checkpoint by name (gpt2, gpt2-medium, ..., distilgpt2, tiny), hub repo id or local folder.
+def load(name_or_path="gpt2", backend="numba", dtype=None, revision=None):
+    """Load a GPT-2 checkpoint by name (gpt2, gpt2-medium, ..., distilgpt2, tiny), hub repo id (at `revision`,
+    a branch, tag or commit; default main) or local folder.
 
     dtype: the weight format to run in, "float32", "float16", "bfloat16" or "int8" (see formats.py);
     None keeps what the checkpoint holds (float32 for ordinary checkpoints, whatever their width on
@@ -218,7 +278,7 @@ def load(name_or_path="gpt2", backend="numba", dtype=None):
     if dtype is not None and dtype not in formats.DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(formats.DTYPES)}, got {dtype!r}")
     forward, forward_rows = forward_for(backend)
-    folder = weights.resolve(name_or_path)
+    folder = weights.resolve(name_or_path, revision)
     params, config, stored = weights.load_params(folder)
     tokenizer = tok.load_tokenizer(folder)
     if tokenizer.n_vocab > config["vocab_size"]:

@@ -1,4 +1,4 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus)."""
+"""Choosing the next token from logits: repetition penalty, greedy, temperature, top-k, top-p (nucleus)."""
 
 import math
 
@@ -7,7 +7,7 @@ import numpy as np
 from .model import softmax
 
 
-def check_sampling(max_new_tokens=0, temperature=1.0, top_k=None, top_p=1.0):
+def check_sampling(max_new_tokens=0, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0):
     """Raise ValueError naming the first bad value."""
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
         raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
@@ -17,6 +17,20 @@ def check_sampling(max_new_tokens=0, temperature=1.0, top_k=None, top_p=1.0):
         raise ValueError(f"top_k must be a whole number >= 1 (or None for no limit), got {top_k!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not (isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a number > 0 (1 turns it off), got {repetition_penalty!r}")
+
+
+def penalize(logits, seen, penalty):
+    """CTRL's repetition penalty, as transformers applies it before temperature, top-k and top-p: the
+    logit of every token in `seen` (the prompt and the tokens generated so far) is divided by the
+    penalty if it is positive and multiplied by it if negative, so a penalty > 1 makes repeats less likely."""
+    if penalty == 1:
+        return logits
+    seen = np.unique(np.asarray(seen, np.int64))
+    logits, repeated = logits.copy(), logits[seen]
+    logits[seen] = np.where(repeated < 0, repeated * penalty, repeated / penalty)
+    return logits
 
 
 def sample(logits, rng, temperature=1.0, top_k=None, top_p=1.0):
@@ -35,3 +49,17 @@ def sample(logits, rng, temperature=1.0, top_k=None, top_p=1.0):
     cdf = np.cumsum(probs, dtype=np.float64)
     i = np.searchsorted(cdf, rng.random() * cdf[-1], side="right")
     return int(candidates[min(i, len(cdf) - 1)])
+
+
+class NonFiniteError(ValueError):
+    """The model produced NaN or infinite logits: a weight is almost certainly NaN or infinite."""
+
+
+def check_finite(logits, where):
+    """Raise NonFiniteError, naming `where`, unless every logit is finite (two reductions, no temporaries:
+    max - min is NaN or infinite exactly when some logit is)."""
+    if not math.isfinite(float(logits.max()) - float(logits.min())):
+        raise NonFiniteError(
+            f"the model's logits are NaN or infinite at {where}: the weights hold a NaN or infinity; "
+            "find the bad tensors with `picogpt info --check --model MODEL`"
+        )

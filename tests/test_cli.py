@@ -119,6 +119,8 @@ def test_ctrl_c_keeps_what_was_printed(tiny):
     proc = subprocess.Popen(
         [PICOGPT, "generate", "Hello", "--model", tiny[0], "-n", "100000", "--seed", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # a shell starting pytest in the background ignores SIGINT in its children: as at a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     first = os.read(proc.stdout.fileno(), 100)  # unbuffered: wait until text is streaming
     time.sleep(0.5)
