@@ -208,7 +208,7 @@ def info(args):
     if args.json:
         print(json.dumps(about))
     else:
-        mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+        mb = lambda n: f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} kB"  # noqa: E731
         print(f"model       {args.model}" + (f" (revision {args.revision})" if args.revision else ""))
         print(f"config      {about['n_layer']} layers, {about['n_head']} heads, width {about['n_embd']}, context {about['n_positions']}, vocabulary {about['vocab_size']}")
         print(f"parameters  {about['parameters']:,}")
@@ -220,7 +220,8 @@ def info(args):
         if args.check:
             print("check       " + (", ".join(f"{name}: {n} NaN or infinite" for name, n in about["non_finite"].items()) or "every tensor is finite"))
     if about.get("non_finite"):
-        raise Failed(f"{len(about['non_finite'])} tensors hold NaN or infinite values: {', '.join(about['non_finite'])}; the checkpoint is damaged, download or save it again")
+        n = len(about["non_finite"])
+        raise Failed(f"{n} tensor{'s hold' if n > 1 else ' holds'} NaN or infinite values ({', '.join(about['non_finite'])}): the checkpoint is damaged; download or save it again")
 
 
 def download(args):
@@ -260,7 +261,8 @@ def main(argv=None):
         sys.stderr.close()
         return 1
     except (CheckpointError, TokenizerError, OSError, NonFiniteError, Failed) as e:
-        print(f"picogpt: error: {e}", file=sys.stderr)
+        message = str(e).replace("--model MODEL", f"--model {getattr(args, 'model', 'MODEL')}")  # NaN logits: name the model
+        print(f"picogpt: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(flush=True)  # keep what was printed, end its line

@@ -49,11 +49,12 @@ def logprobs(forward, params, config, ids, stride=None, progress=None):
         # The context up to `first` gives the logits for token `first`; tokens first .. end-2, run
         # against the cache, give those for first+1 .. end-1. Token end-1 itself predicts nothing here.
         logits = forward(ids[begin:first], **params, **run, cache=cache, past=0, last=True)  # [1, n_vocab]
+        check_finite(logits, f"token {first}")
+        out[first] = log_softmax_at(logits, ids[first : first + 1])[0]
         if end - first > 1:
-            rest = forward(ids[first : end - 1], **params, **run, cache=cache, past=first - begin)  # [end-1-first, n_vocab]
-            logits = np.concatenate([logits, rest])
-        check_finite(logits, f"tokens {first} to {end - 1}")
-        out[first:end] = log_softmax_at(logits, ids[first:end])
+            logits = forward(ids[first : end - 1], **params, **run, cache=cache, past=first - begin)  # [end-1-first, n_vocab]
+            check_finite(logits, f"tokens {first + 1} to {end - 1}")
+            out[first + 1 : end] = log_softmax_at(logits, ids[first + 1 : end])
         if progress:
             progress(end - first)
     return out
