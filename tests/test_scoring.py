@@ -103,11 +103,9 @@ def test_repetition_penalty_gives_transformers_greedy_tokens(tiny):
     changed = []
     for penalty in (1.3, 0.8, 20.0):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, repetition_penalty=penalty, pad_token_id=0)
-        expected = out[0, len(ids) :].tolist()
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, repetition_penalty=penalty, pad_token_id=0)
         [got] = model.complete([prompt], max_new_tokens=32, temperature=0, repetition_penalty=penalty)
-        assert got["token_ids"] == [t for t in expected if t != model.tokenizer.eot_token][: len(got["token_ids"])]
-        assert got["token_ids"] == expected[: len(got["token_ids"])] and len(got["token_ids"]) >= 8
+        assert got["token_ids"] == out[0, len(ids) :].tolist() and got["finish_reason"] == "length"  # all 32 tokens
         changed.append(got["token_ids"] != model.complete([prompt], max_new_tokens=32, temperature=0)[0]["token_ids"])
     assert changed[-1]  # a strong penalty changed the text
 
