@@ -178,7 +178,7 @@ def score(args):
     n_ctx = model.config["n_positions"]
     stride = n_ctx // 2 if args.stride is None else args.stride
     if len(ids) < 2:
-        raise Failed(f"{args.file} holds {len(ids)} tokens; scoring needs at least 2")
+        raise Failed(f"{'standard input' if args.file == '-' else args.file} holds {len(ids)} tokens; scoring needs at least 2")
     if stride >= n_ctx:
         raise Failed(f"--stride must be less than the model's context of {n_ctx} tokens, got {stride}")
     with tqdm(total=max(len(ids) - 1, 0), unit="tok", desc="scoring", file=sys.stderr, disable=True if len(ids) <= n_ctx else None) as bar:
@@ -215,7 +215,7 @@ def info(args):
         print(f"stored as   {about['stored_as']}")
         print(f"folder      {about['folder']}")
         for name, size in about["files"].items():
-            print(f"  {name:<28} {mb(size):>12}")
+            print(f"  {name:<34} {mb(size):>10}")
         print("weights in  " + ", ".join(f"{dtype} {mb(n)}" for dtype, n in about["memory"].items()))
         if args.check:
             print("check       " + (", ".join(f"{name}: {n} NaN or infinite" for name, n in about["non_finite"].items()) or "every tensor is finite"))
