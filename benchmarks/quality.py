@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 
 import picogpt
-from picogpt import formats, tokenizer, weights
+from picogpt import formats, hub, tokenizer
 from picogpt.generate import decode_tokens
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +107,7 @@ def main():
 
             folder = random_checkpoint(args.random, tmp)
         else:
-            folder = weights.resolve(args.model)
+            folder = hub.resolve(args.model)
         results = measure(folder, args.dtypes, args.max_tokens, args.new_tokens)
 
     base = results["float32"]["perplexity"] if "float32" in results else None

@@ -229,7 +229,7 @@ def download(args):
     from .generate import warn
 
     folder = manage.download(args.name, args.revision)
-    size = sum(os.path.getsize(os.path.join(folder, f)) for f in manage.weights.checkpoint_files(folder))
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in manage.hub.checkpoint_files(folder))
     warn(f"{args.name} is ready in {folder} ({size / 1e6:,.1f} MB, checked against its config): it now loads with no network")
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import formats, model, sampling, scoring, tokenizer as tok, weights
+from . import formats, hub, model, sampling, scoring, tokenizer as tok, weights
 
 
 def warn(message):
@@ -278,7 +278,7 @@ def load(name_or_path="gpt2", backend="numba", dtype=None, revision=None):
     if dtype is not None and dtype not in formats.DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(formats.DTYPES)}, got {dtype!r}")
     forward, forward_rows = forward_for(backend)
-    folder = weights.resolve(name_or_path, revision)
+    folder = hub.resolve(name_or_path, revision)
     params, config, stored = weights.load_params(folder)
     tokenizer = tok.load_tokenizer(folder)
     if tokenizer.n_vocab > config["vocab_size"]:

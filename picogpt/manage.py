@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from . import formats, tokenizer as tok, weights
+from . import formats, hub, tokenizer as tok, weights
 
 
 def parameter_count(config):
@@ -31,9 +31,9 @@ def weight_bytes(config, dtype):
 
 def info(name, revision=None):
     """What `picogpt info` prints, as a dict: config, parameter count, stored format, files and memory."""
-    folder = weights.resolve(name, revision)
+    folder = hub.resolve(name, revision)
     config = weights.read_config(folder)
-    files = {f: os.path.getsize(os.path.join(folder, f)) for f in weights.checkpoint_files(folder)}
+    files = {f: os.path.getsize(os.path.join(folder, f)) for f in hub.checkpoint_files(folder)}
     tensors, packed = weights.read_checkpoint(folder)
     stored = packed or "/".join(sorted({str(t.dtype).replace("uint16", "bfloat16") for t in tensors.values()}))
     return {
@@ -80,7 +80,7 @@ def check(folder, progress=None):
 def download(name, revision=None):
     """Fetch a hub model (or refresh a cached one) and check it: every safetensors header read and
     every tensor's shape against config.json, and its tokenizer built. Returns the folder."""
-    folder = weights.resolve(name, revision, refresh=True)
+    folder = hub.resolve(name, revision, refresh=True)
     weights.load_params(folder)
     tok.load_tokenizer(folder)
     return folder

@@ -17,7 +17,7 @@ import pytest
 from conftest import random_gpt2, save_checkpoint
 
 import picogpt
-from picogpt import formats, manage, weights
+from picogpt import formats, hub, manage, weights
 
 PICOGPT = os.path.join(os.path.dirname(sys.executable), "picogpt")
 NOWHERE = "http://127.0.0.1:9"  # nothing listens there: the hub cannot be reached
@@ -74,7 +74,7 @@ class Hub(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def fake_hub(tmp_path_factory):
     """(endpoint, {ref: torch model}): org/model with branch main and tag v1 holding different weights,
     org/bert whose config is not GPT-2's."""
     root = tmp_path_factory.mktemp("hub")
@@ -94,8 +94,8 @@ def hub(tmp_path_factory):
     server.shutdown()
 
 
-def test_download_then_load_with_no_network(hub, tmp_path):
-    endpoint, models = hub
+def test_download_then_load_with_no_network(fake_hub, tmp_path):
+    endpoint, models = fake_hub
     cache = str(tmp_path / "cache")
     r = run("download", "org/model", cache=cache, endpoint=endpoint)
     assert r.returncode == 0 and "org/model is ready" in r.stderr, r.stderr
@@ -111,8 +111,8 @@ def test_download_then_load_with_no_network(hub, tmp_path):
     assert about["parameters"] == models["main"].num_parameters()
 
 
-def test_revision_selects_a_tag_and_a_missing_revision_is_one_line(hub, tmp_path):
-    endpoint, _ = hub
+def test_revision_selects_a_tag_and_a_missing_revision_is_one_line(fake_hub, tmp_path):
+    endpoint, _ = fake_hub
     cache = str(tmp_path / "cache")
     assert run("download", "org/model", "--revision", "v1", cache=cache, endpoint=endpoint).returncode == 0
     tagged = run("generate", "Hello", "--model", "org/model", "--revision", "v1", "-n", "8", "-t", "0", cache=cache)
@@ -125,8 +125,8 @@ def test_revision_selects_a_tag_and_a_missing_revision_is_one_line(hub, tmp_path
     assert nowhere.returncode == 1 and "--model tiny" in nowhere.stderr
 
 
-def test_a_repo_that_is_not_gpt2_is_refused_before_its_weights_are_fetched(hub, tmp_path):
-    endpoint, _ = hub
+def test_a_repo_that_is_not_gpt2_is_refused_before_its_weights_are_fetched(fake_hub, tmp_path):
+    endpoint, _ = fake_hub
     Hub.requests.clear()
     r = run("download", "org/bert", cache=str(tmp_path / "cache"), endpoint=endpoint)
     assert r.returncode == 1 and "not a GPT-2 one" in r.stderr and "Traceback" not in r.stderr
@@ -144,8 +144,8 @@ def test_offline_and_not_cached_fails_fast_naming_the_shipped_model(tmp_path):
     assert took < 15, f"{took:.1f} s: the hub client's retries were not skipped"
 
 
-def test_download_of_a_cached_model_with_no_network_checks_the_cached_copy(hub, tmp_path):
-    endpoint, _ = hub
+def test_download_of_a_cached_model_with_no_network_checks_the_cached_copy(fake_hub, tmp_path):
+    endpoint, _ = fake_hub
     cache = str(tmp_path / "cache")
     assert run("download", "org/model", cache=cache, endpoint=endpoint).returncode == 0
     r = run("download", "org/model", cache=cache)
@@ -159,9 +159,9 @@ def test_a_full_disk_during_download_is_one_line(monkeypatch, tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", full)
-    monkeypatch.setattr(weights, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(hub, "unreachable", lambda: None)
     with pytest.raises(weights.CheckpointError, match="disk filled up while downloading org/model .*HF_HUB_CACHE"):
-        weights.resolve("org/model")
+        hub.resolve("org/model")
 
 
 def test_revision_of_a_local_folder_is_refused(tiny, tmp_path):

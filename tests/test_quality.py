@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import picogpt
-from picogpt import tokenizer, weights
+from picogpt import hub, tokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import quality  # noqa: E402
@@ -19,14 +19,14 @@ from tiny_corpus import heldout_text  # noqa: E402
 
 @pytest.fixture(scope="module")
 def scores():
-    return quality.measure(weights.TINY)
+    return quality.measure(hub.TINY)
 
 
 def test_tiny_loads_by_name_without_network(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty hub cache: nothing to fall back on
     m = picogpt.load("tiny")
-    assert m.folder == weights.TINY and m.config["n_positions"] == 256
+    assert m.folder == hub.TINY and m.config["n_positions"] == 256
     text = m.generate("The list", max_new_tokens=40, temperature=0)
     words = text.lower().split()
     assert len(words) >= 10 and sum(w.strip(".,:;()'\"").isalpha() for w in words) >= 0.7 * len(words), text
