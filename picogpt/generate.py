@@ -180,7 +180,9 @@ class Model:
         <|endoftext|>), timings for the whole batch, and with `logprobs` each token of token_ids'
         log-probability under the model (its raw logits: before penalty, temperature, top-k and top-p).
         With finish_reason "stop", token_ids run through the token that completed the stop string, so
-        they decode to the text, then the stop string and whatever else that last token held."""
+        they decode to the text, then the stop string and whatever else that last token held. A single
+        prompt string gets a list of one."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         stats, chosen = {}, [[] for _ in prompts] if logprobs else None
         out = [dict(text="", token_ids=[], finish_reason="length", prompt_tokens=0, generated_tokens=0) for _ in prompts]
         for row, token, piece, finish in self._decode(prompts, **options, stats=stats, logprobs=chosen):

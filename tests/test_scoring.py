@@ -147,6 +147,7 @@ def test_generate_json_finish_reasons(tiny):
     assert model.tokenizer.decode(s["token_ids"]).startswith(s["text"] + stop)
     [s] = [json.loads(r) for r in run("generate", "Once upon a time", "--model", folder, "-n", "5", "-t", "0", "--json").stdout.splitlines()]
     assert s["finish_reason"] == "length" and s["generated_tokens"] == 5
+    assert [s["text"]] == [c["text"] for c in model.complete("Once upon a time", max_new_tokens=5, temperature=0)]
     # a row ends at <|endoftext|>: make it the likeliest third token
     eot, base, calls = model.tokenizer.eot_token, model.forward_rows, []
 
