@@ -1,19 +1,33 @@
 """picogpt: GPT-2 inference in NumPy, with the same logits as PyTorch.
 
-Names are imported on first use, so `picogpt generate --threads N` can set thread counts before
-NumPy and Numba load.
+    import picogpt
+    model = picogpt.load("tiny")              # or "gpt2", a hub repo id, a local folder; dtype="int8"
+    model.generate("The list", max_new_tokens=20, seed=1)
+    logits = picogpt.gpt2(ids, **model.params, n_head=model.config["n_head"])  # the NumPy reference
+
+Names and submodules are imported on first use, so `picogpt generate --threads N` can set thread
+counts before NumPy and Numba load.
 """
 
 import importlib
+
+__version__ = "0.2.0"
 
 _WHERE = {
     "load": "generate", "Model": "generate", "load_tokenizer": "tokenizer",
     **{name: "model" for name in ["gpt2", "kv_cache", "gelu", "softmax", "layer_norm", "linear", "ffn", "attention", "mha", "transformer_block"]},
 }  # fmt: skip
+SUBMODULES = ("model", "formats", "kernels", "batched", "weights", "hub", "tokenizer", "sampling", "scoring", "generate", "manage", "warmup", "cli")
 __all__ = list(_WHERE)
 
 
 def __getattr__(name):
+    if name in SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name not in _WHERE:
         raise AttributeError(f"module 'picogpt' has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted([*__all__, *SUBMODULES, "__version__"])

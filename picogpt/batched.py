@@ -17,9 +17,9 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from . import formats, kernels
+from . import formats, kernels, model
 from .formats import BLOCK
-from .kernels import EMPTY, _at, _format, _rows_into, _shape, _softmax_, f32, jit, layer_norm_rows
+from .kernels import EMPTY, _at, _format, _rows_into, _shape, _softmax_, f32, gelu_, jit, layer_norm_rows
 
 # Prefill: up to this many rows linear_rows beats BLAS's `@` (measured on gpt2-medium's 1024 x 4096,
 # 2 cores: float32 BLAS wins from 8 rows on; a packed weight must first be widened for BLAS, so it wins
@@ -41,13 +41,13 @@ def _quad_overload(w, i, j, x0, x1, x2, x3):
     return lambda w, i, j, x0, x1, x2, x3: x0 * _at(w, i, j) + x1 * _at(w, i + 1, j) + x2 * _at(w, i + 2, j) + x3 * _at(w, i + 3, j)
 
 
-# Replaces model.linear (+ GELU, + residual) for a few rows [n_rows, in] at once, every weight format.
+# Replaces model.linear (+ residual) for a few rows [n_rows, in] at once, every weight format.
 # kernels.linear_row's bands, one 32-row block at a time: the block is read from memory once and stays
 # in cache while the rows take their products with it, two rows per pass so that each weight loaded
 # and widened feeds both (measured: 10 to 35% faster than one row per pass; four rows per pass, column
 # tiles, or loops not starting at 0 were slower, the last because LLVM then stops vectorizing).
 @njit(parallel=True, **jit)
-def linear_rows(x, weight, bias, residual, gelu, n_bands):  # [n_rows, in] -> [n_rows, out]
+def linear_rows(x, weight, bias, residual, n_bands):  # [n_rows, in] -> [n_rows, out]
     n_rows = x.shape[0]
     n_in, n_out = _shape(weight)
     n_blocks = (n_in + BLOCK - 1) // BLOCK
@@ -70,24 +70,23 @@ def linear_rows(x, weight, bias, residual, gelu, n_bands):  # [n_rows, in] -> [n
             while r < n_rows:  # an odd row, or the last, partial block
                 _rows_into(acc[r], x[r], weight, block, stop)
                 r += 1
-    out = partial[0]
-    for band in range(1, n_bands):
-        out += partial[band]
+    out = partial[0]  # loops, not `out[r] += bias`: 2D broadcasting costs Numba seconds of compiling
     for r in range(n_rows):
-        if bias.size:
-            out[r] += bias
-        if gelu:
-            for j in range(n_out):
-                out[r, j] = kernels._gelu(out[r, j])
-        if residual.size:
-            out[r] += residual[r]
+        for j in range(n_out):
+            for band in range(1, n_bands):
+                out[r, j] += partial[band, r, j]
+            if bias.size:
+                out[r, j] += bias[j]
+            if residual.size:
+                out[r, j] += residual[r, j]
     return out
 
 
 def linear(x, weight, bias, residual=None, gelu=False):
     """model.linear on [n_tokens, in]: linear_rows for a few rows, else BLAS (kernels.linear)."""
     if len(x) <= ROWS_MAX[formats.dtype_of(weight)]:
-        return linear_rows(x, weight, bias, EMPTY.reshape(0, 0) if residual is None else residual, gelu, numba.get_num_threads())
+        out = linear_rows(x, weight, bias, EMPTY.reshape(0, 0) if residual is None else residual, numba.get_num_threads())
+        return gelu_(out.reshape(-1)).reshape(out.shape) if gelu else out
     return kernels.linear(x, weight, bias, residual, gelu)
 
 
@@ -112,35 +111,6 @@ def attend_rows(q, k_cache, v_cache, rows, n_kv):  # q [n_seq, n_head, head_dim]
             for d in range(head_dim):
                 out[s, h, d] += scores[t] * v[t, d]
     return out
-
-
-# Replaces the tied lm_head `x @ wte.T` for a few rows of a float32 wte [n_vocab, n_embd]: threads
-# split the vocabulary, and each wte row is dotted with four rows of x per pass, so one load of it
-# feeds four sums. (BLAS here would leave its threads spinning into the next step's Numba kernels.)
-@njit(parallel=True, **jit)
-def lm_head_rows(x, wte):  # [n_rows, n_embd] -> [n_rows, n_vocab]
-    n_vocab, n_embd = wte.shape
-    n_rows = x.shape[0]
-    logits = np.empty((n_rows, n_vocab), f32)
-    for v in prange(n_vocab):
-        w, r = wte[v], 0
-        while r + 4 <= n_rows:
-            xa, xb, xc, xd = x[r], x[r + 1], x[r + 2], x[r + 3]
-            sa = sb = sc = sd = f32(0.0)
-            for k in range(n_embd):
-                sa += w[k] * xa[k]
-                sb += w[k] * xb[k]
-                sc += w[k] * xc[k]
-                sd += w[k] * xd[k]
-            logits[r, v], logits[r + 1, v], logits[r + 2, v], logits[r + 3, v] = sa, sb, sc, sd
-            r += 4
-        while r < n_rows:
-            s = f32(0.0)
-            for k in range(n_embd):
-                s += w[k] * x[r, k]
-            logits[r, v] = s
-            r += 1
-    return logits
 
 
 # The same for a packed wte, which holds wte.T [n_embd, n_vocab] (a linear whose 50257 columns make
@@ -215,18 +185,19 @@ def transformer_block(x, ln_1, attn, ln_2, mlp, n_head, eps, kv, rows, past, len
 def block_rows(x, ln_1_w, ln_1_b, c_attn_w, c_attn_b, attn_proj_w, attn_proj_b, ln_2_w, ln_2_b,
                c_fc_w, c_fc_b, mlp_proj_w, mlp_proj_b, k_cache, v_cache, rows, past, eps, n_threads):  # fmt: skip
     n_seq, n_head, head_dim = x.shape[0], k_cache.shape[1], k_cache.shape[3]
-    none = EMPTY.reshape(0, 0)
-    qkv = linear_rows(layer_norm_rows(x, ln_1_w, ln_1_b, eps), c_attn_w, c_attn_b, none, False, n_threads)
+    none = np.empty((0, 0), f32)  # no residual
+    qkv = linear_rows(layer_norm_rows(x, ln_1_w, ln_1_b, eps), c_attn_w, c_attn_b, none, n_threads)
     qkv = qkv.reshape((n_seq, 3, n_head, head_dim))  # q, k, v of each sequence: [n_head, head_dim] each
     for s in range(n_seq):
-        k_cache[rows[s], :, past[s]] = qkv[s, 1]
-        v_cache[rows[s], :, past[s]] = qkv[s, 2]
+        kernels._store(k_cache[rows[s]], v_cache[rows[s]], past[s], qkv[s])
     a = attend_rows(np.ascontiguousarray(qkv[:, 0]), k_cache, v_cache, rows, past + 1).reshape((n_seq, n_head * head_dim))
-    x = linear_rows(a, attn_proj_w, attn_proj_b, x, False, n_threads)  # x + attn(...)
-    a = linear_rows(layer_norm_rows(x, ln_2_w, ln_2_b, eps), c_fc_w, c_fc_b, none, True, n_threads)  # [n_seq, n_inner]
-    return linear_rows(a, mlp_proj_w, mlp_proj_b, x, False, n_threads)  # x + mlp(...)
+    x = linear_rows(a, attn_proj_w, attn_proj_b, x, n_threads)  # x + attn(...)
+    a = linear_rows(layer_norm_rows(x, ln_2_w, ln_2_b, eps), c_fc_w, c_fc_b, none, n_threads)  # [n_seq, n_inner]
+    gelu_(a.reshape(-1))
+    return linear_rows(a, mlp_proj_w, mlp_proj_b, x, n_threads)  # x + mlp(...)
 
 
+@kernels.interruptible
 def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5):
     """kernels.gpt2 for many sequences: sequence s continues row rows[s] of the batch cache, which holds
     past[s] tokens, with the token ids inputs[s]. Returns the logits after each sequence's last new
@@ -235,8 +206,9 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5):
     if len(inputs) == 1 and len(inputs[0]) == 1:
         row_cache = [(k[rows[0]], v[rows[0]]) for k, v in cache]
         return kernels.gpt2(inputs[0], wte, wpe, h, ln_f, n_head, eps, cache=row_cache, past=past[0], last=True)
+    inputs = [model.token_ids(ids, wte["weight"], wpe["weight"], p) for ids, p in zip(inputs, past)]
     lengths = [len(ids) for ids in inputs]
-    ids = np.concatenate([np.asarray(i, np.int64) for i in inputs])
+    ids = np.concatenate(inputs)
     positions = np.concatenate([p + np.arange(n) for p, n in zip(past, lengths)])
     x = formats.embedding(wte["weight"], ids) + wpe["weight"][positions]  # [n_tokens, n_embd]
     if len(ids) == len(inputs):  # decoding: one token per sequence, one compiled call per layer
@@ -255,5 +227,5 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5):
     x = layer_norm_rows(np.ascontiguousarray(x[last]), **ln_f, eps=eps)  # [n_seq, n_embd]
     wte = wte["weight"]
     if isinstance(wte, np.ndarray):
-        return lm_head_rows(x, wte)  # [n_seq, n_vocab]
+        return kernels.lm_head_rows(x, wte)  # [n_seq, n_vocab]
     return lm_head_packed_rows(x, wte)  # a packed wte holds wte.T

@@ -3,7 +3,10 @@
 import argparse
 import json
 import os
+import signal
 import sys
+
+from . import __version__
 
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")  # formats.DTYPES, without importing NumPy before --threads
@@ -13,6 +16,10 @@ DTYPE_HELP = "weight format: float32, float16 (half the bytes, the fast 16-bit o
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like every other picogpt error, instead of usage + message
         self.exit(2, f"picogpt: error: {message} (see {self.prog} --help)\n")
+
+
+FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+         "repetition_penalty": "--repetition-penalty", "seed": "--seed"}  # sampling.check_sampling's names, as typed  # fmt: skip
 
 
 def model_options(p, run=True):
@@ -30,6 +37,7 @@ class Failed(Exception):
 
 def parser():
     p = Parser(prog="picogpt", description="GPT-2 inference in NumPy.")
+    p.add_argument("--version", action="version", version=f"picogpt {__version__}")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = commands.add_parser(
         "generate",
@@ -97,13 +105,16 @@ def check(args):
         return
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if getattr(args, "threads", None) is not None and args.threads > cores():
+        print(f"picogpt: --threads {args.threads} is more than the {plural(cores(), 'core')} here: using {cores()}", file=sys.stderr)
+        args.threads = cores()
     if args.command == "score":
         if args.stride is not None and args.stride < 1:
             raise ValueError(f"--stride must be >= 1, got {args.stride}")
         return
     if args.command != "generate":
         return
-    sampling.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    sampling.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, names=FLAGS)
     if args.logprobs and not args.json:
         raise ValueError("--logprobs goes with --json: add --json")
     if args.num_samples < 1:
@@ -115,7 +126,7 @@ def check(args):
 def generate(args):
     from .generate import load, warn
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_text("-") if args.prompt == "-" else args.prompt
     model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision)
     options = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -130,6 +141,7 @@ def generate(args):
     # --num-samples N: one batch of N rows, row i sampled with seed + i. Row 0 streams as it is decoded,
     # the others print when the batch is done (they finish at about the same time).
     for row, piece in model.stream([prompt] * args.num_samples, **options, stats=stats):
+        checkpoint()
         if row == 0:
             print(piece, end="", flush=True)
         else:
@@ -141,20 +153,20 @@ def generate(args):
     if args.verbose and stats:
         prompt_rate = stats["prompt_tokens"] / max(stats["prefill_seconds"], 1e-9)
         decode_rate = stats["new_tokens"] / max(stats.get("decode_seconds", 0), 1e-9)
+        compiled = f"kernels compiled in {stats['compile_seconds']:.1f} s (once); " if stats.get("compile_seconds") else ""
         warn(
-            f"prompt: {stats['prompt_tokens']} tokens in {stats['prefill_seconds']:.2f} s ({prompt_rate:.1f} tokens/s); "
-            f"generated: {stats['new_tokens']} tokens in {stats.get('decode_seconds', 0):.2f} s ({decode_rate:.1f} tokens/s"
+            f"{compiled}prompt: {plural(stats['prompt_tokens'], 'token')} in {stats['prefill_seconds']:.2f} s ({prompt_rate:.1f} tokens/s); "
+            f"generated: {plural(stats['new_tokens'], 'token')} in {stats.get('decode_seconds', 0):.2f} s ({decode_rate:.1f} tokens/s"
             f"{f', {args.num_samples} rows at once' if args.num_samples > 1 else ''}); "
-            f"{args.backend} backend, {model.dtype} weights, {threads()} threads"
+            f"{args.backend} backend, {model.dtype} weights, {plural(threads(), 'thread')}"
         )
 
 
 def convert(args):
-    from .generate import load, warn
-    from .weights import save_params
+    from . import converted, hub
+    from .generate import warn
 
-    model = load(args.model, backend="numpy", dtype=args.dtype)
-    save_params(model.params, model.config, args.out_folder, model.folder)
+    converted.write(hub.resolve(args.model), args.dtype, args.out_folder)  # tensor by tensor, the way --dtype keeps its copies
     size = os.path.getsize(os.path.join(args.out_folder, "model.safetensors"))
     warn(f"wrote {args.out_folder}: {args.dtype} weights, {size / 1e6:.1f} MB; load it with --model {args.out_folder}")
 
@@ -165,24 +177,17 @@ def score(args):
     from .generate import load
     from .scoring import summary
 
-    if args.file == "-":
-        text = sys.stdin.read()
-    else:
-        with open(args.file, "rb") as f:
-            try:
-                text = f.read().decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise Failed(f"{args.file} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
+    text = read_text(args.file)
     model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision)
     ids = model.tokenizer.encode(text, allowed_special="all")
     n_ctx = model.config["n_positions"]
     stride = n_ctx // 2 if args.stride is None else args.stride
     if len(ids) < 2:
-        raise Failed(f"{'standard input' if args.file == '-' else args.file} holds {len(ids)} tokens; scoring needs at least 2")
+        raise Failed(f"{'standard input' if args.file == '-' else args.file} holds {plural(len(ids), 'token')}; scoring needs at least 2")
     if stride >= n_ctx:
         raise Failed(f"--stride must be less than the model's context of {n_ctx} tokens, got {stride}")
     with tqdm(total=max(len(ids) - 1, 0), unit="tok", desc="scoring", file=sys.stderr, disable=True if len(ids) <= n_ctx else None) as bar:
-        logprobs = model.logprobs(ids, stride, progress=bar.update)
+        logprobs = model.logprobs(ids, stride, progress=lambda n: (checkpoint(), bar.update(n)))
     totals = {"model": args.model, "dtype": model.dtype, **summary(model.tokenizer, ids, logprobs), "n_ctx": n_ctx, "stride": stride}
     if args.json:
         pieces = [model.tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace") for t in ids]
@@ -204,7 +209,7 @@ def info(args):
 
         total = sum(size for name, size in about["files"].items() if name.endswith(".safetensors"))
         with tqdm(total=total, unit="B", unit_scale=True, desc="checking", file=sys.stderr, disable=None) as bar:
-            about["non_finite"] = manage.check(about["folder"], progress=bar.update)
+            about["non_finite"] = manage.check(about["folder"], progress=lambda n: (checkpoint(), bar.update(n)))
     if args.json:
         print(json.dumps(about))
     else:
@@ -217,6 +222,8 @@ def info(args):
         for name, size in about["files"].items():
             print(f"  {name:<34} {mb(size):>10}")
         print("weights in  " + ", ".join(f"{dtype} {mb(n)}" for dtype, n in about["memory"].items()))
+        for i, (dtype, copy) in enumerate(about["converted"].items()):  # what --dtype has kept (converted.py)
+            print(f"{'converted' if i == 0 else '':<12}{dtype:<9}{mb(copy['bytes']):>10}  {copy['folder']}")
         if args.check:
             print("check       " + (", ".join(f"{name}: {n} NaN or infinite" for name, n in about["non_finite"].items()) or "every tensor is finite"))
     if about.get("non_finite"):
@@ -233,6 +240,28 @@ def download(args):
     warn(f"{args.name} is ready in {folder} ({size / 1e6:,.1f} MB, checked against its config): it now loads with no network")
 
 
+def read_text(path):
+    """The text of a file, or of standard input for "-": UTF-8, strictly, whatever the locale says."""
+    name = "standard input" if path == "-" else path
+    if path == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Failed(f"{name} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
+
+
+def plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def threads():
     if "numba" in sys.modules:
         import numba
@@ -242,34 +271,83 @@ def threads():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    if getattr(args, "threads", None):  # before NumPy (OpenBLAS) and Numba read them at load time
-        for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[name] = str(args.threads)
-    from .sampling import NonFiniteError
-    from .tokenizer import TokenizerError
-    from .weights import CheckpointError
+    try:
+        args = parser().parse_args(argv)
+        try:
+            check(args)
+        except ValueError as e:
+            print(f"picogpt: error: {e}", file=sys.stderr)
+            return 2
+        if getattr(args, "threads", None):  # before NumPy (OpenBLAS) and Numba read them at load time
+            for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[name] = str(args.threads)
+        from .sampling import NonFiniteError
+        from .tokenizer import TokenizerError
+        from .weights import CheckpointError
 
-    try:
-        check(args)
-    except ValueError as e:
-        print(f"picogpt: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        {"generate": generate, "score": score, "info": info, "download": download, "convert": convert}[args.command](args)
-    except BrokenPipeError:  # e.g. piped into `head`: not an error worth a message
-        sys.stderr.close()
-        return 1
-    except (CheckpointError, TokenizerError, OSError, NonFiniteError, Failed) as e:
-        message = str(e).replace("--model MODEL", f"--model {getattr(args, 'model', 'MODEL')}")  # NaN logits: name the model
-        print(f"picogpt: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(flush=True)  # keep what was printed, end its line
-        print("picogpt: interrupted", file=sys.stderr)
-        return 130
+        try:
+            {"generate": generate, "score": score, "info": info, "download": download, "convert": convert}[args.command](args)
+        except BrokenPipeError:  # e.g. piped into `head`: not an error worth a message
+            sys.stderr.close()
+            return 1
+        except (CheckpointError, TokenizerError, OSError, NonFiniteError, Failed) as e:
+            message = str(e).replace("--model MODEL", f"--model {getattr(args, 'model', 'MODEL')}")  # NaN logits: name the model
+            print(f"picogpt: error: {message}", file=sys.stderr)
+            return 1
+        checkpoint()  # a Ctrl-C that a C callback swallowed near the end
+    except BaseException as e:
+        # Ctrl-C comes as a KeyboardInterrupt, or wrapped in another error where Python raised it: a
+        # SystemError as a compiled kernel returns, a RuntimeError inside a class being defined (an
+        # import). Any error after Ctrl-C is the interrupt's doing.
+        if STOP or any(isinstance(x, KeyboardInterrupt) for x in (e, e.__cause__, e.__context__)):
+            return interrupted()
+        raise
     return 0
 
 
+def interrupted():
+    print(flush=True)  # keep what was printed, end its line
+    print("picogpt: interrupted", file=sys.stderr, flush=True)
+    return 130
+
+
+STOP = []  # set once Ctrl-C is pressed (the picogpt command only)
+
+
+def stop(signum, frame):
+    """Ctrl-C: raise KeyboardInterrupt once, and remember it. Python runs this handler between any two
+    bytecodes, including those of a callback from C (LLVM's object cache, as Numba loads a cached
+    kernel), which would print the exception as ignored and go on: there, only remember it, and
+    `checkpoint` raises it at the next piece of output or progress."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while stopping: ignored
+    STOP.append(signum)
+    while frame is not None:
+        if frame.f_code.co_name.startswith("_raw_object_cache"):  # llvmlite's callbacks
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
+
+
+def checkpoint(*_):
+    if STOP:
+        raise KeyboardInterrupt
+
+
+def entry():
+    """The `picogpt` command: main() under `stop`, then out without Python's slow shutdown, during
+    which a Ctrl-C would kill the process (its handlers are reset to the default by then)."""
+    signal.signal(signal.SIGINT, stop)
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between main's last line and this one
+        code = interrupted()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

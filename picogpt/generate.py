@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import formats, hub, model, sampling, scoring, tokenizer as tok, weights
+from . import converted, formats, hub, model, sampling, scoring, tokenizer as tok, warmup, weights
 
 
 def warn(message):
     print(f"picogpt: {message}", file=sys.stderr, flush=True)
 
 
-def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eot, stopped=(), stats=None):
+def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eot, stopped=(), stats=None, say=warn):
     """Decode many sequences together: each step, yield [(row, token), ...] for every row still running.
 
     forward_rows(inputs, **params, cache=, rows=, past=) runs the rows' new tokens through the model
@@ -23,12 +23,14 @@ def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eo
     after max_new_tokens, or once the caller adds it to `stopped` (a stop string). Rows with the same
     prompt share one prefill. GPT-2's positions are absolute, so past n_positions tokens a row's cache
     cannot simply roll: that row drops the oldest quarter of its context and prefills the rest again
-    (rebuilds stay rare), while the other rows go on decoding in the same step.
+    (rebuilds stay rare), while the other rows go on decoding in the same step. say(message): where
+    the notes on prompts and windows go (None: nowhere).
     """
+    say = say or (lambda message: None)
     n_ctx, n_head, n_layer, n_embd = config["n_positions"], config["n_head"], config["n_layer"], config["n_embd"]
     run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
     if max(len(ids) for ids in prompts) > n_ctx:
-        warn(f"a prompt has {max(len(ids) for ids in prompts)} tokens, more than the model's context of {n_ctx}: keeping the last {n_ctx}")
+        say(f"a prompt has {max(len(ids) for ids in prompts)} tokens, more than the model's context of {n_ctx}: keeping the last {n_ctx}")
         prompts = [ids[-n_ctx:] for ids in prompts]
     if max_new_tokens == 0:
         return
@@ -47,7 +49,7 @@ def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eo
     logits = logits[[prefilled.index(first[tuple(ids)]) for ids in prompts]]
     sampling.check_finite(logits, "the prompt, choosing new token 1")
     if stats is not None:
-        stats.update(prompt_tokens=sum(map(len, contexts)), prefill_seconds=time.perf_counter() - start, new_tokens=0)
+        stats.update(prompt_tokens=sum(len(contexts[r]) for r in prefilled), prefill_seconds=time.perf_counter() - start, new_tokens=0)
         start = time.perf_counter()
     running, slid = list(range(len(prompts))), False
     for i in range(max_new_tokens):
@@ -68,7 +70,7 @@ def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eo
             else:  # the row's cache is full: slide its window and prefill it again
                 drop = max(1, n_ctx // 4)
                 if not slid:
-                    warn(f"the context of {n_ctx} tokens is full: sliding the window, dropping the oldest {drop} tokens at a time")
+                    say(f"the context of {n_ctx} tokens is full: sliding the window, dropping the oldest {drop} tokens at a time")
                     slid = True
                 contexts[row] = context = context[drop:] + [token]
                 inputs.append(context), past.append(0)
@@ -135,7 +137,15 @@ def decode_tokens(forward, params, config, ids, max_new_tokens, pick, stats=None
         yield token
 
 
-@dataclass
+def prompt_list(prompt):
+    """A prompt string or a list of them, as a list."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not (isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts)):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    return list(prompts)
+
+
+@dataclass(repr=False)
 class Model:
     """A loaded checkpoint: `.params` (nested HF-layout dict), `.config` (config.json), `.tokenizer` (tiktoken)."""
 
@@ -145,6 +155,14 @@ class Model:
     forward: object = model.gpt2
     folder: str = None  # where the checkpoint's files are
     forward_rows: object = None  # many sequences at once (batched.gpt2_rows); None: forward on each in turn
+    name: str = None  # what it was loaded as: gpt2, tiny, org/name, a folder
+
+    def __repr__(self):  # one line: the params alone would print every weight
+        c = self.config
+        n = sum(int(np.prod(shape)) for shape in weights.expected_shapes(c).values())
+        backend = "numpy" if self.forward is model.gpt2 else "numba"
+        return (f"<picogpt.Model {self.name or self.folder}: {self.dtype}, {c['n_layer']} layers, {c['n_head']} heads, "
+                f"width {c['n_embd']}, context {c['n_positions']}, {n / 1e6:.1f}M parameters, {backend} backend>")  # fmt: skip
 
     @property
     def dtype(self):
@@ -168,7 +186,7 @@ class Model:
         strings; takes the same options as `stream`."""
         if isinstance(prompt, str):
             return "".join(self.stream(prompt, **options))
-        texts = [""] * len(prompt)
+        texts = [""] * len(prompt_list(prompt))
         for row, piece in self.stream(prompt, **options):
             texts[row] += piece
         return texts
@@ -182,7 +200,7 @@ class Model:
         With finish_reason "stop", token_ids run through the token that completed the stop string, so
         they decode to the text, then the stop string and whatever else that last token held. A single
         prompt string gets a list of one."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = prompt_list(prompts)
         stats, chosen = {}, [[] for _ in prompts] if logprobs else None
         out = [dict(text="", token_ids=[], finish_reason="length", prompt_tokens=0, generated_tokens=0) for _ in prompts]
         for row, token, piece, finish in self._decode(prompts, **options, stats=stats, logprobs=chosen):
@@ -204,10 +222,8 @@ class Model:
         piece the new text (maybe ""), finish None, "eos" or "stop"; then (row, None, piece, "length")
         for each row that used up max_new_tokens. logprobs: a list per row to append each chosen
         token's log-probability to."""
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
-        sampling.check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+        prompts = prompt_list(prompts)
+        sampling.check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
@@ -232,6 +248,10 @@ class Model:
         texts = [detokenizer(self.tokenizer, stops) for _ in prompts]
         stopped = set()  # rows at end of text or a stop string: decode_rows drops them
         forward_rows = self.forward_rows or rows_one_by_one(self.forward)
+        if max_new_tokens:  # compile every kernel this will need now, not at the prompt and again after it
+            compiled = warmup.warm_up(self, ids, max_new_tokens, say=warn)
+            if stats is not None:
+                stats["compile_seconds"] = compiled
         picks = [picker(row) for row in range(len(prompts))]
         for step in decode_rows(forward_rows, self.params, self.config, ids, max_new_tokens, picks, eot, stopped, stats):
             for row, token in step:
@@ -247,12 +267,15 @@ class Model:
         """The log-probability of each token id in `ids` given the ones before it: a float64 NumPy array
         [len(ids)] whose first entry is NaN. Texts longer than the context slide a window of n_ctx
         tokens by `stride` (default n_ctx // 2); see scoring.py. progress(n): called as tokens are scored."""
+        warmup.warm_up(self, score=True, say=warn)
         return scoring.logprobs(self.forward, self.params, self.config, ids, stride, progress)
 
     def score(self, text, stride=None, progress=None):
         """How well the model predicts `text`: a dict of tokens, scored_tokens (all but the first), nll
         (their mean negative log-likelihood, nats), perplexity (exp nll), bits_per_byte (over the bytes
         of the scored tokens), bytes, and per token: ids, logprobs (see `logprobs`)."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {text!r}")
         ids = tok.encode(self.tokenizer, text)
         token_logprobs = self.logprobs(ids, stride, progress)
         return {**scoring.summary(self.tokenizer, ids, token_logprobs), "ids": ids, "logprobs": token_logprobs}
@@ -276,21 +299,18 @@ def load(name_or_path="gpt2", backend="numba", dtype=None, revision=None):
 
     dtype: the weight format to run in, "float32", "float16", "bfloat16" or "int8" (see formats.py);
     None keeps what the checkpoint holds (float32 for ordinary checkpoints, whatever their width on
-    disk; the packed format of one written by `picogpt convert`). Conversion happens once, here."""
+    disk; the packed format of one written by `picogpt convert`). Another format than the stored one
+    is converted once and kept (converted.py), so later loads map it from the file."""
     if dtype is not None and dtype not in formats.DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(formats.DTYPES)}, got {dtype!r}")
     forward, forward_rows = forward_for(backend)
     folder = hub.resolve(name_or_path, revision)
-    params, config, stored = weights.load_params(folder)
+    config = weights.read_config(folder)
     tokenizer = tok.load_tokenizer(folder)
-    if tokenizer.n_vocab > config["vocab_size"]:
+    if tokenizer.n_vocab > config["vocab_size"]:  # before converting anything
         raise weights.CheckpointError(
             f"{folder}: the tokenizer has {tokenizer.n_vocab} tokens but the model only {config['vocab_size']} (vocab_size); "
             "vocab.json and merges.txt belong to another model"
         )
-    if dtype is not None and dtype != stored:
-        try:
-            params = formats.convert(params, dtype)
-        except formats.FormatError as e:
-            raise weights.CheckpointError(f"{folder}: {e}") from None
-    return Model(params, config, tokenizer, forward, folder, forward_rows)
+    params, config, _ = converted.load_params(folder, dtype)
+    return Model(params, config, tokenizer, forward, folder, forward_rows, name_or_path)

@@ -22,7 +22,8 @@ ALIASES = {
     "distilgpt2": "distilbert/distilgpt2",
 }
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")  # benchmarks/train_tiny.py made it
-LOCAL_HINT = "or pass --model a local folder holding config.json, model.safetensors, vocab.json and merges.txt"
+LOCAL_HINT = "or give a local folder holding config.json, model.safetensors, vocab.json and merges.txt"
+TINY_HINT = "use the model tiny (it ships with picogpt)"
 
 
 def resolve(name_or_path, revision=None, refresh=False):
@@ -105,7 +106,7 @@ def _download(repo_id, revision=None, refresh=False):
         return huggingface_hub.hf_hub_download(repo_id, filename, revision=revision)
 
     name = repo_id if revision is None else f"{repo_id} at revision {revision}"
-    unknown = f"unknown model '{repo_id}': not a local folder, a known name ({', '.join(ALIASES)}) or a hub repo id like org/name"
+    unknown = f"unknown model '{repo_id}': not a local folder, a known name ({', '.join([*ALIASES, 'tiny'])}) or a hub repo id like org/name"
     try:
         cached = _cached(repo_id, revision)
     except errors.HFValidationError:
@@ -118,9 +119,10 @@ def _download(repo_id, revision=None, refresh=False):
         print(f"picogpt: the hub cannot be reached ({why}): using the cached {name}", file=sys.stderr, flush=True)
         return cached
     if why:
+        fix = "unset HF_HUB_OFFLINE to download it" if offline else "connect to the network"
         raise CheckpointError(
             f"cannot load '{name}': the Hugging Face hub cannot be reached ({why}) and it is not in the cache "
-            f"({constants.HF_HUB_CACHE}); connect to the network, or use --model tiny (it ships with picogpt), {LOCAL_HINT}"
+            f"({constants.HF_HUB_CACHE}); {fix}, or {TINY_HINT}, {LOCAL_HINT}"
         )
     print(f"picogpt: fetching {name} from the Hugging Face hub", file=sys.stderr, flush=True)
     try:
@@ -151,7 +153,7 @@ def _download(repo_id, revision=None, refresh=False):
     except errors.LocalEntryNotFoundError:
         raise CheckpointError(
             f"cannot load '{name}': the download failed and it is not in the cache ({constants.HF_HUB_CACHE}); "
-            f"check the network, or use --model tiny (it ships with picogpt), {LOCAL_HINT}"
+            f"check the network, or {TINY_HINT}, {LOCAL_HINT}"
         ) from None
     except errors.EntryNotFoundError as e:
         raise CheckpointError(f"{repo_id} on the hub lacks a file picogpt needs ({e}); {LOCAL_HINT}") from None

@@ -7,6 +7,7 @@ residual) into the pass that is already there. Prefill is bound by arithmetic: i
 through `@`, and Numba takes the element-wise work NumPy does in several single-threaded passes.
 """
 
+import functools
 import math
 
 import numba
@@ -21,7 +22,7 @@ from .formats import BLOCK
 f32 = np.float32
 # error_model="numpy": a float division may give inf instead of raising, which lets LLVM vectorize it.
 jit = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
-EMPTY = np.zeros(0, f32)  # "no residual"
+EMPTY = np.zeros(0, f32)  # "no residual" (from Python; a compiled caller makes its own: a global is read-only)
 
 # Numba's np.tanh and np.exp are scalar libm calls, one per element. These two are pure float32
 # arithmetic, so LLVM vectorizes them: 8 lanes at a time instead of 1, within float32 rounding.
@@ -186,12 +187,14 @@ def _rows_into_overload(acc, x, w, start, end):
 # ---- decode: one row at a time -------------------------------------------------------------------
 
 
-# Replaces model.linear (+ model.gelu, + the residual add) for one row, for every weight format.
-# Each thread streams its own contiguous band of rows of the [in, out] weight, so memory is read
-# front to back exactly once, 16-bit and int8 values widened to float32 in registers; the per-thread
-# partial sums are then added with the bias, GELU and residual. Bands start on 32-row blocks (int8's).
+# Replaces model.linear (+ the residual add) for one row, for every weight format. Each thread
+# streams its own contiguous band of rows of the [in, out] weight, so memory is read front to back
+# exactly once, 16-bit and int8 values widened to float32 in registers; the per-thread partial sums
+# are then added with the bias and residual. Bands start on 32-row blocks (int8's). GELU is a
+# separate pass (gelu_) over the few thousand outputs, in cache: a flag for it would compile every
+# row kernel twice over (a constant flag in a compiled caller is a distinct Numba type).
 @njit(parallel=True, **jit)
-def linear_row(x, weight, bias, residual, gelu, n_bands):  # [in] -> [out]
+def linear_row(x, weight, bias, residual, n_bands):  # [in] -> [out]
     n_in, n_out = _shape(weight)
     n_blocks = (n_in + BLOCK - 1) // BLOCK
     n_bands = min(n_bands, n_blocks)
@@ -204,26 +207,47 @@ def linear_row(x, weight, bias, residual, gelu, n_bands):  # [in] -> [out]
         out += partial[band]
     if bias.size:
         out += bias
-    if gelu:
-        for j in range(n_out):
-            out[j] = _gelu(out[j])
     if residual.size:
         out += residual
     return out
 
 
-# Replaces the tied lm_head `x @ wte.T` for one row of a float32 wte: wte is [n_vocab, n_embd], so
-# each logit is a dot product with one contiguous row; threads split the vocabulary. (A packed wte
-# holds wte.T, and its lm_head is linear_row.)
+# Replaces model.gelu on a flat array, in place: one vectorized pass.
+@njit(**jit)
+def gelu_(x):
+    for i in range(x.size):
+        x[i] = _gelu(x[i])
+    return x
+
+
+# Replaces the tied lm_head `x @ wte.T` for a few rows (one included) of a float32 wte [n_vocab,
+# n_embd]: each logit is a dot product with one contiguous wte row; threads split the vocabulary, and
+# each wte row is dotted with four rows of x per pass, so one load of it feeds four sums. (A packed
+# wte holds wte.T, and its lm_head is linear_row. BLAS here would leave its threads spinning into the
+# next step's Numba kernels.)
 @njit(parallel=True, **jit)
-def lm_head_row(x, wte):  # [n_embd] -> [n_vocab]
+def lm_head_rows(x, wte):  # [n_rows, n_embd] -> [n_rows, n_vocab]
     n_vocab, n_embd = wte.shape
-    logits = np.empty(n_vocab, f32)
+    n_rows = x.shape[0]
+    logits = np.empty((n_rows, n_vocab), f32)
     for v in prange(n_vocab):
-        s = f32(0.0)
-        for k in range(n_embd):
-            s += wte[v, k] * x[k]
-        logits[v] = s
+        w, r = wte[v], 0
+        while r + 4 <= n_rows:
+            xa, xb, xc, xd = x[r], x[r + 1], x[r + 2], x[r + 3]
+            sa = sb = sc = sd = f32(0.0)
+            for k in range(n_embd):
+                sa += w[k] * xa[k]
+                sb += w[k] * xb[k]
+                sc += w[k] * xc[k]
+                sd += w[k] * xd[k]
+            logits[r, v], logits[r + 1, v], logits[r + 2, v], logits[r + 3, v] = sa, sb, sc, sd
+            r += 4
+        while r < n_rows:
+            s = f32(0.0)
+            for k in range(n_embd):
+                s += w[k] * x[r, k]
+            logits[r, v] = s
+            r += 1
     return logits
 
 
@@ -250,6 +274,11 @@ def attend_row(q, k_cache, v_cache, n_kv):  # q [n_head, head_dim], caches [n_he
 # Replaces model.layer_norm for one row, in two passes instead of NumPy's five temporaries.
 @njit(**jit)
 def layer_norm_row(x, weight, bias, eps):  # [n_embd] -> [n_embd]
+    return _layer_norm_into(np.empty(x.size, f32), x, weight, bias, eps)
+
+
+@njit(inline="always", **jit)
+def _layer_norm_into(out, x, weight, bias, eps):
     n = x.size
     mean = f32(0.0)
     for i in range(n):
@@ -259,10 +288,19 @@ def layer_norm_row(x, weight, bias, eps):  # [n_embd] -> [n_embd]
     for i in range(n):
         var += (x[i] - mean) ** 2
     inv = f32(1.0) / np.sqrt(var / n + f32(eps))
-    out = np.empty(n, f32)
     for i in range(n):
         out[i] = (x[i] - mean) * inv * weight[i] + bias[i]
     return out
+
+
+# The new token's keys and values into the cache at position `past`. Loops rather than a slice
+# assignment, whose broadcasting error messages alone cost Numba 3 s of compiling.
+@njit(inline="always", **jit)
+def _store(k_cache, v_cache, past, qkv):  # caches [n_head, n_ctx, head_dim]; qkv [3, n_head, head_dim]
+    for h in range(qkv.shape[1]):
+        for d in range(qkv.shape[2]):
+            k_cache[h, past, d] = qkv[1, h, d]
+            v_cache[h, past, d] = qkv[2, h, d]
 
 
 # Replaces model.transformer_block for one token: the whole block in one compiled call, so a decode
@@ -271,14 +309,14 @@ def layer_norm_row(x, weight, bias, eps):  # [n_embd] -> [n_embd]
 def block_row(x, ln_1_w, ln_1_b, c_attn_w, c_attn_b, attn_proj_w, attn_proj_b, ln_2_w, ln_2_b,
               c_fc_w, c_fc_b, mlp_proj_w, mlp_proj_b, k_cache, v_cache, past, eps, n_threads):  # fmt: skip
     n_head, _, head_dim = k_cache.shape
-    qkv = linear_row(layer_norm_row(x, ln_1_w, ln_1_b, eps), c_attn_w, c_attn_b, EMPTY, False, n_threads)
+    none = np.empty(0, f32)  # no residual
+    qkv = linear_row(layer_norm_row(x, ln_1_w, ln_1_b, eps), c_attn_w, c_attn_b, none, n_threads)
     qkv = qkv.reshape((3, n_head, head_dim))  # [3*n_embd] -> q, k, v: [n_head, head_dim] each
-    k_cache[:, past] = qkv[1]
-    v_cache[:, past] = qkv[2]
+    _store(k_cache, v_cache, past, qkv)
     a = attend_row(qkv[0], k_cache, v_cache, past + 1).reshape(x.size)  # heads merged: [n_embd]
-    x = linear_row(a, attn_proj_w, attn_proj_b, x, False, n_threads)  # x + attn(...)
-    a = linear_row(layer_norm_row(x, ln_2_w, ln_2_b, eps), c_fc_w, c_fc_b, EMPTY, True, n_threads)  # [n_inner]
-    return linear_row(a, mlp_proj_w, mlp_proj_b, x, False, n_threads)  # x + mlp(...)
+    x = linear_row(a, attn_proj_w, attn_proj_b, x, n_threads)  # x + attn(...)
+    a = gelu_(linear_row(layer_norm_row(x, ln_2_w, ln_2_b, eps), c_fc_w, c_fc_b, none, n_threads))  # [n_inner]
+    return linear_row(a, mlp_proj_w, mlp_proj_b, x, n_threads)  # x + mlp(...)
 
 
 # ---- prefill: many rows ----------------------------------------------------------------------------
@@ -291,7 +329,7 @@ def block_row(x, ln_1_w, ln_1_b, c_attn_w, c_attn_b, attn_proj_w, attn_proj_b, l
 def layer_norm_rows(x, weight, bias, eps):
     out = np.empty_like(x)
     for r in range(x.shape[0]):
-        out[r] = layer_norm_row(x[r], weight, bias, eps)
+        _layer_norm_into(out[r], x[r], weight, bias, eps)
     return out
 
 
@@ -391,9 +429,26 @@ def transformer_block(x, ln_1, attn, ln_2, mlp, n_head, eps, kv, past):
 # ---- the forward pass: model.gpt2's twin ------------------------------------------------------------
 
 
+def interruptible(forward):
+    """Ctrl-C while a kernel runs: Python raises the KeyboardInterrupt as Numba's dispatcher returns,
+    which then reports it as a SystemError; give it back as the KeyboardInterrupt it is."""
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        try:
+            return forward(*args, **kwargs)
+        except SystemError as e:
+            if isinstance(e.__cause__, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
+
+    return run
+
+
+@interruptible
 def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=False):
     """model.gpt2 on the kernels: same arguments, same logits within float32 rounding."""
-    inputs = np.asarray(inputs, dtype=np.int64)
+    inputs = model.token_ids(inputs, wte["weight"], wpe["weight"], past)
     if cache is None:  # the kernels always attend over a cache: use a scratch one
         cache = model.kv_cache(len(h), n_head, past + len(inputs), wpe["weight"].shape[1] // n_head)
     x = formats.embedding(wte["weight"], inputs) + wpe["weight"][past + np.arange(len(inputs))]  # [n_seq, n_embd]
@@ -413,6 +468,6 @@ def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=F
     if last or x.ndim == 1:
         x = layer_norm_row(x if x.ndim == 1 else x[-1], **ln_f, eps=eps)
         if isinstance(wte, np.ndarray):
-            return lm_head_row(x, wte)[None]
-        return linear_row(x, wte, EMPTY, EMPTY, False, numba.get_num_threads())[None]  # a packed wte holds wte.T
+            return lm_head_rows(x[None], wte)
+        return linear_row(x, wte, EMPTY, EMPTY, numba.get_num_threads())[None]  # a packed wte holds wte.T
     return layer_norm_rows(x, **ln_f, eps=eps) @ (wte.T if isinstance(wte, np.ndarray) else dequantized(wte))  # [n_seq, n_vocab]

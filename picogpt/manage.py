@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from . import formats, hub, tokenizer as tok, weights
+from . import converted, formats, hub, tokenizer as tok, weights
 
 
 def parameter_count(config):
@@ -30,7 +30,8 @@ def weight_bytes(config, dtype):
 
 
 def info(name, revision=None):
-    """What `picogpt info` prints, as a dict: config, parameter count, stored format, files and memory."""
+    """What `picogpt info` prints, as a dict: config, parameter count, stored format, files, memory
+    and the converted copies kept of it."""
     folder = hub.resolve(name, revision)
     config = weights.read_config(folder)
     files = {f: os.path.getsize(os.path.join(folder, f)) for f in hub.checkpoint_files(folder)}
@@ -49,6 +50,7 @@ def info(name, revision=None):
         "stored_as": stored,
         "files": files,
         "memory": {dtype: weight_bytes(config, dtype) for dtype in formats.DTYPES},
+        "converted": converted.copies(folder),  # the valid copies --dtype keeps of this very folder
     }
 
 

@@ -79,12 +79,25 @@ def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=F
     their keys and values are written into the cache, and attention also covers the `past` tokens
     already there.
     """
-    inputs = np.asarray(inputs, dtype=np.int64)
+    inputs = token_ids(inputs, wte["weight"], wpe["weight"], past)
     x = embedding(wte["weight"], inputs) + wpe["weight"][past + np.arange(len(inputs))]  # [n_seq, n_embd]
     for i, block in enumerate(h):
         x = transformer_block(x, **block, n_head=n_head, eps=eps, kv=None if cache is None else cache[i], past=past)
     x = layer_norm(x[-1:] if last else x, **ln_f, eps=eps)
     return x @ lm_head(wte["weight"])  # tied to wte, wte.T: [n_seq, n_embd] -> [n_seq, n_vocab]
+
+
+def token_ids(inputs, wte, wpe, past=0):
+    """`inputs` as an int64 array, checked: a non-empty list of ids within the vocabulary and the context."""
+    ids = np.asarray(inputs)
+    n_vocab = wte.shape[0] if isinstance(wte, np.ndarray) else wte.data.shape[1]  # a packed wte holds wte.T
+    if ids.ndim != 1 or len(ids) == 0 or ids.dtype.kind not in "iu":
+        raise ValueError(f"inputs must be a non-empty list of token ids (whole numbers), got {inputs!r}")
+    if ids.min() < 0 or ids.max() >= n_vocab:
+        raise ValueError(f"inputs hold token id {ids.min() if ids.min() < 0 else ids.max()}, outside the vocabulary of {n_vocab}")
+    if past + len(ids) > len(wpe):
+        raise ValueError(f"inputs run to position {past + len(ids)}, past the model's context of {len(wpe)} (n_positions)")
+    return ids.astype(np.int64)
 
 
 def kv_cache(n_layer, n_head, n_ctx, head_dim, n_rows=None):

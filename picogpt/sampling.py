@@ -7,18 +7,23 @@ import numpy as np
 from .model import softmax
 
 
-def check_sampling(max_new_tokens=0, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0):
-    """Raise ValueError naming the first bad value."""
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
-        raise ValueError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"top_k must be a whole number >= 1 (or None for no limit), got {top_k!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not (isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty must be a number > 0 (1 turns it off), got {repetition_penalty!r}")
+def check_sampling(max_new_tokens=0, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0, seed=None, names=None):
+    """Raise ValueError naming the first bad value; names: what to call each argument (the CLI's flags)."""
+    name = lambda arg: (names or {}).get(arg, arg)  # noqa: E731
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if not (whole(max_new_tokens) and max_new_tokens >= 0):
+        raise ValueError(f"{name('max_new_tokens')} must be a whole number >= 0, got {max_new_tokens!r}")
+    if not (number(temperature) and temperature >= 0):
+        raise ValueError(f"{name('temperature')} must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and not (whole(top_k) and top_k >= 1):
+        raise ValueError(f"{name('top_k')} must be a whole number >= 1{'' if names else ' (or None for no limit)'}, got {top_k!r}")
+    if not (number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
+    if not (number(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"{name('repetition_penalty')} must be a number > 0 (1 turns it off), got {repetition_penalty!r}")
+    if seed is not None and not whole(seed):
+        raise ValueError(f"{name('seed')} must be a whole number{'' if names else ' or None'}, got {seed!r}")
 
 
 def penalize(logits, seen, penalty):

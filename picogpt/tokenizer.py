@@ -54,6 +54,11 @@ def load_tokenizer(folder):
 
     # tiktoken merges by rank, so rank must be merge priority: the 256 single bytes first, then the
     # merges in file order. For GPT-2 vocabularies these ranks are exactly the vocab.json ids.
+    if not isinstance(vocab, dict) or not vocab:
+        raise TokenizerError(f"{vocab_path} holds no tokens: download or save the checkpoint again")
+    missing = [c for c in bytes_to_unicode().values() if c not in vocab]
+    if missing:
+        raise TokenizerError(f"{vocab_path} lacks {len(missing)} of GPT-2's 256 single-byte tokens (such as {missing[0]!r}): it is not a GPT-2 byte-level vocabulary")
     try:
         ranks = {decode(c): vocab[c] for c in bytes_to_unicode().values()}
         if sorted(ranks.values()) != list(range(256)):

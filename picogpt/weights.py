@@ -51,7 +51,10 @@ def _read_safetensors(path):
         except ValueError:
             raise CheckpointError(bad) from None
     metadata = header.pop("__metadata__", None) or {}
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n_header) if size > 8 + n_header else np.zeros(0, np.uint8)
+    # Copy-on-write ("c") rather than read-only: the pages are shared with the page cache all the same,
+    # and the arrays are then typed as writable like every other array, so Numba compiles each kernel
+    # once rather than once for mapped and once for converted weights.
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n_header) if size > 8 + n_header else np.zeros(0, np.uint8)
     tensors = {}
     for name, info in header.items():
         try:
@@ -67,16 +70,11 @@ def _read_safetensors(path):
 def write_safetensors(path, tensors, metadata=None):
     """Write {name: (safetensors dtype, array)} to `path`, through a temporary file so that a full disk
     or an interrupt never leaves a truncated checkpoint behind."""
-    header, offset = {"__metadata__": metadata or {}}, 0
-    for name, (dtype, array) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format pads the header so the data starts 8-byte aligned
+    head = safetensors_header([(name, dtype, array.shape, array.nbytes) for name, (dtype, array) in tensors.items()], metadata)
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(len(head).to_bytes(8, "little") + head)
+            f.write(head)
             for _, array in tensors.values():
                 f.write(np.ascontiguousarray(array).tobytes())
         os.replace(tmp, path)
@@ -84,6 +82,18 @@ def write_safetensors(path, tensors, metadata=None):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def safetensors_header(entries, metadata=None):
+    """The bytes before a safetensors file's data, for [(name, safetensors dtype, shape, nbytes)] in
+    file order: all of it follows from the shapes, so a writer can stream the data after it."""
+    header, offset = {"__metadata__": metadata or {}}, 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header so the data starts 8-byte aligned
+    return len(head).to_bytes(8, "little") + head
 
 
 def _float32(array):
@@ -165,31 +175,41 @@ def expected_shapes(config):
     return shapes
 
 
-def to_params(tensors, config, source="checkpoint", packed=None):
-    """Check tensors against the config and nest them: params["h"][i]["attn"]["c_attn"]["weight"].
+def check_tensors(tensors, config, source="checkpoint", packed=None):
+    """{name: tensor as stored, or packed tuple} for every tensor GPT-2 uses, in expected_shapes'
+    order, checked against the config; nothing is converted (the tied lm_head aside, nothing is read).
 
-    Ordinary checkpoints become float32. `packed` names the format of a checkpoint written by
-    `picogpt convert` (see formats.py): its linears and wte are packed tuples, wte as wte.T."""
+    `packed` names the format of a checkpoint written by `picogpt convert` (see formats.py): its
+    linears and wte are packed tuples, wte as wte.T."""
     # save_pretrained writes "transformer.h.0...", the hub's own files "h.0...": accept both.
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    lm_head = tensors.pop("lm_head.weight", None)
-    params = {"h": [{} for _ in range(config["n_layer"])]}
+    packs = packed_names(config) if packed not in (None, "float32") else set()
+    checked = {}
     for name, shape in expected_shapes(config).items():
         if name not in tensors:
             raise CheckpointError(f"{source} lacks tensor '{name}': the file is incomplete or not a GPT-2 checkpoint")
-        if packed not in (None, "float32") and name in packed_names(config):
-            leaf = _packed(tensors, name, shape[::-1] if name == "wte.weight" else shape, packed, source)
+        if name in packs:
+            checked[name] = _packed(tensors, name, shape[::-1] if name == "wte.weight" else shape, packed, source)
         elif tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)}, config.json implies {shape}")
         else:
-            leaf = _float32(tensors[name])
+            checked[name] = tensors[name]
+    lm_head = tensors.get("lm_head.weight")
+    if lm_head is not None and not np.array_equal(lm_head, tensors["wte.weight"]):
+        raise CheckpointError(f"{source}: lm_head.weight differs from wte.weight; picogpt supports only GPT-2's tied lm_head")
+    return checked
+
+
+def to_params(tensors, config, source="checkpoint", packed=None):
+    """Check tensors against the config (check_tensors) and nest them: params["h"][i]["attn"]["c_attn"]["weight"].
+    Ordinary checkpoints become float32; packed weights stay packed tuples."""
+    params = {"h": [{} for _ in range(config["n_layer"])]}
+    for name, leaf in check_tensors(tensors, config, source, packed).items():
         *path, key = name.split(".")
         node = params
         for part in path:
             node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
-        node[key] = leaf
-    if lm_head is not None and not np.array_equal(lm_head, tensors["wte.weight"]):
-        raise CheckpointError(f"{source}: lm_head.weight differs from wte.weight; picogpt supports only GPT-2's tied lm_head")
+        node[key] = leaf if isinstance(leaf, formats.PACKED) else _float32(leaf)
     return params
 
 

@@ -62,6 +62,13 @@ def one_torch_thread():
     torch.set_num_threads(1)  # tiny models: threads only add overhead
 
 
+@pytest.fixture(scope="session", autouse=True)
+def picogpt_cache(tmp_path_factory):
+    """Converted copies (load with a dtype, see picogpt/converted.py) go to a temporary folder, never
+    ~/.cache; the environment variable reaches the `picogpt` subprocesses too."""
+    os.environ["PICOGPT_CACHE"] = str(tmp_path_factory.mktemp("picogpt-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """(folder, torch model): 2 layers, 2 heads, n_embd 32, GPT-2's full vocabulary, context of 64."""

@@ -35,10 +35,11 @@ def test_linear_rows_equals_the_reference_row_by_row(dtype, n_rows, n_in, n_out)
     w = w if dtype == "float32" else formats.pack(w, dtype)
     wide = formats.dequantize(w)  # the reference: widen, then matmul, one row at a time
     for threads in (1, 2, 3):
-        out = batched.linear_rows(x, w, b, kernels.EMPTY.reshape(0, 0), False, threads)
+        out = batched.linear_rows(x, w, b, kernels.EMPTY.reshape(0, 0), threads)
         assert_close(out, np.stack([model.linear(r, wide, b) for r in x]))
-        out = batched.linear_rows(x, w, b, res, True, threads)
-        assert_close(out, np.stack([model.gelu(model.linear(r, wide, b)) + e for r, e in zip(x, res)]))
+        out = batched.linear_rows(x, w, b, res, threads)
+        assert_close(out, np.stack([model.linear(r, wide, b) + e for r, e in zip(x, res)]))
+    assert_close(batched.linear(x, w, b, gelu=True), np.stack([model.gelu(model.linear(r, wide, b)) for r in x]))
 
 
 @pytest.mark.parametrize("dtype", formats.DTYPES)
@@ -47,7 +48,7 @@ def test_linear_rows_equals_the_reference_row_by_row(dtype, n_rows, n_in, n_out)
 def test_lm_head_rows_equals_the_reference_row_by_row(dtype, n_rows, n_vocab, n_embd):
     x, wte = randn(n_rows, n_embd), randn(n_vocab, n_embd, scale=0.1)
     if dtype == "float32":
-        got = batched.lm_head_rows(x, wte)
+        got = kernels.lm_head_rows(x, wte)
     else:
         packed = formats.pack(wte.T, dtype)  # a packed wte holds wte.T
         got, wte = batched.lm_head_packed_rows(x, packed), formats.dequantize(packed).T

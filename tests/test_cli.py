@@ -73,7 +73,7 @@ def test_help_documents_every_option():
 
 @pytest.mark.parametrize(
     "option,value,name",
-    [("--temperature", "-1", "temperature"), ("--top-p", "1.5", "top_p"), ("--top-k", "0", "top_k"), ("--max-new-tokens", "-3", "max_new_tokens"), ("--num-samples", "0", "num-samples")],
+    [("--temperature", "-1", "--temperature"), ("--top-p", "1.5", "--top-p"), ("--top-k", "0", "--top-k"), ("--max-new-tokens", "-3", "--max-new-tokens"), ("--num-samples", "0", "--num-samples"), ("--repetition-penalty", "0", "--repetition-penalty")],
 )
 def test_bad_sampling_values(tiny, option, value, name):
     assert_one_line_error(run("generate", "hi", "--model", tiny[0], option, value), name)
@@ -81,8 +81,8 @@ def test_bad_sampling_values(tiny, option, value, name):
 
 def test_unknown_model_without_network(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    assert_one_line_error(run("generate", "hi", "--model", "gpt2-medium", env=env), "openai-community/gpt2-medium", "--model", "local folder")
-    assert_one_line_error(run("generate", "hi", "--model", "nobody/nothing", env=env), "nobody/nothing", "--model")
+    assert_one_line_error(run("generate", "hi", "--model", "gpt2-medium", env=env), "openai-community/gpt2-medium", "HF_HUB_OFFLINE", "tiny", "local folder")
+    assert_one_line_error(run("generate", "hi", "--model", "nobody/nothing", env=env), "nobody/nothing", "the model tiny")
     assert_one_line_error(run("generate", "hi", "--model", "not a valid/repo id!", env=env), "unknown model")
     assert_one_line_error(run("generate", "hi", "--model", "./no-such-folder", env=env), "no such folder")
 
@@ -141,7 +141,7 @@ def test_ctrl_c_keeps_what_was_printed(tiny):
 def test_threads_and_backends_give_the_same_text(tiny):
     args = ["generate", "Hello", "--model", tiny[0], "-n", "16", "--seed", "5", "-v"]
     one = run(*args, "--threads", "1")
-    assert one.returncode == 0 and "numba backend, float32 weights, 1 threads" in one.stderr
+    assert one.returncode == 0 and "numba backend, float32 weights, 1 thread\n" in one.stderr
     two = run(*args, "--threads", "2")
     assert "numba backend, float32 weights, 2 threads" in two.stderr
     reference = run(*args, "--backend", "numpy")

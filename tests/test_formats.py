@@ -84,9 +84,9 @@ def test_packed_wte_rows_are_columns_of_its_lm_head(dtype):
 def test_linear_row(dtype, n_in, n_out, threads):
     x, b, res = randn(n_in), randn(n_out), randn(n_out)
     w = formats.pack(randn(n_in, n_out, scale=0.1), dtype)
-    assert_close(kernels.linear_row(x, w, b, kernels.EMPTY, False, threads), model.linear(x, w, b))
-    assert_close(kernels.linear_row(x, w, b, res, False, threads), res + model.linear(x, w, b))
-    assert_close(kernels.linear_row(x, w, b, kernels.EMPTY, True, threads), model.gelu(model.linear(x, w, b)))
+    assert_close(kernels.linear_row(x, w, b, kernels.EMPTY, threads), model.linear(x, w, b))
+    assert_close(kernels.linear_row(x, w, b, res, threads), res + model.linear(x, w, b))
+    assert_close(kernels.gelu_(kernels.linear_row(x, w, b, kernels.EMPTY, threads)), model.gelu(model.linear(x, w, b)))
 
 
 @pytest.mark.parametrize("dtype", PACKED)

@@ -1,0 +1,5 @@
+"""`python -m picogpt ...` is the `picogpt` command."""
+
+from .cli import entry
+
+entry()

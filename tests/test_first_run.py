@@ -1,0 +1,262 @@
+"""A new user's first ten minutes: the first run's compiling, Ctrl-C at any moment, standard input,
+a model in a notebook, and the command line's small courtesies."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import picogpt
+from picogpt import cli, model as ref
+
+from conftest import random_gpt2, save_checkpoint
+from test_cli import assert_one_line_error, run
+
+PICOGPT = os.path.join(os.path.dirname(sys.executable), "picogpt")
+
+
+# ---- the first run: everything compiled before the first token, and said -------------------------
+
+SCENARIOS = r"""
+import json
+import numpy as np
+from numba.core import event
+import picogpt
+from picogpt import generate, scoring, warmup
+
+compiles = []
+
+class Recorder(event.Listener):
+    def on_start(self, e):
+        compiles.append(e.data["dispatcher"].py_func.__name__)
+
+    def on_end(self, e):
+        pass
+
+event.register("numba:compile", Recorder())
+late = {}
+for dtype in ("float32", "int8"):
+    model = picogpt.load("tiny", dtype=dtype)
+    eot = model.tokenizer.eot_token
+    long = "The list of the " * 60  # past the batched kernels' rows (BLAS); slides a window of 256
+    for name, prompts, n, stop in [
+        ("one row, short prompt", ["The list"], 4, ()),
+        ("one row, long prompt, window slides", [long], 120, ()),
+        ("rows, one stops early", ["The list", "A"], 6, (1,)),
+        ("rows sharing a prompt", ["The list"] * 3, 4, (0, 2)),
+        ("a one-token prompt", [""], 3, ()),
+        ("rows, long prompts, windows slide", [long, "x" + long], 100, ()),
+    ]:
+        ids = [model.tokenizer.encode(p) or [eot] for p in prompts]
+        warmup.warm_up(model, ids, n, say=generate.warn)
+        compiles.clear()
+        stopped = set()
+        picks = [lambda logits: int(np.argmax(logits))] * len(ids)
+        for step in generate.decode_rows(model.forward_rows, model.params, model.config, ids, n, picks, eot, stopped, say=None):
+            stopped.update(stop)  # these rows stop (at a stop string, say) after the first token
+        late[f"{dtype}: {name}"] = list(compiles)
+    warmup.warm_up(model, score=True)
+    compiles.clear()
+    scoring.logprobs(model.forward, model.params, model.config, model.tokenizer.encode("The list of the things " * 200), 64)
+    late[f"{dtype}: scoring"] = list(compiles)
+    compiles.clear()
+    model.generate("The list", max_new_tokens=3)  # a Model warms itself up: nothing new to compile
+    late[f"{dtype}: Model.generate"] = list(compiles)
+print(json.dumps(late))
+"""
+
+
+def test_every_kernel_a_command_needs_is_compiled_before_its_first_token(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}  # an empty cache: everything compiles
+    result = subprocess.run([sys.executable, "-c", SCENARIOS], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    late = json.loads(result.stdout)
+    assert len(late) == 16 and late == {k: [] for k in late}, late  # nothing compiled after the first token
+    assert result.stderr.count("picogpt: compiling the kernels for this CPU, once") == 1, result.stderr
+
+
+def test_a_first_run_says_it_compiles_and_a_second_does_not(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    args = ["generate", "The list", "--model", "tiny", "-n", "5", "-t", "0", "--dtype", "bfloat16", "-v"]
+    first, second = run(*args, env=env), run(*args, env=env)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout and first.stdout.strip()
+    lines = first.stderr.splitlines()  # (the first may also say it keeps a bfloat16 copy of the model)
+    assert [line for line in lines if "compil" in line][0].startswith("picogpt: compiling the kernels for this CPU, once: about "), first.stderr
+    assert "kernels compiled in " in lines[-1] and "prompt: 2 tokens in " in lines[-1], first.stderr
+    assert len(second.stderr.splitlines()) == 1 and "compil" not in second.stderr, second.stderr  # from Numba's cache, silently
+
+
+def test_prompt_tokens_are_counted_once_for_samples_that_share_them(tiny):
+    r = run("generate", "Hello there", "--model", tiny[0], "-n", "3", "--num-samples", "3", "-v", "--seed", "1")
+    assert r.returncode == 0 and "prompt: 2 tokens in " in r.stderr and "9 tokens" in r.stderr, r.stderr
+
+
+# ---- Ctrl-C, at any moment, in every command -----------------------------------------------------
+
+
+def interrupt_at(args, delay, env=None):
+    p = subprocess.Popen([PICOGPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    return p.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def long_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "long.txt"
+    path.write_text("The list of the things that the interpreter does with a frame. " * 300)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def larger(tmp_path_factory):
+    """A random GPT-2 of 120 MB: enough work that a scan or a conversion takes a while."""
+    return save_checkpoint(random_gpt2(n_embd=384, n_layer=6, n_head=6, n_positions=256), str(tmp_path_factory.mktemp("larger")))
+
+
+@pytest.mark.parametrize("command", ["generate", "generate int8 rows", "score", "info --check", "convert"])
+def test_ctrl_c_is_clean_at_any_moment(command, long_text, larger, tmp_path):
+    args = {
+        "generate": ["generate", "The list", "--model", "tiny", "-n", "1500", "-t", "0"],  # slides its window
+        "generate int8 rows": ["generate", "The list", "--model", "tiny", "-n", "600", "--dtype", "int8", "--num-samples", "2", "--seed", "3"],
+        "score": ["score", long_text, "--model", "tiny", "--stride", "64"],
+        "info --check": ["info", "--check", "--model", larger],
+        "convert": ["convert", larger, str(tmp_path / "out"), "--dtype", "int8"],
+    }[command]
+    env = {**os.environ, "PICOGPT_CACHE": str(tmp_path / "cache")}
+    start = time.perf_counter()
+    whole = subprocess.run([PICOGPT, *args], capture_output=True, text=True, env=env)
+    took = time.perf_counter() - start
+    assert whole.returncode == 0, whole.stderr
+    # From 0.1 s on: before that, Python itself is starting, and a Ctrl-C ends it as it does any program
+    rng, interrupted = random.Random(command), 0
+    for i in range(10):
+        if command == "convert":
+            args[2] = str(tmp_path / f"out{i}")
+        delay = rng.uniform(0.1, took)
+        code, out, err = interrupt_at(args, delay, env)
+        assert "Traceback" not in err and "Error" not in err, err
+        if code == 0:  # it finished first
+            continue
+        interrupted += 1
+        assert code == 130 and err.endswith("picogpt: interrupted\n"), (code, err)
+        if command == "generate":  # what was printed is kept: the start of the whole text
+            assert whole.stdout.startswith(out.removesuffix("\n")), (out[-80:], whole.stdout[:80])
+    assert interrupted >= 3
+
+
+# ---- standard input and files: the same strict UTF-8 ---------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "score"])
+def test_bytes_that_are_not_utf8_get_one_line_whether_from_a_file_or_stdin(command, tmp_path):
+    bad = b"The list \xff\xfe of things"
+    path = tmp_path / "bad.txt"
+    path.write_bytes(bad)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # as a desktop locale decodes
+    from_stdin = subprocess.run([PICOGPT, command, "-", "--model", "tiny"], input=bad, capture_output=True, env=env)
+    result = subprocess.CompletedProcess(from_stdin.args, from_stdin.returncode, from_stdin.stdout.decode(), from_stdin.stderr.decode())
+    assert_one_line_error(result, "standard input is not UTF-8 text", "at byte 9")
+    if command == "score":
+        assert_one_line_error(run("score", str(path), "--model", "tiny"), f"{path} is not UTF-8 text", "at byte 9")
+    good = subprocess.run([PICOGPT, command, "-", "--model", "tiny", *(["-n", "3", "-t", "0"] if command == "generate" else [])],
+                          input="The list é of things".encode(), capture_output=True, env=env)  # fmt: skip
+    assert good.returncode == 0, good.stderr
+
+
+# ---- a model in a notebook -----------------------------------------------------------------------
+
+
+def test_a_model_shows_as_one_line(tiny):
+    folder, hf = tiny
+    model = picogpt.load(folder, dtype="int8")
+    text = repr(model)
+    assert "\n" not in text and len(text) < 200, text
+    for part in (folder, "int8", "2 layers", "2 heads", "width 32", "context 64", f"{hf.num_parameters() / 1e6:.1f}M parameters", "numba"):
+        assert part in text, (part, text)
+    assert "numpy backend" in repr(picogpt.load("tiny", backend="numpy"))
+
+
+def test_the_package_lists_and_reaches_its_names():
+    import importlib.metadata
+
+    names = dir(picogpt)
+    for name in ("load", "Model", "gpt2", "kv_cache", "formats", "kernels", "model", "__version__"):
+        assert name in names
+    assert picogpt.__version__ == importlib.metadata.version("picogpt")
+    # README's names work after a plain `import picogpt`, in a fresh interpreter
+    code = "import picogpt; picogpt.kernels.gpt2; picogpt.formats.convert; picogpt.batched.gpt2_rows; print(picogpt.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == picogpt.__version__, out.stderr
+
+
+@pytest.mark.parametrize("call,argument", [
+    (lambda m: m.generate(None), "prompt"),
+    (lambda m: m.generate([]), "prompt"),
+    (lambda m: m.generate(["a", 3]), "prompt"),
+    (lambda m: m.complete(None), "prompt"),
+    (lambda m: m.generate("a", seed="a"), "seed"),
+    (lambda m: m.generate("a", seed=1.5), "seed"),
+    (lambda m: m.generate("a", max_new_tokens="3"), "max_new_tokens"),
+    (lambda m: m.generate("a", temperature=None), "temperature"),
+    (lambda m: m.score(None), "text"),
+    (lambda m: m.logprobs([1, 2, 10**6]), "vocabulary"),
+])  # fmt: skip
+def test_wrong_arguments_raise_a_value_error_naming_them(tiny, call, argument):
+    with pytest.raises(ValueError, match=argument):
+        call(picogpt.load(tiny[0]))
+
+
+@pytest.mark.parametrize("forward", [ref.gpt2, "kernels"])
+def test_the_forward_pass_checks_its_token_ids(tiny, forward):
+    model = picogpt.load(tiny[0])
+    forward = picogpt.kernels.gpt2 if forward == "kernels" else forward
+    run = lambda ids, **kw: forward(ids, **model.params, n_head=2, **kw)  # noqa: E731
+    for ids, words in [([], "non-empty"), ([1.5, 2], "whole numbers"), ([[1, 2]], "non-empty list"), ([5, 50257], "outside the vocabulary of 50257"),
+                       ([-1], "outside the vocabulary"), (list(range(65)), "past the model's context of 64")]:  # fmt: skip
+        with pytest.raises(ValueError, match=words):
+            run(ids)
+    assert run([5, 6]).shape == (2, 50257)
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+def test_python_dash_m_and_version():
+    for command in ([sys.executable, "-m", "picogpt"], [PICOGPT]):
+        r = subprocess.run([*command, "--version"], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip() == f"picogpt {picogpt.__version__}", r
+    r = subprocess.run([sys.executable, "-m", "picogpt", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "generate" in r.stdout and "score" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "picogpt", "generate", "The list", "--model", "tiny", "-n", "4", "-t", "0"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == run("generate", "The list", "--model", "tiny", "-n", "4", "-t", "0").stdout
+
+
+def test_more_threads_than_cores_are_clamped_with_a_note(tiny):
+    r = run("generate", "hi", "--model", tiny[0], "-n", "2", "--threads", "64", "-v")
+    cores = cli.cores()
+    assert r.returncode == 0 and f"--threads 64 is more than the {cores} core" in r.stderr, r.stderr
+    assert f"{cli.plural(cores, 'thread')}\n" in r.stderr
+
+
+def test_wording(tiny, tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("The")
+    assert_one_line_error(run("score", str(one), "--model", "tiny"), "holds 1 token;")
+    assert_one_line_error(run("generate", "hi", "--model", "not a valid/repo id!"), "tiny")
+    assert_one_line_error(run("generate", "hi", "--top-k", "0"), "--top-k must be a whole number >= 1, got 0")
+    empty = save_checkpoint(tiny[1], str(tmp_path / "empty"))
+    (tmp_path / "empty" / "vocab.json").write_text("{}")
+    assert_one_line_error(run("generate", "hi", "--model", empty), "vocab.json holds no tokens")
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    r = run("convert", "gpt2", str(tmp_path / "out"), "--dtype", "int8", env=offline)
+    assert_one_line_error(r, "unset HF_HUB_OFFLINE", "use the model tiny")
+    assert "--model" not in r.stderr and "connect to the network" not in r.stderr
