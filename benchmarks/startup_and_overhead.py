@@ -2,9 +2,10 @@
 
     python benchmarks/startup_and_overhead.py [--size gpt2]
 
-1. Start-up: `picogpt generate` on random weights, first with an empty Numba cache (the first-ever
-   run compiles every kernel), then again (kernels load from the on-disk cache), wall time to the
-   end of the first two new tokens.
+1. Start-up: `picogpt generate` on the shipped tiny model (README's first command) and on random
+   weights of the real shape, first with an empty Numba cache (the first-ever run compiles every
+   kernel it needs), then again (kernels load from the on-disk cache): wall time to the first piece
+   of text on stdout, and to the end.
 2. Per-token split: ms/token of a decode step on the real shapes, against the same number of layers
    and kernel calls with tiny widths, where the arithmetic is negligible and what remains is Python,
    dispatch and thread wake-ups.
@@ -24,11 +25,15 @@ import picogpt
 from picogpt import kernels, model
 
 
-def cli_seconds(folder, cache_dir):
-    cmd = [os.path.join(os.path.dirname(sys.executable), "picogpt"), "generate", "Hello world", "--model", folder, "-n", "2", "-t", "0"]
+def cli_seconds(model, cache_dir, *options):
+    """(seconds to the first text on stdout, seconds to the end) of `picogpt generate`."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "picogpt"), "generate", "The list", "--model", model, "-t", "0", *options]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "NUMBA_CACHE_DIR": cache_dir})
-    return time.perf_counter() - start
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "NUMBA_CACHE_DIR": cache_dir})
+    p.stdout.read(1)
+    first = time.perf_counter() - start
+    p.communicate()
+    return first, time.perf_counter() - start
 
 
 def ms_per_token(params, config, steps=100):
@@ -50,10 +55,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="gpt2", choices=SHAPES)
     args = p.parse_args()
+    for dtype in ("float32", "int8"):
+        with tempfile.TemporaryDirectory() as cache_dir:
+            (cold_first, cold), (warm_first, warm) = (cli_seconds("tiny", cache_dir, "-n", "60", "--dtype", dtype) for _ in range(2))
+        print(f"`picogpt generate \"The list\" --model tiny -n 60 --dtype {dtype}`: first-ever run {cold_first:.1f} s to the first "
+              f"token, {cold:.1f} s in all (compiles); next run {warm_first:.2f} s and {warm:.2f} s")
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as cache_dir:
         random_checkpoint(args.size, folder)
-        cold, warm = cli_seconds(folder, cache_dir), cli_seconds(folder, cache_dir)
-        print(f"start-up, `picogpt generate` to 2 new tokens ({args.size}): first-ever run {cold:.1f} s (compiles), next run {warm:.1f} s")
+        (cold_first, cold), (warm_first, warm) = cli_seconds(folder, cache_dir, "-n", "2"), cli_seconds(folder, cache_dir, "-n", "2")
+        print(f"`picogpt generate` to 2 new tokens ({args.size}): first-ever run {cold:.1f} s (compiles), next run {warm:.1f} s")
         real = picogpt.load(folder)
         total = ms_per_token(real.params, real.config)
 
