@@ -16,10 +16,11 @@ from . import formats
 
 COMPILE_SECONDS = 15  # a first run on this project's 2-core machine: README's "First run"
 N_CTX = 32  # the small model's context: a real prompt is mapped to at most SHORT + 1 tokens
+N_VOCAB = 64  # the small model's vocabulary
 SHORT = 16  # the most prompt tokens that the batched kernels take (batched.ROWS_MAX) instead of BLAS
 
 
-def small_params(params, n_embd=64, n_vocab=64):
+def small_params(params, n_embd=64, n_vocab=N_VOCAB):
     """A one-layer GPT-2 parameter tree whose every weight has the format of the one in `params`."""
 
     def weight(shape, like):  # [in, out]; the values do not matter, only the types
@@ -89,18 +90,18 @@ def warm_up(model, prompts=(), max_new_tokens=1, score=False, say=None):
     from .generate import decode_rows, rows_one_by_one  # the real decode loop, on the small model
     from .scoring import logprobs
 
-    params, config = small_params(model.params)
-    forward_rows = model.forward_rows or rows_one_by_one(model.forward)
     # Prompts that take the same paths as the real ones: one token, a few (the batched kernels) or
     # more (BLAS); identical where the real ones are (they share one prefill).
     distinct, small = {}, []
     for ids in prompts:
         k = distinct.setdefault(tuple(ids), len(distinct))
-        small.append([k % config["vocab_size"]] + [0] * (min(len(ids), SHORT + 1) - 1))
+        small.append([k % N_VOCAB] + [0] * (min(len(ids), SHORT + 1) - 1))
     fills = bool(prompts) and max(map(len, prompts)) + max_new_tokens > model.config["n_positions"]  # the window slides
     done = (model.forward, tuple(formats.dtype_of(w) for w in weights_of(model.params)), tuple(map(tuple, small)), fills, score)
     if done in _warm:
         return 0.0
+    params, config = small_params(model.params)
+    forward_rows = model.forward_rows or rows_one_by_one(model.forward)
     with Compiling(say) as compiling:
         if prompts:
             steps = N_CTX - max(map(len, small)) + 3 if fills else 3
