@@ -14,7 +14,7 @@ import numpy as np
 
 from . import formats
 
-COMPILE_SECONDS = 15  # a first run on this project's 2-core machine: README's "First run"
+COMPILE_SECONDS = "10 to 15"  # measured on this project's 2-core machine: README, "The first run compiles"
 N_CTX = 32  # the small model's context: a real prompt is mapped to at most SHORT + 1 tokens
 N_VOCAB = 64  # the small model's vocabulary
 SHORT = 16  # the most prompt tokens that the batched kernels take (batched.ROWS_MAX) instead of BLAS
