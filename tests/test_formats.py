@@ -108,6 +108,33 @@ def checkpoint(request):
     return params, hf.config.to_dict()
 
 
+@pytest.fixture(scope="module")
+def long_context():
+    hf = random_gpt2(seed=4, vocab_size=300, n_positions=512, n_layer=2, n_head=2, n_embd=32)
+    params = to_params({k: v.detach().numpy() for k, v in hf.state_dict().items()}, hf.config.to_dict())
+    return params, hf.config.to_dict()
+
+
+@pytest.mark.parametrize("dtype", formats.DTYPES)
+def test_prefills_past_several_attention_blocks(long_context, dtype):
+    """kernels.attention takes queries in blocks of 128: prompts of 300 tokens, whole and in two
+    pieces through the cache (the second starting mid-block), one sequence and several at once."""
+    params, config = long_context
+    params = formats.convert(params, dtype)
+    n_head, head_dim = config["n_head"], config["n_embd"] // config["n_head"]
+    ids = rng.integers(0, 300, 300)
+    expected = model.gpt2(ids, **params, n_head=n_head)
+    assert_close(kernels.gpt2(ids, **params, n_head=n_head), expected)
+    cache = model.kv_cache(config["n_layer"], n_head, 512, head_dim)
+    first = kernels.gpt2(ids[:150], **params, n_head=n_head, cache=cache)
+    second = kernels.gpt2(ids[150:], **params, n_head=n_head, cache=cache, past=150)
+    assert_close(np.concatenate([first, second]), expected)
+    other = rng.integers(0, 300, 260)
+    cache = model.kv_cache(config["n_layer"], n_head, 512, head_dim, n_rows=2)
+    rows = picogpt.batched.gpt2_rows([ids, other], **params, n_head=n_head, cache=cache, rows=[0, 1], past=[0, 0])
+    assert_close(rows, np.stack([expected[-1], model.gpt2(other, **params, n_head=n_head)[-1]]))
+
+
 @pytest.mark.parametrize("dtype", PACKED)
 @pytest.mark.parametrize("n_seq", [1, 7, 64])
 def test_forward_on_packed_weights_matches_the_reference(checkpoint, dtype, n_seq):

@@ -72,7 +72,7 @@ def test_attend_row_reads_only_the_valid_cache(n_head, head_dim, n_kv):
     assert_close(kernels.attend_row(q, k_cache, v_cache, n_kv), expected)
 
 
-@pytest.mark.parametrize("n_head,n_seq,past", [(1, 2, 0), (3, 7, 0), (25, 9, 4), (2, 64, 0), (4, 5, 59)])
+@pytest.mark.parametrize("n_head,n_seq,past", [(1, 2, 0), (3, 7, 0), (25, 9, 4), (2, 64, 0), (4, 5, 59), (2, 300, 0), (3, 200, 150)])
 def test_prefill_attention(n_head, n_seq, past):
     head_dim = 16
     q = randn(n_head, n_seq, head_dim, scale=3.0)
