@@ -8,6 +8,7 @@ before the real ones, so everything a command needs is compiled up front, once, 
 stderr says what is happening. On a warm cache the whole warm-up takes a few milliseconds.
 """
 
+import sys
 import time
 
 import numpy as np
@@ -53,10 +54,9 @@ class Compiling:
         self.say, self.depth, self.seconds, self.started = say, 0, 0.0, None
 
     def __enter__(self):
-        try:
-            from numba.core import event
-        except ImportError:  # the NumPy backend: nothing to compile
+        if "numba" not in sys.modules:  # the NumPy backend: nothing to compile, and numba not to import
             return self
+        from numba.core import event
 
         class Listener(event.Listener):
             def on_start(_, e):
