@@ -1,10 +1,10 @@
-"""How far the decode matmul kernels are from the machine's limits, per weight format and row count.
+"""How far the matmul microkernel is from the machine's limits, per weight format and row count.
 
     python benchmarks/bench_kernels.py [--sizes gpt2 gpt2-medium] [--rows 1 2 4 8 16]
 
 For every block linear of a model's real shapes (random weights; c_attn, attn.c_proj, c_fc,
 mlp.c_proj of every layer: hundreds of MB, so they stream from DRAM as in a decode step), one pass of
-R rows through all of them: `kernels.linear_row` for 1 row, `batched.linear_rows` for more. Reported:
+R rows through all of them with `microkernel.linear` (the weights in its column panels). Reported:
 
 - GFLOP/s: 2 * R * weights / seconds (the arithmetic limit: sgemm's rate, below);
 - GB/s: the weights' bytes / seconds (the bandwidth limit: a plain read, below);
@@ -21,7 +21,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from picogpt import batched, formats, kernels
+from picogpt import formats, microkernel
 
 SHAPES = {"gpt2": (12, 768), "gpt2-medium": (24, 1024), "gpt2-large": (36, 1280), "gpt2-xl": (48, 1600)}  # n_layer, n_embd
 
@@ -68,6 +68,7 @@ def main():
     args = p.parse_args()
     threads, rng = numba.get_num_threads(), np.random.default_rng(0)
     print(f"{threads} threads; numpy {np.__version__}, numba {numba.__version__}; best of {args.repeats}; all block linears of each model per pass")
+    print(f"microkernel: tiles of {microkernel.R} rows x {microkernel.C} vectors of {microkernel.LANES} float32, panels of {microkernel.P} outputs")
     print("| model | weights | rows | GFLOP/s | GB/s | vs sgemm GFLOP/s | vs plain read GB/s |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
@@ -75,18 +76,15 @@ def main():
         n_weights = sum(w.size for w in wide)
         for dtype in formats.DTYPES:
             ws = wide if dtype == "float32" else [formats.pack(w, dtype) for w in wide]
+            layers = [microkernel.linear_of(w) for w in ws]  # column panels
+            ws = [layer.weight for layer in layers]  # their bytes are read: the padding counts
             n_bytes = sum(formats.nbytes(w) for w in ws)
             words = [a for w in ws for a in raw_words(w)]
             read = n_bytes / best(lambda: [read_words(a, threads) for a in words], args.repeats) / 1e9
             for rows in args.rows:
-                xs = [(0.1 * rng.standard_normal((rows, formats.shape(w)[0]))).astype(np.float32) for w in ws]
-                biases = [np.zeros(formats.shape(w)[1], np.float32) for w in ws]
-                if rows == 1:
-                    run = lambda: [kernels.linear_row(x[0], w, b, kernels.EMPTY, threads) for x, w, b in zip(xs, ws, biases)]  # noqa: E731
-                else:
-                    none = kernels.EMPTY.reshape(0, 0)
-                    run = lambda: [batched.linear_rows(x, w, b, none, threads) for x, w, b in zip(xs, ws, biases)]  # noqa: E731
-                seconds = best(run, args.repeats)
+                xs = [(0.1 * rng.standard_normal((rows, w.shape[0]))).astype(np.float32) for w in wide]
+                none = np.empty((0, 0), np.float32)
+                seconds = best(lambda: [microkernel.linear(x, *layer, none, threads) for x, layer in zip(xs, layers)], args.repeats)
                 sgemm = 2 * rows * n_weights / best(lambda: [x @ w for x, w in zip(xs, wide)], args.repeats) / 1e9
                 flops, gbs = 2 * rows * n_weights / seconds / 1e9, n_bytes / seconds / 1e9
                 print(f"| {size} | {dtype} | {rows} | {flops:.1f} | {gbs:.1f} | {flops / sgemm:.2f}x of {sgemm:.0f} | {gbs / read:.2f}x of {read:.1f} |", flush=True)

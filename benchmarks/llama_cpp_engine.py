@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -138,6 +139,55 @@ def llama_generate(path, n_threads=None, n_ctx=1024, **llama_kwargs):
             llm.eval(tokens[-1:])
             tokens.append(greedy())
         return tokens
+
+    return generate
+
+
+def llama_batch_generate(path, n_seq, n_threads=None, n_ctx=1024):
+    """llama.cpp's own batched decoding: load the GGUF model at `path` once, with a context of n_seq
+    sequences (n_seq_max) in one unified KV cache; return generate(prompts, n) -> (seconds to the first
+    new tokens, seconds for the n - 1 decode steps after them). Each step is one llama_batch holding
+    the new token of every sequence (the prompts: one batch with all of them), one llama_decode, and
+    a greedy pick from llama_get_logits_ith for each sequence, as llama.cpp's batched example does."""
+    import ctypes
+
+    import llama_cpp
+
+    n_threads = n_threads or os.cpu_count()
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(path.encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = n_ctx * n_seq, 512 * n_seq, 512
+    params.n_seq_max, params.kv_unified = n_seq, True
+    params.n_threads = params.n_threads_batch = n_threads
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    batch = llama_cpp.llama_batch_init(512 * n_seq, 0, n_seq)
+
+    def decode(items):  # [(token, position, sequence, wants logits)] -> the greedy pick of each item that wants them
+        for i, (token, pos, seq, logits) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(items)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        picks = []
+        for i, item in enumerate(items):
+            if item[3]:
+                pointer = llama_cpp.llama_get_logits_ith(ctx, i)
+                picks.append(int(np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).argmax()))
+        return picks
+
+    def generate(prompts, n):
+        assert len(prompts) <= n_seq
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        start = time.perf_counter()
+        items = [(t, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, t in enumerate(p)]
+        tokens = decode(items)
+        first = time.perf_counter()
+        for step in range(n - 1):
+            tokens = decode([(t, len(p) + step, s, True) for s, (t, p) in enumerate(zip(tokens, prompts))])
+        return first - start, time.perf_counter() - first
 
     return generate
 

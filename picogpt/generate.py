@@ -19,7 +19,7 @@ def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eo
     """Decode many sequences together: each step, yield [(row, token), ...] for every row still running.
 
     forward_rows(inputs, **params, cache=, rows=, past=) runs the rows' new tokens through the model
-    at once (batched.gpt2_rows); picks[row](logits) chooses a row's next token. A row stops at `eot`,
+    at once (kernels.gpt2_rows); picks[row](logits) chooses a row's next token. A row stops at `eot`,
     after max_new_tokens, or once the caller adds it to `stopped` (a stop string). Rows with the same
     prompt share one prefill. GPT-2's positions are absolute, so past n_positions tokens a row's cache
     cannot simply roll: that row drops the oldest quarter of its context and prefills the rest again
@@ -154,7 +154,7 @@ class Model:
     tokenizer: object
     forward: object = model.gpt2
     folder: str = None  # where the checkpoint's files are
-    forward_rows: object = None  # many sequences at once (batched.gpt2_rows); None: forward on each in turn
+    forward_rows: object = None  # many sequences at once (kernels.gpt2_rows); None: forward on each in turn
     name: str = None  # what it was loaded as: gpt2, tiny, org/name, a folder
 
     def __repr__(self):  # one line: the params alone would print every weight
@@ -285,9 +285,9 @@ def forward_for(backend):
     """The forward passes, one sequence and many: "numba" (the kernels, default) or "numpy" (model.py,
     the readable reference, which runs many sequences one after another)."""
     if backend == "numba":
-        from . import batched, kernels  # imports numba: deferred so the NumPy path never pays for it
+        from . import kernels  # imports numba: deferred so the NumPy path never pays for it
 
-        return kernels.gpt2, batched.gpt2_rows
+        return kernels.gpt2, kernels.gpt2_rows
     if backend == "numpy":
         return model.gpt2, rows_one_by_one(model.gpt2)
     raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
@@ -313,4 +313,8 @@ def load(name_or_path="gpt2", backend="numba", dtype=None, revision=None):
             "vocab.json and merges.txt belong to another model"
         )
     params, config, _ = converted.load_params(folder, dtype)
+    if backend == "numba":  # lay the weights out for the microkernel now, as part of loading
+        from . import kernels
+
+        kernels.prepare(params["wte"], params["h"])
     return Model(params, config, tokenizer, forward, folder, forward_rows, name_or_path)

@@ -1,4 +1,4 @@
-"""Batched generation: the B-row kernels against the NumPy reference row by row, batched logits against
+"""Batched generation: attention over B cache rows against the NumPy reference row by row, batched logits against
 transformers with a left-padded attention mask, and every row of a batch against its prompt alone."""
 
 import subprocess
@@ -10,7 +10,7 @@ import torch
 from conftest import random_gpt2
 
 import picogpt
-from picogpt import batched, formats, kernels, model
+from picogpt import formats, kernels, model, ops
 from picogpt.generate import decode_rows, decode_tokens, rows_one_by_one
 from picogpt.weights import to_params
 
@@ -26,35 +26,6 @@ def assert_close(got, expected, rtol=1e-5):
     assert np.abs(got - expected).max() <= rtol * max(1.0, np.abs(expected).max()), np.abs(got - expected).max()
 
 
-@pytest.mark.parametrize("dtype", formats.DTYPES)
-@pytest.mark.parametrize("n_rows", [1, 2, 5, 16])
-@pytest.mark.parametrize("n_in,n_out", [(7, 13), (37, 101), (96, 70)])
-def test_linear_rows_equals_the_reference_row_by_row(dtype, n_rows, n_in, n_out):
-    x, b, res = randn(n_rows, n_in), randn(n_out), randn(n_rows, n_out)
-    w = randn(n_in, n_out, scale=0.1)
-    w = w if dtype == "float32" else formats.pack(w, dtype)
-    wide = formats.dequantize(w)  # the reference: widen, then matmul, one row at a time
-    for threads in (1, 2, 3):
-        out = batched.linear_rows(x, w, b, kernels.EMPTY.reshape(0, 0), threads)
-        assert_close(out, np.stack([model.linear(r, wide, b) for r in x]))
-        out = batched.linear_rows(x, w, b, res, threads)
-        assert_close(out, np.stack([model.linear(r, wide, b) + e for r, e in zip(x, res)]))
-    assert_close(batched.linear(x, w, b, gelu=True), np.stack([model.gelu(model.linear(r, wide, b)) for r in x]))
-
-
-@pytest.mark.parametrize("dtype", formats.DTYPES)
-@pytest.mark.parametrize("n_rows", [1, 2, 3, 4, 5, 9])
-@pytest.mark.parametrize("n_vocab,n_embd", [(7, 3), (1000, 50), (1500, 64)])
-def test_lm_head_rows_equals_the_reference_row_by_row(dtype, n_rows, n_vocab, n_embd):
-    x, wte = randn(n_rows, n_embd), randn(n_vocab, n_embd, scale=0.1)
-    if dtype == "float32":
-        got = kernels.lm_head_rows(x, wte)
-    else:
-        packed = formats.pack(wte.T, dtype)  # a packed wte holds wte.T
-        got, wte = batched.lm_head_packed_rows(x, packed), formats.dequantize(packed).T
-    assert_close(got, np.stack([r @ wte.T for r in x]))
-
-
 @pytest.mark.parametrize("n_head,head_dim", [(1, 1), (3, 7), (12, 64)])
 def test_attend_rows_reads_each_row_only_to_its_own_length(n_head, head_dim):
     n_rows, n_ctx = 4, 40
@@ -64,7 +35,7 @@ def test_attend_rows_reads_each_row_only_to_its_own_length(n_head, head_dim):
     for r, n in zip(rows, n_kv):
         k_cache[r, :, :n], v_cache[r, :, :n] = randn(n_head, n, head_dim, scale=2.0), randn(n_head, n, head_dim)
     q = randn(len(rows), n_head, head_dim, scale=2.0)
-    got = batched.attend_rows(q, k_cache, v_cache, rows, n_kv)
+    got = ops.attend_rows(q, k_cache, v_cache, rows, n_kv)
     for s, (r, n) in enumerate(zip(rows, n_kv)):
         expected = model.attention(q[s][:, None], k_cache[r, :, :n], v_cache[r, :, :n], past=n - 1)[:, 0]
         assert_close(got[s], expected)
@@ -102,7 +73,7 @@ def test_batched_logits_equal_transformers_with_left_padding_and_cached_decoding
     cache = model.kv_cache(2, n_head, 64, 16, n_rows=3)
     rows, inputs, past = [0, 1, 2], sequences, [0, 0, 0]
     for step in range(8):
-        got = batched.gpt2_rows(inputs, **p, n_head=n_head, cache=cache, rows=rows, past=past)
+        got = kernels.gpt2_rows(inputs, **p, n_head=n_head, cache=cache, rows=rows, past=past)
         reference = np.stack([model.gpt2(s, **p, n_head=n_head)[-1] for s in sequences])
         assert_close(got, reference)
         if dtype == "float32":
@@ -118,9 +89,9 @@ def test_batched_logits_equal_transformers_with_left_padding_and_cached_decoding
 def test_a_subset_of_rows_leaves_the_others_untouched(params):
     cache = model.kv_cache(2, 4, 64, 16, n_rows=3)
     prompts = [[5, 6, 7], [8], [9, 10]]
-    batched.gpt2_rows(prompts, **params, n_head=4, cache=cache, rows=[0, 1, 2], past=[0, 0, 0])
+    kernels.gpt2_rows(prompts, **params, n_head=4, cache=cache, rows=[0, 1, 2], past=[0, 0, 0])
     before = [k[1].copy() for k, _ in cache]
-    got = batched.gpt2_rows([[11], [12]], **params, n_head=4, cache=cache, rows=[2, 0], past=[2, 3])
+    got = kernels.gpt2_rows([[11], [12]], **params, n_head=4, cache=cache, rows=[2, 0], past=[2, 3])
     assert all(np.array_equal(b, k[1]) for b, (k, _) in zip(before, cache))
     assert_close(got[0], model.gpt2([9, 10, 11], **params, n_head=4)[-1])
     assert_close(got[1], model.gpt2([5, 6, 7, 12], **params, n_head=4)[-1])

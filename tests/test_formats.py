@@ -78,26 +78,6 @@ def test_packed_wte_rows_are_columns_of_its_lm_head(dtype):
 # ---- kernels against the dequantize-then-matmul reference ---------------------------------------
 
 
-@pytest.mark.parametrize("dtype", PACKED)
-@pytest.mark.parametrize("n_in,n_out", [(1, 1), (7, 13), (37, 101), (50, 64), (768, 2304), (3072, 768)])
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_linear_row(dtype, n_in, n_out, threads):
-    x, b, res = randn(n_in), randn(n_out), randn(n_out)
-    w = formats.pack(randn(n_in, n_out, scale=0.1), dtype)
-    assert_close(kernels.linear_row(x, w, b, kernels.EMPTY, threads), model.linear(x, w, b))
-    assert_close(kernels.linear_row(x, w, b, res, threads), res + model.linear(x, w, b))
-    assert_close(kernels.gelu_(kernels.linear_row(x, w, b, kernels.EMPTY, threads)), model.gelu(model.linear(x, w, b)))
-
-
-@pytest.mark.parametrize("dtype", PACKED)
-@pytest.mark.parametrize("n_in,n_out", [(1, 3), (45, 19), (96, 40)])
-def test_prefill_dequantizes_exactly_then_uses_blas(dtype, n_in, n_out):
-    w = formats.pack(randn(n_in, n_out), dtype)
-    assert np.array_equal(kernels.dequantized(w), formats.dequantize(w))
-    x, b = randn(9, n_in), randn(n_out)
-    assert_close(kernels.linear(x, w, b, gelu=True), model.gelu(model.linear(x, w, b)))
-
-
 SHAPES = [dict(n_layer=2, n_head=2, n_embd=64), dict(n_layer=2, n_head=25, n_embd=50, n_inner=37)]
 
 
@@ -117,7 +97,7 @@ def long_context():
 
 @pytest.mark.parametrize("dtype", formats.DTYPES)
 def test_prefills_past_several_attention_blocks(long_context, dtype):
-    """kernels.attention takes queries in blocks of 128: prompts of 300 tokens, whole and in two
+    """ops.attention takes queries in blocks of 128: prompts of 300 tokens, whole and in two
     pieces through the cache (the second starting mid-block), one sequence and several at once."""
     params, config = long_context
     params = formats.convert(params, dtype)
@@ -131,7 +111,7 @@ def test_prefills_past_several_attention_blocks(long_context, dtype):
     assert_close(np.concatenate([first, second]), expected)
     other = rng.integers(0, 300, 260)
     cache = model.kv_cache(config["n_layer"], n_head, 512, head_dim, n_rows=2)
-    rows = picogpt.batched.gpt2_rows([ids, other], **params, n_head=n_head, cache=cache, rows=[0, 1], past=[0, 0])
+    rows = picogpt.kernels.gpt2_rows([ids, other], **params, n_head=n_head, cache=cache, rows=[0, 1], past=[0, 0])
     assert_close(rows, np.stack([expected[-1], model.gpt2(other, **params, n_head=n_head)[-1]]))
 
 

@@ -5,7 +5,7 @@ import pytest
 from conftest import random_gpt2, torch_logits
 
 import picogpt
-from picogpt import kernels, model
+from picogpt import kernels, model, ops
 from picogpt.generate import decode_tokens
 from picogpt.weights import to_params
 
@@ -22,54 +22,31 @@ def assert_close(got, expected, rtol=1e-5):
     assert np.abs(got - expected).max() <= rtol * max(1.0, np.abs(expected).max()), np.abs(got - expected).max()
 
 
-@pytest.mark.parametrize("n_in,n_out", [(1, 1), (3, 5), (7, 13), (37, 101), (768, 2304), (3072, 768)])
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_linear_row(n_in, n_out, threads):
-    x, w, b, res = randn(n_in), randn(n_in, n_out, scale=0.1), randn(n_out), randn(n_out)
-    assert_close(kernels.linear_row(x, w, b, kernels.EMPTY, threads), model.linear(x, w, b))
-    assert_close(kernels.linear_row(x, w, b, res, threads), res + model.linear(x, w, b))
-    assert_close(kernels.gelu_(kernels.linear_row(x, w, b, kernels.EMPTY, threads)), model.gelu(model.linear(x, w, b)))
-
-
-@pytest.mark.parametrize("n_seq", [2, 5, 33])
-def test_linear_many_rows_through_blas(n_seq):
-    x, w, b, res = randn(n_seq, 19), randn(19, 23), randn(23), randn(n_seq, 23)
-    assert_close(kernels.linear(x, w, b), model.linear(x, w, b))  # BLAS, then the fused bias pass
-    assert_close(kernels.linear(x, w, b, residual=res), res + model.linear(x, w, b))
-    assert_close(kernels.linear(x, w, b, gelu=True), model.gelu(model.linear(x, w, b)))
-
-
-@pytest.mark.parametrize("n_vocab,n_embd", [(1, 1), (101, 7), (50257, 48)])
-def test_lm_head_row(n_vocab, n_embd):
-    x, wte = randn(n_embd), randn(n_vocab, n_embd)
-    assert_close(kernels.lm_head_rows(x[None], wte)[0], x @ wte.T)
-
-
 @pytest.mark.parametrize("n", [1, 2, 7, 768, 1601])
 def test_layer_norm(n):
     x, w, b = randn(5, n, scale=3.0) + 2, randn(n), randn(n)
-    assert_close(kernels.layer_norm_row(x[0], w, b, 1e-5), model.layer_norm(x[0], w, b, 1e-5))
-    assert_close(kernels.layer_norm_rows(x, w, b, 1e-5), model.layer_norm(x, w, b, 1e-5))
+    assert_close(ops.layer_norm_rows(x, w, b, 1e-5), model.layer_norm(x, w, b, 1e-5))
 
 
 def test_gelu_over_its_whole_range():
     x = np.concatenate([np.linspace(-30, 30, 6000), randn(1000)]).astype(np.float32).reshape(7, -1)
     bias = randn(x.shape[1], scale=0.1)
     expected = model.gelu(x + bias)
-    got = kernels.bias_gelu_(x.copy(), bias)
+    got = ops.bias_gelu_(x.copy(), bias)
     assert np.abs(got - expected).max() <= 1e-5 * np.maximum(1, np.abs(expected)).max()
 
 
 @pytest.mark.parametrize("n_head,head_dim", [(1, 1), (1, 64), (3, 7), (25, 64), (12, 64)])
 @pytest.mark.parametrize("n_kv", [1, 2, 31, 64])
-def test_attend_row_reads_only_the_valid_cache(n_head, head_dim, n_kv):
+def test_attend_one_row_reads_only_the_valid_cache(n_head, head_dim, n_kv):
     n_ctx = 64
     k_cache = np.full((n_head, n_ctx, head_dim), np.nan, np.float32)  # NaN beyond the valid length
     v_cache = np.full((n_head, n_ctx, head_dim), np.nan, np.float32)
     k_cache[:, :n_kv], v_cache[:, :n_kv] = randn(n_head, n_kv, head_dim, scale=2.0), randn(n_head, n_kv, head_dim)
     q = randn(n_head, head_dim, scale=2.0)
     expected = model.attention(q[:, None], k_cache[:, :n_kv], v_cache[:, :n_kv], past=n_kv - 1)[:, 0]
-    assert_close(kernels.attend_row(q, k_cache, v_cache, n_kv), expected)
+    got = ops.attend_rows(q[None], k_cache[None], v_cache[None], np.array([0]), np.array([n_kv]))[0]
+    assert_close(got, expected)
 
 
 @pytest.mark.parametrize("n_head,n_seq,past", [(1, 2, 0), (3, 7, 0), (25, 9, 4), (2, 64, 0), (4, 5, 59), (2, 300, 0), (3, 200, 150)])
@@ -77,7 +54,7 @@ def test_prefill_attention(n_head, n_seq, past):
     head_dim = 16
     q = randn(n_head, n_seq, head_dim, scale=3.0)
     k, v = randn(n_head, past + n_seq, head_dim, scale=3.0), randn(n_head, past + n_seq, head_dim)
-    assert_close(kernels.attention(q, k, v, past), model.attention(q, k, v, past))
+    assert_close(ops.attention(q, k, v, past), model.attention(q, k, v, past))
 
 
 SHAPES = [dict(n_layer=2, n_head=2, n_embd=32), dict(n_layer=1, n_head=1, n_embd=8), dict(n_layer=2, n_head=25, n_embd=50, n_inner=37)]

@@ -1,0 +1,269 @@
+"""The one matmul kernel: x [n_rows, in] @ weight [in, out] for every weight format and any row count.
+
+A weight is laid out once, at load, in column panels: [n_panels, in, P], P = C * LANES outputs each
+(zero-padded at the end), so that one panel is one contiguous stream and a thread reads its own run
+of panels front to back (`panels`). For each panel and each tile of up to R rows, `_tile` keeps R x C
+vector accumulators of LANES float32 outputs in registers across the whole reduction: it loads each
+weight vector once, widens it once (float16: `fpext <L x half>`, one vcvtph2ps; bfloat16: a shift;
+int8: `sitofp`, times the block's scale vector) and feeds it to all R rows with one FMA each. llamafile's
+tinyBLAS (`gemm_bloc<RM, RN>`) is the same idea. The loop is written in LLVM IR (`_tile` below) rather
+than left to LLVM's loop vectorizer, which vectorized each row on its own and sent the sums back to
+memory after every weight row (issue 14); the same IR lowers to any vector width.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+from llvmlite import binding, ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from . import formats
+from .formats import BLOCK
+from .ops import _gelu, f32, jit
+
+# Sized for the vector registers: R x C accumulators + C widened weights + 1 broadcast x must fit, so
+# that nothing spills inside the loop. Measured on gpt2-medium's matrices from DRAM (AVX-512, Zen 5;
+# bench_kernels): with 16 lanes, R = 4 rows x C = 4 vectors ran 150 to 290 GFLOP/s at 8 rows where
+# R, C = 4, 2 gave 150 to 210, 8, 2 gave 145 to 195 and 6, 4 gave 140 to 270; 8 lanes (ymm) gave 100
+# to 135. On AVX2's 16 ymm registers 4 x 4 would spill: there C = 2 (P = 16 outputs).
+AVX512 = "+avx512f" in binding.get_host_cpu_features().flatten().split(",")
+LANES = 16 if AVX512 else 8  # float32 lanes per vector register
+C = 4 if AVX512 else 2  # vectors per panel row
+R = 4  # rows per tile
+P = C * LANES  # outputs per panel: 64 with AVX-512, which divides every GPT-2 width
+
+
+class Linear(NamedTuple):
+    """A linear layer laid out for the microkernel: weight panels, bias [out], and a GELU after it."""
+
+    weight: object  # float32 [n_panels, in, P], or F16/BF16/Q8 with data [n_panels, in, P] (+ Q8 scales [n_panels, n_blocks, P])
+    bias: np.ndarray  # float32 [out]: its length is the layer's width
+    gelu: bool
+
+
+def panels(w):
+    """A [in, out] weight of any format (formats.py) in column panels of P outputs: [n_panels, in, P]."""
+    n_in, n_out = formats.shape(w)
+    n_panels = -(-n_out // P)
+
+    def split(a):  # [rows, out] -> [n_panels, rows, P]
+        a = np.pad(a, ((0, 0), (0, n_panels * P - n_out)))
+        return np.ascontiguousarray(a.reshape(a.shape[0], n_panels, P).transpose(1, 0, 2))
+
+    if isinstance(w, np.ndarray):
+        return split(np.asarray(w, f32))
+    return type(w)(*(split(a) for a in w))
+
+
+def linear_of(weight, bias=None, gelu=False):
+    n_out = formats.shape(weight)[1]
+    return Linear(panels(weight), np.zeros(n_out, f32) if bias is None else np.ascontiguousarray(bias, f32), gelu)
+
+
+# ---- the tile, in LLVM IR ---------------------------------------------------------------------------
+
+
+def _kind(w):
+    """The weight format of a Numba type: float32 arrays and formats.py's named tuples."""
+    return "float32" if isinstance(w, types.Array) else formats.DTYPE_OF[w.instance_class]
+
+
+@intrinsic
+def _tile(typingctx, x, r0, n, w, p, tile):
+    """tile[:n, :P] = x[r0 : r0 + n] @ panel p of w, for 1 <= n <= R: one loop over `in` per n."""
+    kind = _kind(w)
+
+    def codegen(context, builder, sig, args):
+        x_, r0_, n_, w_, p_, tile_ = args
+        tx, _, _, tw, _, ttile = sig.args
+        i64, i32, f = ir.IntType(64), ir.IntType(32), ir.FloatType()
+        vec = ir.VectorType(f, LANES)
+        xa = context.make_array(tx)(context, builder, x_)
+        n_in = cgutils.unpack_tuple(builder, xa.shape)[1]
+        if kind == "float32":
+            data, scales = context.make_array(tw)(context, builder, w_), None
+        else:
+            data = context.make_array(tw.types[0])(context, builder, builder.extract_value(w_, 0))
+            scales = context.make_array(tw.types[1])(context, builder, builder.extract_value(w_, 1)) if kind == "int8" else None
+        elem = {"float32": f, "float16": ir.IntType(16), "bfloat16": ir.IntType(16), "int8": ir.IntType(8)}[kind]
+        size = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}[kind]
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{LANES}f32")
+        const = lambda v: ir.Constant(i64, v)  # noqa: E731
+        zeros = ir.Constant(vec, [0.0] * LANES)
+        splat_mask = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+        undef = ir.Constant(vec, ir.Undefined)
+
+        x_base = builder.gep(xa.data, [builder.mul(r0_, n_in)])  # row r0
+        w_base = builder.gep(data.data, [builder.mul(builder.mul(p_, n_in), const(P))])  # panel p: [in, P]
+        if scales is not None:
+            n_blocks = cgutils.unpack_tuple(builder, scales.shape)[1]
+            s_base = builder.gep(scales.data, [builder.mul(builder.mul(p_, n_blocks), const(P))])
+        t_base = context.make_array(ttile)(context, builder, tile_).data
+
+        def widen(k, c):  # weight vector c of panel row k, as LANES float32
+            ptr = builder.gep(w_base, [builder.add(builder.mul(k, const(P)), const(c * LANES))])
+            v = builder.load(builder.bitcast(ptr, ir.VectorType(elem, LANES).as_pointer()), align=size)
+            if kind == "float16":
+                return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), LANES)), vec)
+            if kind == "bfloat16":
+                wide = builder.shl(builder.zext(v, ir.VectorType(i32, LANES)), ir.Constant(ir.VectorType(i32, LANES), [16] * LANES))
+                return builder.bitcast(wide, vec)
+            if kind == "int8":
+                block = builder.lshr(k, const(5))  # k // BLOCK
+                sptr = builder.gep(s_base, [builder.add(builder.mul(block, const(P)), const(c * LANES))])
+                scale = builder.load(builder.bitcast(sptr, vec.as_pointer()), align=4)
+                return builder.fmul(builder.sitofp(v, vec), scale)
+            return v
+
+        done = builder.append_basic_block("tile.done")
+        switch = builder.switch(n_, done)
+        for rows in range(1, R + 1):  # one loop per row count: the accumulators must be named registers
+            entry = builder.append_basic_block(f"tile.{rows}")
+            switch.add_case(ir.Constant(n_.type, rows), entry)
+            loop, store = builder.append_basic_block(f"tile.{rows}.loop"), builder.append_basic_block(f"tile.{rows}.store")
+            builder.position_at_end(entry)
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            acc = [[builder.phi(vec) for _ in range(C)] for _ in range(rows)]
+            ws = [widen(k, c) for c in range(C)]
+            new = []
+            for r in range(rows):
+                xk = builder.load(builder.gep(x_base, [builder.add(builder.mul(const(r), n_in), k)]), align=4)
+                xb = builder.shuffle_vector(builder.insert_element(undef, xk, ir.Constant(i32, 0)), undef, splat_mask)
+                new.append([builder.call(fma, [xb, ws[c], acc[r][c]]) for c in range(C)])
+            k_next = builder.add(k, const(1))
+            k.add_incoming(const(0), entry)
+            k.add_incoming(k_next, loop)
+            for r in range(rows):
+                for c in range(C):
+                    acc[r][c].add_incoming(zeros, entry)
+                    acc[r][c].add_incoming(new[r][c], loop)
+            builder.cbranch(builder.icmp_signed("<", k_next, n_in), loop, store)
+            builder.position_at_end(store)
+            for r in range(rows):
+                for c in range(C):
+                    ptr = builder.gep(t_base, [const(r * P + c * LANES)])
+                    builder.store(new[r][c], builder.bitcast(ptr, vec.as_pointer()), align=4)
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return types.void(x, r0, n, w, p, tile), codegen
+
+
+def _data(w):
+    """The panel array of a weight of any format."""
+
+
+@overload(_data, inline="always")
+def _data_overload(w):
+    return (lambda w: w) if isinstance(w, types.Array) else (lambda w: w.data)
+
+
+# ---- the entry point --------------------------------------------------------------------------------
+
+
+# Replaces model.linear (+ GELU, + the residual add) for 1 to a few dozen rows, every weight format.
+# Threads take contiguous runs of panels, so each streams its own part of the weight front to back
+# once, whatever the row count; each panel is read once per R rows (from cache after the first).
+# The epilogue (bias, GELU, residual) runs on the tile while it is in L1.
+@njit(parallel=True, **jit)
+def linear(x, weight, bias, gelu, residual, n_threads):  # [n_rows, in] -> [n_rows, out]
+    n_rows, n_out = x.shape[0], bias.size
+    n_panels = _data(weight).shape[0]
+    n_threads = max(1, min(n_threads, n_panels))
+    out = np.empty((n_rows, n_out), f32)
+    for t in prange(n_threads):
+        tile = np.empty((R, P), f32)
+        for p in range(t * n_panels // n_threads, (t + 1) * n_panels // n_threads):
+            j0 = p * P
+            width = min(P, n_out - j0)
+            for r0 in range(0, n_rows, R):
+                n = min(R, n_rows - r0)
+                _tile(x, r0, n, weight, p, tile)
+                for r in range(n):
+                    for j in range(width):
+                        v = tile[r, j] + bias[j0 + j]
+                        if gelu:
+                            v = _gelu(v)
+                        if residual.size:
+                            v += residual[r0 + r, j0 + j]
+                        out[r0 + r, j0 + j] = v
+    return out
+
+
+# ---- back to [in, out] for BLAS ---------------------------------------------------------------------
+
+
+@intrinsic
+def _f16_to_f32(typingctx, bits):
+    """float16 bits -> float32: LLVM's `fpext half -> float`. Exact."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, bits):
+    """bfloat16 bits -> float32: the bits become the top half of a float32's. Exact."""
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+def _row(w, p, i, out):
+    """out[:P] = row i of panel p as float32 (formats.dequantize, one panel row)."""
+
+
+@overload(_row, inline="always")
+def _row_overload(w, p, i, out):
+    kind = _kind(w)
+    if kind == "float32":
+
+        def row(w, p, i, out):
+            for j in range(P):
+                out[j] = w[p, i, j]
+
+    elif kind == "float16":
+
+        def row(w, p, i, out):
+            for j in range(P):
+                out[j] = _f16_to_f32(w.data[p, i, j])
+
+    elif kind == "bfloat16":
+
+        def row(w, p, i, out):
+            for j in range(P):
+                out[j] = _bf16_to_f32(w.data[p, i, j])
+
+    else:
+
+        def row(w, p, i, out):
+            for j in range(P):
+                out[j] = f32(w.data[p, i, j]) * w.scales[p, i // BLOCK, j]
+
+    return row
+
+
+# Replaces formats.dequantize for long prompts, which go to BLAS: the panels widened back into an
+# [in, out] float32 buffer (reused from call to call: a fresh one would page-fault its way through
+# memory each time). Serial: BLAS runs its own threads around it.
+@njit(**jit)
+def widen_(out, w):  # panels -> out [in, out]
+    n_in, n_out = out.shape
+    row = np.empty(P, f32)
+    for p in range(_data(w).shape[0]):
+        j0 = p * P
+        for i in range(n_in):
+            _row(w, p, i, row)
+            for j in range(min(P, n_out - j0)):
+                out[i, j0 + j] = row[j]
+    return out

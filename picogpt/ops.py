@@ -1,0 +1,169 @@
+"""The Numba kernels the forward passes share, beside the NumPy functions of model.py they replace.
+
+Each kernel sits under a note naming the model.py function it replaces and why it is faster (one
+vectorized pass instead of NumPy's temporaries, threads over heads); model.py stays the reference and
+the tests compare the two. The matmuls are elsewhere: microkernel.py for every weight format and a few
+rows, BLAS for long prompts (kernels.linear picks).
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+f32 = np.float32
+# error_model="numpy": a float division may give inf instead of raising, which lets LLVM vectorize it.
+jit = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
+
+# Numba's np.tanh and np.exp are scalar libm calls, one per element. These two are pure float32
+# arithmetic, so LLVM vectorizes them: 8 lanes at a time instead of 1, within float32 rounding.
+GELU_A, GELU_B = f32(math.sqrt(2.0 / math.pi)), f32(0.044715)
+TANH_CLAMP = f32(7.90531110763549805)  # tanh is +-1 in float32 past this
+P1, P3, P5, P7, P9, P11, P13 = (f32(c) for c in (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05,
+    5.12229709037114e-08, -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16))  # fmt: skip
+Q0, Q2, Q4, Q6 = (f32(c) for c in (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06))
+LOG2E, LN2_HI, LN2_LO = f32(1.44269504088896341), f32(0.693359375), f32(-2.12194440e-4)
+E0, E1, E2, E3, E4, E5 = (f32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+
+
+@njit(inline="always", **jit)
+def _tanh(x):  # a [13/6] rational approximation (Eigen's float tanh): max error 3e-7
+    x = min(max(x, -TANH_CLAMP), TANH_CLAMP)
+    x2 = x * x
+    p = x * (P1 + x2 * (P3 + x2 * (P5 + x2 * (P7 + x2 * (P9 + x2 * (P11 + x2 * P13))))))
+    return p / (Q0 + x2 * (Q2 + x2 * (Q4 + x2 * Q6)))
+
+
+@njit(inline="always", **jit)
+def _gelu(x):  # model.gelu
+    return f32(0.5) * x * (f32(1.0) + _tanh(GELU_A * (x + GELU_B * x * x * x)))
+
+
+@njit(inline="always", **jit)
+def _softmax_(row, n, scale, ints):
+    """row[:n] <- softmax(row[:n] * scale) in place (model.softmax); ints is int32 scratch of length >= n.
+    exp(v) = 2**k * exp(r), |r| <= ln(2)/2, with Cephes' degree-6 polynomial for exp(r); the 2**k is
+    added straight into the float's exponent bits in a second pass."""
+    top = f32(-np.inf)
+    for t in range(n):
+        top = max(top, row[t])
+    for t in range(n):
+        v = max((row[t] - top) * scale, f32(-87.0))  # exp(-87) ~ 1e-38: still a normal float32
+        k = np.floor(v * LOG2E + f32(0.5))
+        r = v - k * LN2_HI - k * LN2_LO
+        row[t] = (((((E0 * r + E1) * r + E2) * r + E3) * r + E4) * r + E5) * r * r + r + f32(1.0)
+        ints[t] = np.int32(k) << 23
+    bits = row.view(np.int32)
+    for t in range(n):
+        bits[t] += ints[t]
+    total = f32(0.0)
+    for t in range(n):
+        total += row[t]
+    inv = f32(1.0) / total
+    for t in range(n):
+        row[t] *= inv
+
+
+@njit(inline="always", **jit)
+def _layer_norm_into(out, x, weight, bias, eps):
+    n = x.size
+    mean = f32(0.0)
+    for i in range(n):
+        mean += x[i]
+    mean /= n
+    var = f32(0.0)
+    for i in range(n):
+        var += (x[i] - mean) ** 2
+    inv = f32(1.0) / np.sqrt(var / n + f32(eps))
+    for i in range(n):
+        out[i] = (x[i] - mean) * inv * weight[i] + bias[i]
+    return out
+
+
+# ---- decode: one new token per sequence -------------------------------------------------------------
+
+
+# The new token's keys and values into the cache at position `past`. Loops rather than a slice
+# assignment, whose broadcasting error messages alone cost Numba 3 s of compiling.
+@njit(inline="always", **jit)
+def store_kv(k_cache, v_cache, past, qkv):  # caches [n_head, n_ctx, head_dim]; qkv [3, n_head, head_dim]
+    for h in range(qkv.shape[1]):
+        for d in range(qkv.shape[2]):
+            k_cache[h, past, d] = qkv[1, h, d]
+            v_cache[h, past, d] = qkv[2, h, d]
+
+
+# Replaces model.attention for sequences bringing one new token each: scores, softmax and the weighted
+# sum of values in one pass per (sequence, head), threads over all of them, each reading only its own
+# cache row's first n_kv positions.
+@njit(parallel=True, **jit)
+def attend_rows(q, k_cache, v_cache, rows, n_kv):  # q [n_seq, n_head, head_dim]; caches [n_rows, n_head, n_ctx, head_dim]
+    n_seq, n_head, head_dim = q.shape
+    out = np.zeros_like(q)
+    scale = f32(1.0 / np.sqrt(head_dim))
+    for task in prange(n_seq * n_head):
+        s, h = task // n_head, task % n_head
+        k, v, n = k_cache[rows[s], h], v_cache[rows[s], h], n_kv[s]
+        scores, ints = np.empty(n, f32), np.empty(n, np.int32)
+        for t in range(n):
+            acc = f32(0.0)
+            for d in range(head_dim):
+                acc += q[s, h, d] * k[t, d]
+            scores[t] = acc
+        _softmax_(scores, n, scale, ints)
+        for t in range(n):
+            for d in range(head_dim):
+                out[s, h, d] += scores[t] * v[t, d]
+    return out
+
+
+# ---- prefill: many rows ----------------------------------------------------------------------------
+# These run on one thread on purpose: BLAS is using both cores around them, and Numba's worker
+# threads spin-waiting after a parallel region would take cores from BLAS (measured: 40% slower).
+
+
+# Replaces model.layer_norm on [n_seq, n_embd]: row by row, no temporaries.
+@njit(**jit)
+def layer_norm_rows(x, weight, bias, eps):
+    out = np.empty_like(x)
+    for r in range(x.shape[0]):
+        _layer_norm_into(out[r], x[r], weight, bias, eps)
+    return out
+
+
+# Replaces model.gelu(x + bias) after a BLAS matmul: in place, one vectorized pass over memory.
+@njit(**jit)
+def bias_gelu_(x, bias):
+    for r in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            x[r, j] = _gelu(x[r, j] + bias[j])
+    return x
+
+
+# Replaces model.attention's mask + softmax: in place over [n_head, n_seq, n_kv] scores, each row
+# normalised over its causal part only (keys 0 .. past + row), the rest set to 0.
+@njit(**jit)
+def causal_softmax_(scores, past, scale):
+    n_head, n_seq, n_kv = scores.shape
+    ints = np.empty(n_kv, np.int32)
+    for h in range(n_head):
+        for r in range(n_seq):
+            row, n = scores[h, r], past + r + 1
+            _softmax_(row, n, scale, ints)
+            row[n:] = 0
+    return scores
+
+
+def attention(q, k, v, past, block=128):
+    # q: [n_head, n_seq, head_dim]; k, v: [n_head, past + n_seq, head_dim]. Queries go in blocks, each
+    # against the keys up to its own last position only: the causal mask's zeros are never computed.
+    n_seq, scale = q.shape[1], f32(1.0 / math.sqrt(q.shape[-1]))
+    out = np.empty_like(q)
+    for start in range(0, n_seq, block):
+        stop = min(start + block, n_seq)
+        kt, vt = k[:, : past + stop].transpose(0, 2, 1), v[:, : past + stop]
+        scores = causal_softmax_(q[:, start:stop] @ kt, past + start, scale)  # [n_head, block, past + stop]
+        out[:, start:stop] = scores @ vt  # [n_head, block, head_dim]
+    return out
+
+
