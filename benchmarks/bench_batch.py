@@ -128,7 +128,7 @@ class Engine:
         line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"{self.name}: the worker died")
-        time.sleep(0.3)  # let this engine's threads go idle before the next engine runs
+        time.sleep(1.0)  # let this engine's threads go idle before the next engine runs
         return json.loads(line)
 
     def close(self):

@@ -84,8 +84,9 @@ def main():
             for rows in args.rows:
                 xs = [(0.1 * rng.standard_normal((rows, w.shape[0]))).astype(np.float32) for w in wide]
                 none = np.empty((0, 0), np.float32)
-                seconds = best(lambda: [microkernel.linear(x, *layer, none, threads) for x, layer in zip(xs, layers)], args.repeats)
                 sgemm = 2 * rows * n_weights / best(lambda: [x @ w for x, w in zip(xs, wide)], args.repeats) / 1e9
+                time.sleep(0.5)  # OpenBLAS's threads spin for a while after a call, taking a core from the next
+                seconds = best(lambda: [microkernel.linear(x, *layer, none, threads) for x, layer in zip(xs, layers)], args.repeats)
                 flops, gbs = 2 * rows * n_weights / seconds / 1e9, n_bytes / seconds / 1e9
                 print(f"| {size} | {dtype} | {rows} | {flops:.1f} | {gbs:.1f} | {flops / sgemm:.2f}x of {sgemm:.0f} | {gbs / read:.2f}x of {read:.1f} |", flush=True)
 

@@ -143,6 +143,13 @@ def llama_generate(path, n_threads=None, n_ctx=1024, **llama_kwargs):
     return generate
 
 
+def _quiet_log(level, text, user_data):  # llama.cpp's log lines: none
+    pass
+
+
+_quiet = None  # the ctypes callback, made on first use (llama_cpp is imported only when used)
+
+
 def llama_batch_generate(path, n_seq, n_threads=None, n_ctx=1024):
     """llama.cpp's own batched decoding: load the GGUF model at `path` once, with a context of n_seq
     sequences (n_seq_max) in one unified KV cache; return generate(prompts, n) -> (seconds to the first
@@ -153,7 +160,10 @@ def llama_batch_generate(path, n_seq, n_threads=None, n_ctx=1024):
 
     import llama_cpp
 
+    global _quiet
+    _quiet = _quiet or llama_cpp.llama_log_callback(_quiet_log)
     n_threads = n_threads or os.cpu_count()
+    llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     model = llama_cpp.llama_model_load_from_file(path.encode(), llama_cpp.llama_model_default_params())
     params = llama_cpp.llama_context_default_params()

@@ -34,7 +34,11 @@ def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eo
         prompts = [ids[-n_ctx:] for ids in prompts]
     if max_new_tokens == 0:
         return
-    cache = model.kv_cache(n_layer, n_head, n_ctx, n_embd // n_head, n_rows=len(prompts))
+    # Only as many positions as the rows can reach: a fresh cache's pages are faulted in as they are
+    # written, and on this VM pages freed a second before come back slowly (the full context of 1024
+    # for 8 rows of gpt2, 600 MB, made an idle process's next prefill 7x slower).
+    n_cache = min(n_ctx, max(len(ids) for ids in prompts) + max_new_tokens)
+    cache = model.kv_cache(n_layer, n_head, n_cache, n_embd // n_head, n_rows=len(prompts))
     contexts = [list(ids) for ids in prompts]  # each row's tokens whose keys and values are in the cache
     start = time.perf_counter()
     first = {}  # prompt -> the row that prefills it

@@ -29,10 +29,12 @@ from . import formats, microkernel, model
 from .microkernel import Linear
 from .ops import attend_rows, attention, bias_gelu_, f32, jit, layer_norm_rows, store_kv
 
-# Prompts up to this many tokens go through the microkernel, longer ones through BLAS's `@` (measured on
-# gpt2-medium's matrices, 2 cores: the microkernel ran 1.3 to 1.5x BLAS at 64 rows, BLAS 1.6 to 2x the
-# microkernel at 256 rows, where the microkernel re-reads each panel from L2 for every 4 rows).
-ROWS_MAX = 64
+# Prompts up to this many tokens (all prompts of a step together) go through the microkernel, longer
+# ones through BLAS's `@`. Measured on gpt2's and gpt2-medium's matrices, 2 cores: the microkernel took
+# 0.64 to 0.94x BLAS's time at 64 rows, 0.73 to 1.12x at 128, 0.92 to 1.23x at 192 (it reads each panel
+# from L2 again for every 4 rows; BLAS packs blocks for a large product). BLAS's threads also spin
+# after each call and slow the Numba kernels around it, which favours the microkernel near the line.
+ROWS_MAX = 128
 
 
 class Norm(NamedTuple):
@@ -75,7 +77,8 @@ def prepare(wte, h):
     """The microkernel's layout of a parameter tree's blocks and lm_head, made once per tree."""
     key = (id(wte), id(h))
     if key not in _prepared:
-        _prepared[key] = Prepared([layer(block) for block in h], microkernel.linear_of(formats.lm_head(wte["weight"])))
+        w = wte["weight"]  # a packed wte holds wte.T, the lm_head's [in, out], in its own format
+        _prepared[key] = Prepared([layer(block) for block in h], microkernel.linear_of(w.T if isinstance(w, np.ndarray) else w))
         for w in (wte["weight"], h[0]["attn"]["c_attn"]["weight"]):  # ids are reused once freed
             weakref.finalize(w if isinstance(w, np.ndarray) else w.data, _prepared.pop, key, None)
     return _prepared[key]
@@ -92,15 +95,16 @@ _scratch = {}  # shape -> float32 buffer that packed weights are widened into fo
 
 
 def linear(x, lin, source, residual=None):
-    """model.linear (+ GELU if lin.gelu, + residual) on [n_tokens, in]; `source` is the weight as the
-    parameter tree holds it ([in, out], float32 or packed), which BLAS reads for long prompts."""
+    """model.linear (+ GELU if lin.gelu, + residual) on [n_tokens, in]. `source`: the weight as the
+    parameter tree holds it, [in, out]; BLAS reads it for long prompts if it is float32, else the
+    panels are widened into a reused float32 buffer."""
     if len(x) <= ROWS_MAX:
         none = np.empty((0, 0), f32)
         return microkernel.linear(x, *lin, none if residual is None else residual, numba.get_num_threads())
     if isinstance(source, np.ndarray):
         w = source
     else:
-        shape = formats.shape(source)
+        shape = (x.shape[1], lin.bias.size)
         w = microkernel.widen_(_scratch.setdefault(shape, np.empty(shape, f32)), lin.weight)
     out = x @ w  # [n_tokens, in] -> [n_tokens, out]
     if lin.gelu:
@@ -208,7 +212,8 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, la
     if last:
         x = np.ascontiguousarray(x[np.cumsum(lengths) - 1])
     x = layer_norm_rows(x, **ln_f, eps=eps)  # [n_seq, n_embd]
-    return linear(x, prepared.lm_head, formats.lm_head(wte["weight"]))  # [n_seq, n_vocab]
+    wte = wte["weight"]
+    return linear(x, prepared.lm_head, wte.T if isinstance(wte, np.ndarray) else None)  # [n_seq, n_vocab]
 
 
 def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=False):
