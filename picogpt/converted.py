@@ -27,8 +27,7 @@ import numpy as np
 from . import formats, hub, weights
 
 CHUNK_BYTES = 4 << 20  # float32 input converted at a time: bounds pack()'s temporaries (several copies of it)
-TAGS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8"}  # safetensors dtype of each format's data
-ARRAYS = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16, "I8": np.int8}  # how formats.py holds them
+ARRAYS = {f.tag: f.array for f in formats.FORMATS.values()}  # safetensors dtype -> how formats.py holds it
 
 
 def warn(message):  # generate.warn's format (generate imports this module, so not from there)
@@ -183,11 +182,7 @@ def layout(name, shape, fmt):
     if fmt == "float32":
         return [(name, "F32", shape, 4 * int(np.prod(shape)))]
     n_in, n_out = shape[::-1] if name == "wte.weight" else shape
-    entries = [(name, TAGS[fmt], (n_in, n_out), np.dtype(ARRAYS[TAGS[fmt]]).itemsize * n_in * n_out)]
-    if fmt == "int8":
-        n_blocks = -(-n_in // formats.BLOCK)
-        entries.append((f"{name}.scales", "F32", (n_blocks, n_out), 4 * n_blocks * n_out))
-    return entries
+    return [(name + suffix, tag, size, np.dtype(ARRAYS[tag]).itemsize * size[0] * size[1]) for suffix, tag, size in formats.arrays(n_in, n_out, fmt)]
 
 
 def convert_tensor(leaf, where, name, stored, fmt, entries, source):
@@ -228,7 +223,7 @@ def read_rows(leaf, where, name, r0, r1):
     data = read(where[name], leaf.data.dtype, leaf.data.shape, r0, r1)
     if isinstance(leaf, formats.Q8):
         b = formats.BLOCK
-        return formats.Q8(data, read(where[f"{name}.scales"], np.float32, leaf.scales.shape, r0 // b, -(-r1 // b)))
+        return formats.Q8(data, read(where[f"{name}.scales"], np.float32, leaf.scales.shape, r0 // b, formats.n_blocks(r1)))
     return type(leaf)(data)
 
 

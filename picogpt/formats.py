@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-DTYPES = ("float32", "float16", "bfloat16", "int8")
 BLOCK = 32  # int8 rows per scale
 F16_MAX = 65504.0  # the largest finite float16
 
@@ -36,11 +35,50 @@ class BF16(NamedTuple):
 
 class Q8(NamedTuple):
     data: np.ndarray  # int8 [in, out]
-    scales: np.ndarray  # float32 [ceil(in / 32), out]
+    scales: np.ndarray  # float32 [n_blocks(in), out]
 
 
+class Format(NamedTuple):
+    """One weight format: everything the other modules need to know about it."""
+
+    name: str  # as --dtype spells it
+    cls: type  # what holds a weight: a float32 ndarray, or one of the named tuples above
+    tag: str  # the safetensors dtype its data is stored as
+    array: type  # the NumPy dtype its data is held in (float16 and bfloat16 as their uint16 bits)
+    scales: bool  # a float32 scale per BLOCK input rows and output (int8)
+
+
+# The one table of formats: weights.py, converted.py, manage.py and the kernels read it (cli.py keeps
+# the names in a copy, as it must not import NumPy before --threads is set; a test holds them equal).
+FORMATS = {
+    f.name: f
+    for f in (
+        Format("float32", np.ndarray, "F32", np.float32, False),
+        Format("float16", F16, "F16", np.uint16, False),
+        Format("bfloat16", BF16, "BF16", np.uint16, False),
+        Format("int8", Q8, "I8", np.int8, True),
+    )
+}
+DTYPES = tuple(FORMATS)
 PACKED = (F16, BF16, Q8)
-DTYPE_OF = {np.ndarray: "float32", F16: "float16", BF16: "bfloat16", Q8: "int8"}
+DTYPE_OF = {f.cls: name for name, f in FORMATS.items()}
+
+
+def n_blocks(n_in):
+    """How many int8 scale blocks cover n_in input rows."""
+    return -(-n_in // BLOCK)
+
+
+def arrays(n_in, n_out, dtype):
+    """[(suffix, safetensors dtype, shape)] of the arrays an [in, out] weight is stored as in `dtype`:
+    its data, and for int8 its scales (stored as NAME.scales)."""
+    fmt = FORMATS[dtype]
+    return [("", fmt.tag, (n_in, n_out))] + ([(".scales", "F32", (n_blocks(n_in), n_out))] if fmt.scales else [])
+
+
+def nbytes_of(n_in, n_out, dtype):
+    """Bytes an [in, out] weight takes in `dtype`."""
+    return sum((4 if tag == "F32" else np.dtype(FORMATS[dtype].array).itemsize) * n * m for _, tag, (n, m) in arrays(n_in, n_out, dtype))
 
 
 class FormatError(ValueError):

@@ -18,14 +18,10 @@ def weight_bytes(config, dtype):
     packed = weights.packed_names(config)
     total = 0
     for name, shape in weights.expected_shapes(config).items():
-        n = int(np.prod(shape))
-        if name not in packed or dtype == "float32":
-            total += 4 * n
-        elif dtype in ("float16", "bfloat16"):
-            total += 2 * n
-        else:  # int8: a byte each, and a float32 scale per block of 32 input rows (wte is packed as wte.T)
-            n_in, n_out = shape[::-1] if name == "wte.weight" else shape
-            total += n + 4 * -(-n_in // formats.BLOCK) * n_out
+        if name not in packed:
+            total += 4 * int(np.prod(shape))
+        else:  # wte is packed as wte.T
+            total += formats.nbytes_of(*(shape[::-1] if name == "wte.weight" else shape), dtype)
     return total
 
 

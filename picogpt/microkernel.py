@@ -95,9 +95,9 @@ def _tile(typingctx, x, r0, n, w, p, tile):
             data, scales = context.make_array(tw)(context, builder, w_), None
         else:
             data = context.make_array(tw.types[0])(context, builder, builder.extract_value(w_, 0))
-            scales = context.make_array(tw.types[1])(context, builder, builder.extract_value(w_, 1)) if kind == "int8" else None
-        elem = {"float32": f, "float16": ir.IntType(16), "bfloat16": ir.IntType(16), "int8": ir.IntType(8)}[kind]
-        size = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}[kind]
+            scales = context.make_array(tw.types[1])(context, builder, builder.extract_value(w_, 1)) if formats.FORMATS[kind].scales else None
+        size = np.dtype(formats.FORMATS[kind].array).itemsize  # bytes per weight
+        elem = f if kind == "float32" else ir.IntType(8 * size)  # 16-bit and int8 data as integer bits
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{LANES}f32")
         const = lambda v: ir.Constant(i64, v)  # noqa: E731
         zeros = ir.Constant(vec, [0.0] * LANES)

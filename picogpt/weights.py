@@ -220,16 +220,15 @@ def packed_names(config):
 
 def _packed(tensors, name, shape, dtype, source):
     """The packed tuple stored under `name` (and `name.scales` for int8), checked against its [in, out] shape."""
-    data, want = tensors[name], {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}[dtype]
-    scales = tensors.get(f"{name}.scales")
-    n_blocks = -(-shape[0] // formats.BLOCK)
-    if data.dtype != want or tuple(data.shape) != shape:
-        raise CheckpointError(f"{source}: tensor '{name}' is {data.dtype} {tuple(data.shape)}, a {dtype} checkpoint needs {np.dtype(want)} {shape}")
-    if dtype == "int8":
-        if scales is None or scales.dtype != np.float32 or tuple(scales.shape) != (n_blocks, shape[1]):
-            raise CheckpointError(f"{source}: tensor '{name}.scales' is missing or not float32 {(n_blocks, shape[1])}")
-        return formats.Q8(data, scales)
-    return formats.F16(data.view(np.uint16)) if dtype == "float16" else formats.BF16(data)
+    fmt, found = formats.FORMATS[dtype], []
+    for suffix, tag, want in formats.arrays(*shape, dtype):  # data, then int8's scales
+        stored = DTYPES[tag]  # as read_safetensors views it
+        array = tensors.get(name + suffix)
+        if array is None or array.dtype != stored or tuple(array.shape) != want:
+            got = "missing" if array is None else f"{array.dtype} {tuple(array.shape)}"
+            raise CheckpointError(f"{source}: tensor '{name}{suffix}' is {got}, a {dtype} checkpoint needs {np.dtype(stored)} {want}")
+        found.append(array.view(fmt.array) if suffix == "" else array)
+    return fmt.cls(*found)
 
 
 def load_params(folder):
@@ -253,10 +252,9 @@ def save_params(params, config, out_folder, tokenizer_folder):
         elif isinstance(leaf, list):
             for i, value in enumerate(leaf):
                 add(f"{name}.{i}", value)
-        elif isinstance(leaf, formats.Q8):
-            tensors[name], tensors[f"{name}.scales"] = ("I8", leaf.data), ("F32", leaf.scales)
-        elif isinstance(leaf, (formats.F16, formats.BF16)):
-            tensors[name] = ("F16" if isinstance(leaf, formats.F16) else "BF16", leaf.data)
+        elif isinstance(leaf, formats.PACKED):
+            for (suffix, tag, _), array in zip(formats.arrays(*formats.shape(leaf), formats.dtype_of(leaf)), leaf):
+                tensors[name + suffix] = (tag, array)
         else:
             tensors[name] = ("F32", np.asarray(leaf, np.float32))
 

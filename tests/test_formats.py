@@ -186,3 +186,18 @@ def test_float16_out_of_range_and_truncated_scales_are_named(tiny, tmp_path):
 def test_load_refuses_an_unknown_dtype(tiny):
     with pytest.raises(ValueError, match="dtype must be one of"):
         picogpt.load(tiny[0], dtype="int4")
+
+
+def test_one_table_of_formats():
+    """cli.py's copy of the format names (it must not import NumPy early) is the table's; each format's
+    stored arrays are the ones pack makes, and its bytes are theirs."""
+    from picogpt import cli
+
+    assert cli.DTYPES == formats.DTYPES
+    for dtype in formats.DTYPES:
+        w = formats.pack(randn(45, 19), dtype)
+        held = [w] if dtype == "float32" else list(w)
+        layout = formats.arrays(45, 19, dtype)
+        assert [a.shape for a in held] == [shape for _, _, shape in layout]
+        assert formats.nbytes_of(45, 19, dtype) == formats.nbytes(w)
+        assert formats.dtype_of(w) == dtype and isinstance(w, formats.FORMATS[dtype].cls)
