@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from . import formats, microkernel, model
+from . import formats, microkernel, model, weights
 from .microkernel import Linear
 from .ops import attend_rows, attention, bias_gelu_, f32, jit, layer_norm_rows, store_kv
 
@@ -60,7 +60,7 @@ class Prepared(NamedTuple):
 
 def layer(block):
     attn, mlp = block["attn"], block["mlp"]
-    return Layer(
+    layer = Layer(
         Norm(**block["ln_1"]),
         microkernel.linear_of(**attn["c_attn"]),
         microkernel.linear_of(**attn["c_proj"]),
@@ -68,6 +68,9 @@ def layer(block):
         microkernel.linear_of(**mlp["c_fc"], gelu=True),
         microkernel.linear_of(**mlp["c_proj"]),
     )
+    for part, name in formats.LINEARS:  # the panels replace them: a mapped file's pages can go
+        weights.release(block[part][name]["weight"])
+    return layer
 
 
 _prepared = {}  # (id(wte), id(h)) -> Prepared, dropped when the tree's first weight is freed
@@ -79,6 +82,7 @@ def prepare(wte, h):
     if key not in _prepared:
         w = wte["weight"]  # a packed wte holds wte.T, the lm_head's [in, out], in its own format
         _prepared[key] = Prepared([layer(block) for block in h], microkernel.linear_of(w.T if isinstance(w, np.ndarray) else w))
+        weights.release(w)  # its embedding rows are read again from the file as tokens need them
         for w in (wte["weight"], h[0]["attn"]["c_attn"]["weight"]):  # ids are reused once freed
             weakref.finalize(w if isinstance(w, np.ndarray) else w.data, _prepared.pop, key, None)
     return _prepared[key]
@@ -94,18 +98,15 @@ def forget():
 _scratch = {}  # shape -> float32 buffer that packed weights are widened into for BLAS
 
 
-def linear(x, lin, source, residual=None):
-    """model.linear (+ GELU if lin.gelu, + residual) on [n_tokens, in]. `source`: the weight as the
-    parameter tree holds it, [in, out]; BLAS reads it for long prompts if it is float32, else the
-    panels are widened into a reused float32 buffer."""
+def linear(x, lin, residual=None):
+    """model.linear (+ GELU if lin.gelu, + residual) on [n_tokens, in]: the microkernel, or for more
+    than ROWS_MAX rows BLAS on the panels widened back into a reused float32 [in, out] buffer (that
+    copy costs a few % of such a product, and spares keeping the weights twice in memory)."""
     if len(x) <= ROWS_MAX:
         none = np.empty((0, 0), f32)
         return microkernel.linear(x, *lin, none if residual is None else residual, numba.get_num_threads())
-    if isinstance(source, np.ndarray):
-        w = source
-    else:
-        shape = (x.shape[1], lin.bias.size)
-        w = microkernel.widen_(_scratch.setdefault(shape, np.empty(shape, f32)), lin.weight)
+    shape = (x.shape[1], lin.bias.size)
+    w = microkernel.widen_(_scratch.setdefault(shape, np.empty(shape, f32)), lin.weight)
     out = x @ w  # [n_tokens, in] -> [n_tokens, out]
     if lin.gelu:
         return bias_gelu_(out, lin.bias)
@@ -142,9 +143,9 @@ def block_rows(x, layer, k_cache, v_cache, rows, past, eps, n_threads):  # x [n_
 # ---- prefill: prompts, ragged ----------------------------------------------------------------------
 
 
-def mha(x, layer, attn, n_head, kv, rows, past, lengths, residual):
+def mha(x, layer, n_head, kv, rows, past, lengths, residual):
     n_tokens, n_embd = x.shape
-    qkv = linear(x, layer.c_attn, attn["c_attn"]["weight"]).reshape(n_tokens, 3, n_head, n_embd // n_head)
+    qkv = linear(x, layer.c_attn).reshape(n_tokens, 3, n_head, n_embd // n_head)  # [n_tokens, 3*n_embd]
     k_cache, v_cache = kv
     out = np.empty_like(qkv[:, 0])  # [n_tokens, n_head, head_dim]
     ones, start = [], 0
@@ -162,14 +163,14 @@ def mha(x, layer, attn, n_head, kv, rows, past, lengths, residual):
         at = (np.cumsum(lengths) - 1)[ones]  # where their tokens are among the n_tokens
         n_kv = np.asarray(past)[ones] + 1
         out[at] = attend_rows(np.ascontiguousarray(qkv[at, 0]), k_cache, v_cache, np.asarray(rows)[ones], n_kv)
-    return linear(out.reshape(n_tokens, n_embd), layer.attn_c_proj, attn["c_proj"]["weight"], residual)
+    return linear(out.reshape(n_tokens, n_embd), layer.attn_c_proj, residual)  # [n_tokens, n_embd]
 
 
-def transformer_block(x, layer, block, n_head, eps, kv, rows, past, lengths):
-    a = layer_norm_rows(x, **block["ln_1"], eps=eps)
-    x = mha(a, layer, block["attn"], n_head=n_head, kv=kv, rows=rows, past=past, lengths=lengths, residual=x)
-    a = linear(layer_norm_rows(x, **block["ln_2"], eps=eps), layer.c_fc, block["mlp"]["c_fc"]["weight"])  # gelu(...): [n_tokens, n_inner]
-    return linear(a, layer.mlp_c_proj, block["mlp"]["c_proj"]["weight"], x)  # [n_tokens, n_embd]
+def transformer_block(x, layer, n_head, eps, kv, rows, past, lengths):
+    a = layer_norm_rows(x, *layer.ln_1, eps)
+    x = mha(a, layer, n_head=n_head, kv=kv, rows=rows, past=past, lengths=lengths, residual=x)
+    a = linear(layer_norm_rows(x, *layer.ln_2, eps), layer.c_fc)  # gelu(...): [n_tokens, n_inner]
+    return linear(a, layer.mlp_c_proj, x)  # [n_tokens, n_embd]
 
 
 # ---- the forward passes -----------------------------------------------------------------------------
@@ -207,13 +208,12 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, la
         for (k_cache, v_cache), lay in zip(cache, prepared.layers):
             x = block_rows(x, lay, k_cache, v_cache, rows_, past_, eps, n_threads)
     else:  # prompts among the sequences: per-sequence attention, BLAS for long ones
-        for kv, lay, block in zip(cache, prepared.layers, h):
-            x = transformer_block(x, lay, block, n_head=n_head, eps=eps, kv=kv, rows=rows, past=past, lengths=lengths)
+        for kv, lay in zip(cache, prepared.layers):
+            x = transformer_block(x, lay, n_head=n_head, eps=eps, kv=kv, rows=rows, past=past, lengths=lengths)
     if last:
         x = np.ascontiguousarray(x[np.cumsum(lengths) - 1])
     x = layer_norm_rows(x, **ln_f, eps=eps)  # [n_seq, n_embd]
-    wte = wte["weight"]
-    return linear(x, prepared.lm_head, wte.T if isinstance(wte, np.ndarray) else None)  # [n_seq, n_vocab]
+    return linear(x, prepared.lm_head)  # [n_seq, n_vocab]
 
 
 def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=False):

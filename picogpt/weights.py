@@ -5,6 +5,7 @@ second copy in memory. Never a pickle. (hub.py finds the folder.)
 
 import contextlib
 import json
+import mmap
 import os
 import shutil
 
@@ -65,6 +66,23 @@ def _read_safetensors(path):
             raise CheckpointError(bad)
         tensors[name] = data[start:end].view(dtype).reshape(shape)
     return tensors, metadata
+
+
+def release(weight):
+    """Give the pages of a memory-mapped weight (float32 or packed) back to the OS: they are read from
+    the file again if it is used again. For weights the kernels have copied into their own layout."""
+    for array in [weight] if isinstance(weight, np.ndarray) else weight:
+        base = array
+        while base is not None and not isinstance(base, np.memmap):
+            base = getattr(base, "base", None)  # (an array made from a torch tensor ends at the tensor)
+        mm = getattr(base, "_mmap", None)
+        if mm is None or mm.closed:
+            continue
+        start = np.frombuffer(mm, np.uint8).ctypes.data  # where the mapping begins
+        page, offset = mmap.PAGESIZE, array.ctypes.data - start
+        lo, hi = offset // page * page, min(len(mm), -(-(offset + array.nbytes) // page) * page)
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def write_safetensors(path, tensors, metadata=None):

@@ -177,3 +177,24 @@ def test_padded_vocabulary_never_samples_a_token_without_text(tmp_path):
     model.params["wte"]["weight"] = np.array(model.params["wte"]["weight"])
     model.params["wte"]["weight"][50257:] = 100.0  # make the padding rows win every argmax
     assert model.generate("Hello", max_new_tokens=5, temperature=0)  # decodes: only real tokens were picked
+
+
+def vm_rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
+def test_release_gives_a_mapped_weights_pages_back_and_keeps_its_values(tmp_path):
+    """The kernels copy the weights into their own layout and release the mapped ones: the pages
+    leave the resident set, and the weight still reads the same values (from the file)."""
+    w = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)  # 64 MB
+    save_file({"w": w}, str(tmp_path / "w.safetensors"))
+    mapped = read_safetensors(str(tmp_path / "w.safetensors"))["w"]
+    assert isinstance(mapped.base, np.memmap) or isinstance(mapped.base.base, np.memmap)
+    assert np.array_equal(mapped, w)  # every page touched: resident
+    before = vm_rss_mb()
+    picogpt.weights.release(mapped)
+    assert before - vm_rss_mb() > 48
+    assert np.array_equal(mapped, w)
+    picogpt.weights.release(w)  # not mapped: nothing to do
