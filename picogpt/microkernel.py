@@ -57,9 +57,12 @@ def panels(w):
     n_in, n_out = formats.shape(w)
     n_panels = -(-n_out // P)
 
-    def split(a):  # [rows, out] -> [n_panels, rows, P]
-        a = np.pad(a, ((0, 0), (0, n_panels * P - n_out)))
-        return np.ascontiguousarray(a.reshape(a.shape[0], n_panels, P).transpose(1, 0, 2))
+    def split(a):  # [rows, out] -> [n_panels, rows, P], zero-padded: one copy
+        out = np.zeros((n_panels, a.shape[0], P), a.dtype)
+        for p in range(n_panels):  # panel by panel: wte.T's columns are rows of wte, read in runs
+            width = min(P, n_out - p * P)
+            out[p, :, :width] = a[:, p * P : p * P + width]
+        return out
 
     if isinstance(w, np.ndarray):
         return split(np.asarray(w, f32))
