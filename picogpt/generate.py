@@ -320,5 +320,5 @@ def load(name_or_path="gpt2", backend="numba", dtype=None, revision=None):
     if backend == "numba":  # lay the weights out for the microkernel now, as part of loading
         from . import kernels
 
-        kernels.prepare(params["wte"], params["h"])
+        kernels.prepare(params["wte"], params["h"], release=True)  # the panels are the weights in memory
     return Model(params, config, tokenizer, forward, folder, forward_rows, name_or_path)

@@ -13,8 +13,8 @@ the pads. model.py stays one sequence at a time: rows never mix, so the tests co
 here with model.gpt2 run on it alone.
 
 The kernels read the weights laid out once per parameter tree (`prepare`): each block as one `Layer`
-named tuple of microkernel panels, built on the first call and kept while the tree lives. After
-changing a weight in place, call `forget()`.
+named tuple of microkernel panels, built on the first call (by `load`, for a Model) and kept while the
+tree lives. After changing a weight in place, call `forget()`.
 """
 
 import functools
@@ -58,7 +58,7 @@ class Prepared(NamedTuple):
     lm_head: Linear  # the tied lm_head, wte.T [n_embd, n_vocab]
 
 
-def layer(block):
+def layer(block, release=False):
     attn, mlp = block["attn"], block["mlp"]
     layer = Layer(
         Norm(**block["ln_1"]),
@@ -68,7 +68,7 @@ def layer(block):
         microkernel.linear_of(**mlp["c_fc"], gelu=True),
         microkernel.linear_of(**mlp["c_proj"]),
     )
-    for part, name in formats.LINEARS:  # the panels replace them: a mapped file's pages can go
+    for part, name in formats.LINEARS if release else ():  # the panels replace them: a mapped file's pages can go
         weights.release(block[part][name]["weight"])
     return layer
 
@@ -76,13 +76,16 @@ def layer(block):
 _prepared = {}  # (id(wte), id(h)) -> Prepared, dropped when the tree's first weight is freed
 
 
-def prepare(wte, h):
-    """The microkernel's layout of a parameter tree's blocks and lm_head, made once per tree."""
+def prepare(wte, h, release=False):
+    """The microkernel's layout of a parameter tree's blocks and lm_head, made once per tree. release:
+    give the pages of the weights mapped from a file back to the OS as each is laid out (load does;
+    a weight changed in place since it was mapped would lose the change)."""
     key = (id(wte), id(h))
     if key not in _prepared:
         w = wte["weight"]  # a packed wte holds wte.T, the lm_head's [in, out], in its own format
-        _prepared[key] = Prepared([layer(block) for block in h], microkernel.linear_of(w.T if isinstance(w, np.ndarray) else w))
-        weights.release(w)  # its embedding rows are read again from the file as tokens need them
+        _prepared[key] = Prepared([layer(block, release) for block in h], microkernel.linear_of(w.T if isinstance(w, np.ndarray) else w))
+        if release:  # its embedding rows are read from the file again as tokens need them
+            weights.release(w)
         for w in (wte["weight"], h[0]["attn"]["c_attn"]["weight"]):  # ids are reused once freed
             weakref.finalize(w if isinstance(w, np.ndarray) else w.data, _prepared.pop, key, None)
     return _prepared[key]
@@ -104,6 +107,7 @@ def linear(x, lin, residual=None):
     copy costs a few % of such a product, and spares keeping the weights twice in memory)."""
     if len(x) <= ROWS_MAX:
         none = np.empty((0, 0), f32)
+        x = np.ascontiguousarray(x, f32)  # the microkernel addresses C-order rows
         return microkernel.linear(x, *lin, none if residual is None else residual, numba.get_num_threads())
     shape = (x.shape[1], lin.bias.size)
     w = microkernel.widen_(_scratch.setdefault(shape, np.empty(shape, f32)), lin.weight)

@@ -12,12 +12,9 @@ row (issue 14); the same IR lowers to any vector width. On AVX-512 (`inspect_asm
 16 `vfmadd231ps` on zmm registers, 4 `vbroadcastss` of x, and 4 weight loads, widened by
 `vcvtph2ps` (float16), `vpmovzxwd` + `vpslld` (bfloat16) or `vpmovsxbd` + `vcvtdq2ps` + `vmulps` (int8).
 
-Measured (benchmarks/bench_kernels.py; README, "Kernels at the machine's limits"): one row streams
-the weights at the speed of a plain read in every format; 8 rows run 125 to 290 GFLOP/s, 2 to 4x
-NumPy's sgemm on the same rows. The alternative for float32, sgemm on each thread's band of the weight
-with OpenBLAS held to one thread per Python thread (threadpoolctl), ran 16, 62 and 117 GFLOP/s at 1,
-8 and 16 rows on gpt2-medium's matrices, where this ran 22, 151 and 222: BLAS packs its operands for
-large products and is not built for a few rows.
+How far it is from the machine's limits, and the alternatives measured against it (sgemm on each
+thread's band, a dot product per wte row, other tile shapes): `benchmarks/bench_kernels.py` and
+README, "The kernels against the machine's limits".
 """
 
 from typing import NamedTuple
@@ -26,17 +23,16 @@ import numpy as np
 from llvmlite import binding, ir
 from numba import njit, prange, types
 from numba.core import cgutils
+from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
 from . import formats
 from .formats import BLOCK
 from .ops import _gelu, f32, jit
 
-# Sized for the vector registers: R x C accumulators + C widened weights + 1 broadcast x must fit, so
-# that nothing spills inside the loop. Measured on gpt2-medium's matrices from DRAM (AVX-512, Zen 5;
-# bench_kernels): with 16 lanes, R = 4 rows x C = 4 vectors ran 150 to 290 GFLOP/s at 8 rows where
-# R, C = 4, 2 gave 150 to 210, 8, 2 gave 145 to 195 and 6, 4 gave 140 to 270; 8 lanes (ymm) gave 100
-# to 135. On AVX2's 16 ymm registers 4 x 4 would spill: there C = 2 (P = 16 outputs).
+# Sized for the vector registers: R x C accumulators + C widened weights + 1 broadcast x fit, so nothing
+# spills inside the loop. 4 x 4 of 16 lanes measured fastest of the shapes tried (README, bench_kernels);
+# on AVX2's 16 ymm registers 4 x 4 would spill: there C = 2 (P = 16 outputs).
 AVX512 = "+avx512f" in binding.get_host_cpu_features().flatten().split(",")
 LANES = 16 if AVX512 else 8  # float32 lanes per vector register
 C = 4 if AVX512 else 2  # vectors per panel row
@@ -70,7 +66,9 @@ def panels(w):
 
 
 def linear_of(weight, bias=None, gelu=False):
-    n_out = formats.shape(weight)[1]
+    n_in, n_out = formats.shape(weight)
+    if n_in == 0:
+        raise ValueError("a weight with no input rows")
     return Linear(panels(weight), np.zeros(n_out, f32) if bias is None else np.ascontiguousarray(bias, f32), gelu)
 
 
@@ -84,8 +82,12 @@ def _kind(w):
 
 @intrinsic
 def _tile(typingctx, x, r0, n, w, p, tile):
-    """tile[:n, :P] = x[r0 : r0 + n] @ panel p of w, for 1 <= n <= R: one loop over `in` per n."""
+    """tile[:n, :P] = x[r0 : r0 + n] @ panel p of w, for 1 <= n <= R: one loop over `in` (>= 1) per n.
+    The addresses are computed for C-contiguous arrays, so other layouts are refused when compiling."""
     kind = _kind(w)
+    arrays = [x, tile, w] if kind == "float32" else [x, tile, *w.types]
+    if any(a.layout != "C" for a in arrays) or x.dtype != types.float32 or tile.dtype != types.float32:
+        raise TypingError("microkernel._tile needs C-contiguous arrays and float32 x and tile")
 
     def codegen(context, builder, sig, args):
         x_, r0_, n_, w_, p_, tile_ = args
@@ -123,7 +125,7 @@ def _tile(typingctx, x, r0, n, w, p, tile):
                 wide = builder.shl(builder.zext(v, ir.VectorType(i32, LANES)), ir.Constant(ir.VectorType(i32, LANES), [16] * LANES))
                 return builder.bitcast(wide, vec)
             if kind == "int8":
-                block = builder.lshr(k, const(5))  # k // BLOCK
+                block = builder.lshr(k, const(BLOCK.bit_length() - 1))  # k // BLOCK (a power of 2)
                 sptr = builder.gep(s_base, [builder.add(builder.mul(block, const(P)), const(c * LANES))])
                 scale = builder.load(builder.bitcast(sptr, vec.as_pointer()), align=4)
                 return builder.fmul(builder.sitofp(v, vec), scale)

@@ -262,3 +262,11 @@ def test_wording(tiny, tmp_path):
     r = run("convert", "gpt2", str(tmp_path / "out"), "--dtype", "int8", env=offline)
     assert_one_line_error(r, "unset HF_HUB_OFFLINE", "use the model tiny")
     assert "--model" not in r.stderr and "connect to the network" not in r.stderr
+
+
+def test_the_warm_up_takes_the_same_paths_as_the_kernels():
+    """warmup.py must not import numba, so it keeps its own copy of the prompt length that divides the
+    microkernel from BLAS, and a context long enough to reach past it."""
+    from picogpt import kernels, warmup
+
+    assert warmup.SHORT == kernels.ROWS_MAX and warmup.N_CTX > warmup.SHORT + 3

@@ -101,3 +101,18 @@ def test_numba_generation_equals_numpy_generation(tiny):
     assert m.generate("Hello", max_new_tokens=64, temperature=0) == picogpt.load(tiny[0], backend="numpy").generate(
         "Hello", max_new_tokens=64, temperature=0
     )
+
+
+def test_weights_changed_in_place_reach_the_kernels_after_forget(tiny):
+    """load lays the mapped weights out in panels and gives their pages back; a notebook that then
+    changes a weight in place and calls forget() gets logits of the changed weights, on every call."""
+    m = picogpt.load(tiny[0])
+    ids = [5, 17, 300, 2]
+    c_fc = m.params["h"][0]["mlp"]["c_fc"]["weight"]
+    before = kernels.gpt2(ids, **m.params, n_head=2)
+    c_fc *= 3.0  # a copy-on-write page of the mapped file now
+    kernels.forget()
+    for _ in range(2):  # the second call reuses the layout made by the first
+        got = kernels.gpt2(ids, **m.params, n_head=2)
+        assert_close(got, model.gpt2(ids, **m.params, n_head=2), rtol=1e-4)
+    assert not np.allclose(got, before, atol=1e-3)
