@@ -30,11 +30,12 @@ from .microkernel import Linear
 from .ops import attend_rows, attention, bias_gelu_, f32, jit, layer_norm_rows, store_kv
 
 # Prompts up to this many tokens (all prompts of a step together) go through the microkernel, longer
-# ones through BLAS's `@`. Measured on gpt2's and gpt2-medium's matrices, 2 cores: the microkernel took
-# 0.64 to 0.94x BLAS's time at 64 rows, 0.73 to 1.12x at 128, 0.92 to 1.23x at 192 (it reads each panel
-# from L2 again for every 4 rows; BLAS packs blocks for a large product). BLAS's threads also spin
-# after each call and slow the Numba kernels around it, which favours the microkernel near the line.
-ROWS_MAX = 128
+# ones through BLAS's `@` on the panels widened back. Matrix by matrix (gpt2, gpt2-medium, 2 cores)
+# the microkernel took 0.64 to 0.94x BLAS's time at 64 rows and 0.92 to 1.23x at 192; in the whole
+# prefill, where BLAS also pays the widening and its spinning threads slow the Numba kernels around
+# it, 16 prompts of gpt2-medium (232 tokens) took 405 against 637 ms (float32) with the line at 256
+# rather than 128, and one of 512 tokens 1.3 s through BLAS against 2.1 s through the microkernel.
+ROWS_MAX = 256
 
 
 class Norm(NamedTuple):

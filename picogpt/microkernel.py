@@ -12,9 +12,11 @@ row (issue 14); the same IR lowers to any vector width. On AVX-512 (`inspect_asm
 16 `vfmadd231ps` on zmm registers, 4 `vbroadcastss` of x, and 4 weight loads, widened by
 `vcvtph2ps` (float16), `vpmovzxwd` + `vpslld` (bfloat16) or `vpmovsxbd` + `vcvtdq2ps` + `vmulps` (int8).
 
-How far it is from the machine's limits, and the alternatives measured against it (sgemm on each
-thread's band, a dot product per wte row, other tile shapes): `benchmarks/bench_kernels.py` and
-README, "The kernels against the machine's limits".
+It beat the alternatives measured for float32 (sgemm on each thread's band of the weight, OpenBLAS
+held to one thread each: 1.4 to 2.4x slower at 1 to 16 rows, as BLAS packs its operands for large
+products; a dot product per wte row for the lm_head: 2 to 3x slower at 8 and 16 rows) and so replaced
+them. Figures, and how far it is from the machine's limits: `benchmarks/bench_kernels.py` and README,
+"The kernels against the machine's limits".
 """
 
 from typing import NamedTuple
@@ -28,7 +30,7 @@ from numba.extending import intrinsic, overload
 
 from . import formats
 from .formats import BLOCK
-from .ops import _gelu, f32, jit
+from .ops import f32, gelu_one, jit
 
 # Sized for the vector registers: R x C accumulators + C widened weights + 1 broadcast x fit, so nothing
 # spills inside the loop. 4 x 4 of 16 lanes measured fastest of the shapes tried (README, bench_kernels);
@@ -203,7 +205,7 @@ def linear(x, weight, bias, gelu, residual, n_threads):  # [n_rows, in] -> [n_ro
                     for j in range(width):
                         v = tile[r, j] + bias[j0 + j]
                         if gelu:
-                            v = _gelu(v)
+                            v = gelu_one(v)
                         if residual.size:
                             v += residual[r0 + r, j0 + j]
                         out[r0 + r, j0 + j] = v

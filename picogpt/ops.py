@@ -35,7 +35,7 @@ def _tanh(x):  # a [13/6] rational approximation (Eigen's float tanh): max error
 
 
 @njit(inline="always", **jit)
-def _gelu(x):  # model.gelu
+def gelu_one(x):  # model.gelu, one value (inlined into the loops that call it)
     return f32(0.5) * x * (f32(1.0) + _tanh(GELU_A * (x + GELU_B * x * x * x)))
 
 
@@ -136,7 +136,7 @@ def layer_norm_rows(x, weight, bias, eps):
 def bias_gelu_(x, bias):
     for r in range(x.shape[0]):
         for j in range(x.shape[1]):
-            x[r, j] = _gelu(x[r, j] + bias[j])
+            x[r, j] = gelu_one(x[r, j] + bias[j])
     return x
 
 

@@ -16,9 +16,9 @@ import numpy as np
 from . import formats
 
 COMPILE_SECONDS = "6 to 8"  # measured on this project's 2-core machine: README, "The first run compiles"
-N_CTX = 160  # the small model's context: a real prompt is mapped to at most SHORT + 1 tokens
+N_CTX = 288  # the small model's context: a real prompt is mapped to at most SHORT + 1 tokens
 N_VOCAB = 64  # the small model's vocabulary
-SHORT = 128  # the most prompt tokens that the microkernel takes (kernels.ROWS_MAX) instead of BLAS
+SHORT = 256  # the most prompt tokens that the microkernel takes (kernels.ROWS_MAX) instead of BLAS
 
 
 def small_params(params, n_embd=64, n_vocab=N_VOCAB):

@@ -270,3 +270,21 @@ def test_the_warm_up_takes_the_same_paths_as_the_kernels():
     from picogpt import kernels, warmup
 
     assert warmup.SHORT == kernels.ROWS_MAX and warmup.N_CTX > warmup.SHORT + 3
+
+
+def test_each_kernel_compiles_once_per_weight_format():
+    """Mapped and converted weights, one row or many, short and long prompts, generating and scoring:
+    each kernel gets one specialization per weight format (a second Numba type would compile it all
+    again, seconds each on a first run)."""
+    from picogpt import formats, kernels, microkernel, ops
+
+    for dtype in formats.DTYPES:
+        m = picogpt.load("tiny", dtype=dtype)
+        m.generate("The list", max_new_tokens=3)
+        m.generate(["The list", "A module of"], max_new_tokens=3)
+        m.generate("x " * 200, max_new_tokens=2)
+        m.score("The list of the things " * 20)
+    for kernel in (microkernel.linear, microkernel.widen_, kernels.block_rows):
+        assert len(kernel.signatures) <= len(formats.DTYPES), (kernel.__name__, kernel.signatures)
+    for kernel in (ops.layer_norm_rows, ops.bias_gelu_, ops.causal_softmax_):
+        assert len(kernel.signatures) == 1, (kernel.__name__, kernel.signatures)
