@@ -317,12 +317,13 @@ STOP = []  # set once Ctrl-C is pressed (the picogpt command only)
 def stop(signum, frame):
     """Ctrl-C: raise KeyboardInterrupt once, and remember it. Python runs this handler between any two
     bytecodes, including those of a callback from C (LLVM's object cache, as Numba loads a cached
-    kernel), which would print the exception as ignored and go on: there, only remember it, and
-    `checkpoint` raises it at the next piece of output or progress."""
+    kernel) or a finalizer (`__del__`: llvmlite disposes of its LLVM objects there), which would
+    print the exception as ignored and go on: there, only remember it, and `checkpoint` raises it at
+    the next piece of output or progress."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while stopping: ignored
     STOP.append(signum)
     while frame is not None:
-        if frame.f_code.co_name.startswith("_raw_object_cache"):  # llvmlite's callbacks
+        if frame.f_code.co_name.startswith("_raw_object_cache") or frame.f_code.co_name == "__del__":
             return
         frame = frame.f_back
     raise KeyboardInterrupt
