@@ -61,7 +61,7 @@ class Prepared(NamedTuple):
 
 def layer(block, release=False):
     attn, mlp = block["attn"], block["mlp"]
-    layer = Layer(
+    laid_out = Layer(
         Norm(**block["ln_1"]),
         microkernel.linear_of(**attn["c_attn"]),
         microkernel.linear_of(**attn["c_proj"]),
@@ -71,7 +71,7 @@ def layer(block, release=False):
     )
     for part, name in formats.LINEARS if release else ():  # the panels replace them: a mapped file's pages can go
         weights.release(block[part][name]["weight"])
-    return layer
+    return laid_out
 
 
 _prepared = {}  # (id(wte), id(h)) -> Prepared, dropped when the tree's first weight is freed
@@ -99,7 +99,7 @@ def forget():
 
 # ---- linears: the microkernel for a few rows, BLAS for many ------------------------------------------
 
-_scratch = {}  # shape -> float32 buffer that packed weights are widened into for BLAS
+_scratch = {}  # shape -> the float32 [in, out] buffer that panels are widened into for BLAS
 
 
 def linear(x, lin, residual=None):
@@ -111,7 +111,9 @@ def linear(x, lin, residual=None):
         x = np.ascontiguousarray(x, f32)  # the microkernel addresses C-order rows
         return microkernel.linear(x, *lin, none if residual is None else residual, numba.get_num_threads())
     shape = (x.shape[1], lin.bias.size)
-    w = microkernel.widen_(_scratch.setdefault(shape, np.empty(shape, f32)), lin.weight)
+    if shape not in _scratch:
+        _scratch[shape] = np.empty(shape, f32)
+    w = microkernel.widen_(_scratch[shape], lin.weight)
     out = x @ w  # [n_tokens, in] -> [n_tokens, out]
     if lin.gelu:
         return bias_gelu_(out, lin.bias)
