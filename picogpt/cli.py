@@ -317,16 +317,23 @@ STOP = []  # set once Ctrl-C is pressed (the picogpt command only)
 def stop(signum, frame):
     """Ctrl-C: raise KeyboardInterrupt once, and remember it. Python runs this handler between any two
     bytecodes, including those of a callback from C (LLVM's object cache, as Numba loads a cached
-    kernel) or a finalizer (`__del__`: llvmlite disposes of its LLVM objects there), which would
-    print the exception as ignored and go on: there, only remember it, and `checkpoint` raises it at
-    the next piece of output or progress."""
+    kernel), which would print the exception as ignored and go on: there, only remember it, and
+    `checkpoint` raises it at the next piece of output or progress. Finalizers and weakref callbacks
+    (`__del__`, importlib's module locks) swallow it the same way: `unraisable` keeps them quiet."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while stopping: ignored
     STOP.append(signum)
     while frame is not None:
-        if frame.f_code.co_name.startswith("_raw_object_cache") or frame.f_code.co_name == "__del__":
+        if frame.f_code.co_name.startswith("_raw_object_cache"):  # llvmlite's callbacks
             return
         frame = frame.f_back
     raise KeyboardInterrupt
+
+
+def unraisable(info):
+    """sys.unraisablehook: a Ctrl-C that landed in a finalizer or a callback, which Python can only
+    report, is already in STOP for `checkpoint`; anything else is reported as usual."""
+    if not issubclass(info.exc_type, KeyboardInterrupt):
+        sys.__unraisablehook__(info)
 
 
 def checkpoint(*_):
@@ -338,6 +345,7 @@ def entry():
     """The `picogpt` command: main() under `stop`, then out without Python's slow shutdown, during
     which a Ctrl-C would kill the process (its handlers are reset to the default by then)."""
     signal.signal(signal.SIGINT, stop)
+    sys.unraisablehook = unraisable
     try:
         code = main()
     except KeyboardInterrupt:  # between main's last line and this one

@@ -288,3 +288,15 @@ def test_each_kernel_compiles_once_per_weight_format():
         assert len(kernel.signatures) <= len(formats.DTYPES), (kernel.__name__, kernel.signatures)
     for kernel in (ops.layer_norm_rows, ops.bias_gelu_, ops.causal_softmax_):
         assert len(kernel.signatures) == 1, (kernel.__name__, kernel.signatures)
+
+
+def test_a_ctrl_c_swallowed_by_a_finalizer_stays_quiet_and_others_are_still_reported():
+    """Python can only report an exception raised in __del__ or a weakref callback: a Ctrl-C there
+    (remembered for cli.checkpoint) prints nothing, any other exception is reported as usual."""
+    code = (
+        "import sys\nfrom picogpt import cli\nsys.unraisablehook = cli.unraisable\n"
+        "class A:\n    def __init__(self, e): self.e = e\n    def __del__(self): raise self.e\n"
+        "A(KeyboardInterrupt())\nA(ValueError('still reported'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "KeyboardInterrupt" not in result.stderr and "ValueError: still reported" in result.stderr, result.stderr
