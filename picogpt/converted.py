@@ -27,7 +27,6 @@ import numpy as np
 from . import formats, hub, weights
 
 CHUNK_BYTES = 4 << 20  # float32 input converted at a time: bounds pack()'s temporaries (several copies of it)
-ARRAYS = {f.tag: f.array for f in formats.FORMATS.values()}  # safetensors dtype -> how formats.py holds it
 
 
 def warn(message):  # generate.warn's format (generate imports this module, so not from there)
@@ -182,7 +181,7 @@ def layout(name, shape, fmt):
     if fmt == "float32":
         return [(name, "F32", shape, 4 * int(np.prod(shape)))]
     n_in, n_out = shape[::-1] if name == "wte.weight" else shape
-    return [(name + suffix, tag, size, np.dtype(ARRAYS[tag]).itemsize * size[0] * size[1]) for suffix, tag, size in formats.arrays(n_in, n_out, fmt)]
+    return [(name + suffix, tag, size, np.dtype(formats.HELD[tag]).itemsize * size[0] * size[1]) for suffix, tag, size in formats.arrays(n_in, n_out, fmt)]
 
 
 def convert_tensor(leaf, where, name, stored, fmt, entries, source):
@@ -191,7 +190,7 @@ def convert_tensor(leaf, where, name, stored, fmt, entries, source):
     The stored rows are [in, out] rows for block linears and packed wte, but [n_vocab, n_embd] rows for
     an ordinary wte: those are columns of the wte.T a packed wte holds (and the other way round when a
     packed wte becomes float32). int8 scales are per column, so a chunk of columns packs exactly."""
-    outs = [np.empty(shape, ARRAYS[tag]) for _, tag, shape, _ in entries]
+    outs = [np.empty(shape, formats.HELD[tag]) for _, tag, shape, _ in entries]
     transposed = name == "wte.weight" and (stored == "float32") != (fmt == "float32")
     n_rows, row_bytes = formats.shape(leaf)[0], 4 * int(np.prod(formats.shape(leaf)[1:]))
     step = max(formats.BLOCK, CHUNK_BYTES // row_bytes // formats.BLOCK * formats.BLOCK)  # whole int8 blocks

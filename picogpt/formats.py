@@ -62,6 +62,7 @@ FORMATS = {
 DTYPES = tuple(FORMATS)
 PACKED = (F16, BF16, Q8)
 DTYPE_OF = {f.cls: name for name, f in FORMATS.items()}
+HELD = {f.tag: f.array for f in FORMATS.values()}  # safetensors dtype -> the NumPy dtype it is held in
 
 
 def n_blocks(n_in):
@@ -78,7 +79,7 @@ def arrays(n_in, n_out, dtype):
 
 def nbytes_of(n_in, n_out, dtype):
     """Bytes an [in, out] weight takes in `dtype`."""
-    return sum((4 if tag == "F32" else np.dtype(FORMATS[dtype].array).itemsize) * n * m for _, tag, (n, m) in arrays(n_in, n_out, dtype))
+    return sum(np.dtype(HELD[tag]).itemsize * n * m for _, tag, (n, m) in arrays(n_in, n_out, dtype))
 
 
 class FormatError(ValueError):
