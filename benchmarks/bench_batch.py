@@ -43,7 +43,7 @@ def prompts_for(batch):
 
 def picogpt_engine(folder, dtype):
     import picogpt
-    from picogpt.generate import decode_rows
+    from picogpt.engine import decode_rows
 
     model = picogpt.load(folder, dtype=None if dtype == "float32" else dtype)
     greedy = lambda logits: int(np.argmax(logits))  # noqa: E731

@@ -20,7 +20,7 @@ import torch
 import transformers
 
 import picogpt
-from picogpt.generate import decode_tokens
+from picogpt.engine import decode_tokens
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import save_checkpoint  # noqa: E402

@@ -219,7 +219,7 @@ def main():
     from compare_torch import SHAPES, measure, picogpt_generate, random_checkpoint
 
     import picogpt
-    from picogpt.generate import decode_tokens
+    from picogpt.engine import decode_tokens
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)

@@ -24,7 +24,7 @@ import numpy as np
 
 import picogpt
 from picogpt import formats, hub, tokenizer
-from picogpt.generate import decode_tokens
+from picogpt.engine import decode_tokens
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_corpus import heldout_text  # noqa: E402

@@ -17,7 +17,7 @@ _WHERE = {
     "load": "generate", "Model": "generate", "load_tokenizer": "tokenizer",
     **{name: "model" for name in ["gpt2", "kv_cache", "gelu", "softmax", "layer_norm", "linear", "ffn", "attention", "mha", "transformer_block"]},
 }  # fmt: skip
-SUBMODULES = ("model", "formats", "ops", "microkernel", "kernels", "weights", "converted", "hub", "tokenizer", "sampling", "scoring", "generate", "manage", "warmup", "cli")
+SUBMODULES = ("model", "formats", "ops", "microkernel", "kernels", "weights", "converted", "hub", "tokenizer", "sampling", "scoring", "generate", "engine", "text", "log", "defaults", "manage", "warmup", "cli")
 __all__ = list(_WHERE)
 
 

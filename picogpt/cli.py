@@ -7,6 +7,7 @@ import signal
 import sys
 
 from . import __version__
+from .defaults import SAMPLING, SERVE
 
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")  # formats.DTYPES, without importing NumPy before --threads
@@ -46,11 +47,11 @@ def parser():
     )
     g.add_argument("prompt", help='the text to continue; "" starts a new text from <|endoftext|>, - reads it from stdin')
     model_options(g)
-    g.add_argument("--max-new-tokens", "-n", type=int, default=50, help="generate at most this many tokens (default: %(default)s)")
-    g.add_argument("--temperature", "-t", type=float, default=1.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens only (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose probability reaches p; 1 turns it off (default: %(default)s)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the positive logits of tokens already in the text by P, multiply the negative ones, as transformers does; 1 turns it off (default: %(default)s)")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=SAMPLING["max_new_tokens"], help="generate at most this many tokens (default: %(default)s)")
+    g.add_argument("--temperature", "-t", type=float, default=SAMPLING["temperature"], help="sampling temperature; 0 is greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=SAMPLING["top_k"], help="sample from the k most likely tokens only (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=SAMPLING["top_p"], help="sample from the smallest set of tokens whose probability reaches p; 1 turns it off (default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=SAMPLING["repetition_penalty"], help="divide the positive logits of tokens already in the text by P, multiply the negative ones, as transformers does; 1 turns it off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text (default: a fresh one each run)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text appears; may be given more than once (default: none)")
     g.add_argument("--num-samples", type=int, default=1, help="how many continuations, decoded together as one batch (sample i uses seed + i) and separated by a line of dashes (default: %(default)s)")
@@ -75,6 +76,18 @@ def parser():
     model_options(i, run=False)
     i.add_argument("--check", action="store_true", help="also scan every tensor for NaN and infinite values and name the bad ones")
     i.add_argument("--json", action="store_true", help="print it as JSON")
+    v = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP with OpenAI's completions API",
+        description="Serve MODEL over HTTP with OpenAI's completions API (/v1/completions, streaming included), "
+        "decoding the requests together (continuous batching). Ctrl-C or SIGTERM stops it; running requests end with what they have.",
+    )
+    model_options(v)
+    v.add_argument("--host", default=SERVE["host"], help="the address to listen on (default: %(default)s; 0.0.0.0 for every interface)")
+    v.add_argument("--port", type=int, default=SERVE["port"], help="the port to listen on (default: %(default)s)")
+    v.add_argument("--parallel", type=int, default=SERVE["parallel"], help="the most sequences decoded together: rows of the KV cache (default: %(default)s)")
+    v.add_argument("--queue", type=int, default=SERVE["queue"], help="the most sequences waiting beyond --parallel; more get 429 (default: %(default)s)")
+    v.add_argument("--chunk", type=int, default=SERVE["chunk"], help="prompt tokens prefilled per decoding step, so long prompts do not stall running streams (default: %(default)s)")
     d = commands.add_parser(
         "download",
         help="fetch and check a hub model ahead of time, so later runs work offline",
@@ -108,6 +121,11 @@ def check(args):
     if getattr(args, "threads", None) is not None and args.threads > cores():
         print(f"picogpt: --threads {args.threads} is more than the {plural(cores(), 'core')} here: using {cores()}", file=sys.stderr)
         args.threads = cores()
+    if args.command == "serve":
+        for flag, value, low, high in [("--port", args.port, 0, 65535), ("--parallel", args.parallel, 1, 256), ("--queue", args.queue, 0, 100000), ("--chunk", args.chunk, 1, 256)]:
+            if not low <= value <= high:
+                raise ValueError(f"{flag} must be from {low} to {high}, got {value}")
+        return
     if args.command == "score":
         if args.stride is not None and args.stride < 1:
             raise ValueError(f"--stride must be >= 1, got {args.stride}")
@@ -124,7 +142,8 @@ def check(args):
 
 
 def generate(args):
-    from .generate import load, warn
+    from .generate import load
+    from .log import warn
 
     prompt = read_text("-") if args.prompt == "-" else args.prompt
     model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision)
@@ -164,7 +183,7 @@ def generate(args):
 
 def convert(args):
     from . import converted, hub
-    from .generate import warn
+    from .log import warn
 
     converted.write(hub.resolve(args.model), args.dtype, args.out_folder)  # tensor by tensor, the way --dtype keeps its copies
     size = os.path.getsize(os.path.join(args.out_folder, "model.safetensors"))
@@ -233,11 +252,23 @@ def info(args):
 
 def download(args):
     from . import manage
-    from .generate import warn
+    from .log import warn
 
     folder = manage.download(args.name, args.revision)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in manage.hub.checkpoint_files(folder))
     warn(f"{args.name} is ready in {folder} ({size / 1e6:,.1f} MB, checked against its config): it now loads with no network")
+
+
+def serve(args):
+    from . import server
+
+    # uvicorn takes SIGINT and SIGTERM while it serves and raises them again once it has stopped: ignored
+    # then, so a clean stop exits 0.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.backend != "numba":
+        raise Failed("serve runs on the numba backend: leave out --backend")
+    server.serve(args.model, args.dtype, args.revision, args.host, args.port, args.parallel, args.queue, args.chunk)
 
 
 def read_text(path):
@@ -286,7 +317,7 @@ def main(argv=None):
         from .weights import CheckpointError
 
         try:
-            {"generate": generate, "score": score, "info": info, "download": download, "convert": convert}[args.command](args)
+            {"generate": generate, "score": score, "info": info, "download": download, "convert": convert, "serve": serve}[args.command](args)
         except BrokenPipeError:  # e.g. piped into `head`: not an error worth a message
             sys.stderr.close()
             return 1

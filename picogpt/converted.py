@@ -19,18 +19,14 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 
 import numpy as np
 
 from . import formats, hub, weights
+from .log import warn
 
 CHUNK_BYTES = 4 << 20  # float32 input converted at a time: bounds pack()'s temporaries (several copies of it)
-
-
-def warn(message):  # generate.warn's format (generate imports this module, so not from there)
-    print(f"picogpt: {message}", file=sys.stderr, flush=True)
 
 
 # ---- where copies live and when they are valid ---------------------------------------------------

@@ -1,145 +1,15 @@
-"""Generation: prefill the prompt into a KV cache, decode one token at a time, stream the text."""
+"""The user's side: `load` a checkpoint into a `Model`, whose generate, stream and complete drive the
+engine (engine.py) and whose logprobs and score run scoring.py."""
 
-import codecs
-import itertools
-import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import converted, formats, hub, model, sampling, scoring, tokenizer as tok, warmup, weights
-
-
-def warn(message):
-    print(f"picogpt: {message}", file=sys.stderr, flush=True)
-
-
-def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eot, stopped=(), stats=None, say=warn):
-    """Decode many sequences together: each step, yield [(row, token), ...] for every row still running.
-
-    forward_rows(inputs, **params, cache=, rows=, past=) runs the rows' new tokens through the model
-    at once (kernels.gpt2_rows); picks[row](logits) chooses a row's next token. A row stops at `eot`,
-    after max_new_tokens, or once the caller adds it to `stopped` (a stop string). Rows with the same
-    prompt share one prefill. GPT-2's positions are absolute, so past n_positions tokens a row's cache
-    cannot simply roll: that row drops the oldest quarter of its context and prefills the rest again
-    (rebuilds stay rare), while the other rows go on decoding in the same step. say(message): where
-    the notes on prompts and windows go (None: nowhere).
-    """
-    say = say or (lambda message: None)
-    n_ctx, n_head, n_layer, n_embd = config["n_positions"], config["n_head"], config["n_layer"], config["n_embd"]
-    run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
-    if max(len(ids) for ids in prompts) > n_ctx:
-        say(f"a prompt has {max(len(ids) for ids in prompts)} tokens, more than the model's context of {n_ctx}: keeping the last {n_ctx}")
-        prompts = [ids[-n_ctx:] for ids in prompts]
-    if max_new_tokens == 0:
-        return
-    # Only as many positions as the rows can reach: a fresh cache's pages are faulted in as they are
-    # written, and on this VM pages freed a second before come back slowly (the full context of 1024
-    # for 8 rows of gpt2, 600 MB, made an idle process's next prefill 7x slower).
-    n_cache = min(n_ctx, max(len(ids) for ids in prompts) + max_new_tokens)
-    cache = model.kv_cache(n_layer, n_head, n_cache, n_embd // n_head, n_rows=len(prompts))
-    contexts = [list(ids) for ids in prompts]  # each row's tokens whose keys and values are in the cache
-    start = time.perf_counter()
-    first = {}  # prompt -> the row that prefills it
-    for row, ids in enumerate(prompts):
-        first.setdefault(tuple(ids), row)
-    prefilled = sorted(set(first.values()))
-    logits = forward_rows([contexts[r] for r in prefilled], **params, **run, cache=cache, rows=prefilled, past=[0] * len(prefilled))
-    for row, ids in enumerate(prompts):  # the same prompt: copy its keys and values
-        source = first[tuple(ids)]
-        for k, v in cache if source != row else ():
-            k[row, :, : len(ids)], v[row, :, : len(ids)] = k[source, :, : len(ids)], v[source, :, : len(ids)]
-    logits = logits[[prefilled.index(first[tuple(ids)]) for ids in prompts]]
-    sampling.check_finite(logits, "the prompt, choosing new token 1")
-    if stats is not None:
-        stats.update(prompt_tokens=sum(len(contexts[r]) for r in prefilled), prefill_seconds=time.perf_counter() - start, new_tokens=0)
-        start = time.perf_counter()
-    running, slid = list(range(len(prompts))), False
-    for i in range(max_new_tokens):
-        tokens = [picks[row](logits[s]) for s, row in enumerate(running)]
-        if stats is not None:
-            stats.update(new_tokens=stats["new_tokens"] + len(tokens), decode_seconds=time.perf_counter() - start)
-        yield list(zip(running, tokens))
-        if i + 1 == max_new_tokens:
-            return
-        inputs, past, still = [], [], []
-        for row, token in zip(running, tokens):
-            if token == eot or row in stopped:
-                continue
-            context = contexts[row]
-            if len(context) < n_ctx:  # the usual step: one token against the cache
-                inputs.append([token]), past.append(len(context))
-                context.append(token)
-            else:  # the row's cache is full: slide its window and prefill it again
-                drop = max(1, n_ctx // 4)
-                if not slid:
-                    say(f"the context of {n_ctx} tokens is full: sliding the window, dropping the oldest {drop} tokens at a time")
-                    slid = True
-                contexts[row] = context = context[drop:] + [token]
-                inputs.append(context), past.append(0)
-            still.append(row)
-        if not still:
-            return
-        running = still
-        logits = forward_rows(inputs, **params, **run, cache=cache, rows=running, past=past)
-        sampling.check_finite(logits, f"the step choosing new token {i + 2}")  # ~10 us of a 10+ ms step
-
-
-def rows_one_by_one(forward):
-    """forward_rows for a one-sequence forward pass (model.gpt2): each row on its own, in turn."""
-
-    def forward_rows(inputs, cache, rows, past, **params):
-        return np.stack([forward(ids, **params, cache=[(k[r], v[r]) for k, v in cache], past=p, last=True)[-1] for ids, r, p in zip(inputs, rows, past)])
-
-    return forward_rows
-
-
-def detokenizer(tokenizer, stops=()):
-    """A function taking each new token id (None: there are no more) and returning (text, finished):
-    the new text, whole UTF-8 characters only, cut before any stop string; finished at end of text,
-    at a stop string, or at None."""
-    eot = tokenizer.eot_token
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    text, emitted = "", 0
-
-    def push(token):
-        nonlocal text, emitted
-        final = token is None or token == eot
-        text += utf8.decode(b"" if final else tokenizer.decode_single_token_bytes(token), final=final)
-        hits = [i for s in stops if (i := text.find(s, emitted)) >= 0]
-        if hits:
-            piece, emitted = text[emitted : min(hits)], len(text)
-            return piece, True
-        end = len(text) if final else len(text) - held_back(text, stops)
-        piece, emitted = text[emitted:end], max(emitted, end)
-        return piece, final
-
-    return push
-
-
-def held_back(text, stops):
-    """Length of the longest end of `text` that could still grow into a stop string."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
-
-def stream_text(tokens, tokenizer, stops=()):
-    """Turn token ids into text pieces: whole UTF-8 characters only, cut before any stop string."""
-    push = detokenizer(tokenizer, stops)
-    for token in itertools.chain(tokens, [None]):
-        piece, finished = push(token)
-        if piece:
-            yield piece
-        if finished:
-            return
-
-
-def decode_tokens(forward, params, config, ids, max_new_tokens, pick, stats=None):
-    """Yield up to max_new_tokens token ids following `ids`, one forward step per token: decode_rows
-    for one row, which leaves stopping (at end of text too) to the caller."""
-    for [(_, token)] in decode_rows(rows_one_by_one(forward), params, config, [ids], max_new_tokens, [pick], None, stats=stats):
-        yield token
-
+from .defaults import SAMPLING
+from .engine import decode_rows, rows_one_by_one
+from .log import warn
+from .text import detokenizer
 
 def prompt_list(prompt):
     """A prompt string or a list of them, as a list."""
@@ -173,7 +43,8 @@ class Model:
         """The weight format of the block linears and wte: float32, float16, bfloat16 or int8."""
         return formats.dtype_of(self.params["wte"]["weight"])
 
-    def stream(self, prompt, max_new_tokens=50, temperature=1.0, top_k=50, top_p=1.0, seed=None, stop=None, repetition_penalty=1.0, stats=None):
+    def stream(self, prompt, max_new_tokens=SAMPLING["max_new_tokens"], temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"],
+               seed=None, stop=None, repetition_penalty=SAMPLING["repetition_penalty"], stats=None):  # fmt: skip
         """Yield the continuation of `prompt` piece by piece as it is decoded.
 
         `prompt` may also be a list of prompts, decoded together as one batch: then the pieces come as
@@ -221,7 +92,8 @@ class Model:
                 o["logprobs"] = chosen[row][: len(o["token_ids"])]
         return out
 
-    def _decode(self, prompts, max_new_tokens=50, temperature=1.0, top_k=50, top_p=1.0, seed=None, stop=None, repetition_penalty=1.0, stats=None, logprobs=None):
+    def _decode(self, prompts, max_new_tokens=SAMPLING["max_new_tokens"], temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"],
+                seed=None, stop=None, repetition_penalty=SAMPLING["repetition_penalty"], stats=None, logprobs=None):  # fmt: skip
         """Decode a list of prompts as one batch. Yield (row, token, piece, finish) for every new token:
         piece the new text (maybe ""), finish None, "eos" or "stop"; then (row, None, piece, "length")
         for each row that used up max_new_tokens. logprobs: a list per row to append each chosen
@@ -238,16 +110,8 @@ class Model:
             stats["row_prompt_tokens"] = [len(i) for i in ids]
 
         def picker(row):
-            rng, seen = np.random.default_rng(None if seed is None else seed + row), list(ids[row])
-
-            def pick(logits):
-                token = sampling.sample(sampling.penalize(logits[:n_vocab], seen, repetition_penalty), rng, temperature, top_k, top_p)
-                seen.append(token)
-                if logprobs is not None:
-                    logprobs[row].append(float(scoring.log_softmax_at(logits[None], [token])[0]))
-                return token
-
-            return pick
+            chosen = None if logprobs is None else lambda logits, token: logprobs[row].append(float(scoring.log_softmax_at(logits[None], [token])[0]))
+            return sampling.picker(ids[row], None if seed is None else seed + row, temperature, top_k, top_p, repetition_penalty, n_vocab=n_vocab, chosen=chosen)
 
         texts = [detokenizer(self.tokenizer, stops) for _ in prompts]
         stopped = set()  # rows at end of text or a stop string: decode_rows drops them

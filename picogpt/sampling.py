@@ -1,4 +1,4 @@
-"""Choosing the next token from logits: repetition penalty, greedy, temperature, top-k, top-p (nucleus)."""
+"""Choosing the next token from logits: logit bias, penalties, greedy, temperature, top-k, top-p (nucleus)."""
 
 import math
 
@@ -36,6 +36,42 @@ def penalize(logits, seen, penalty):
     logits, repeated = logits.copy(), logits[seen]
     logits[seen] = np.where(repeated < 0, repeated * penalty, repeated / penalty)
     return logits
+
+
+def presence_frequency(logits, counts, presence, frequency):
+    """OpenAI's penalties: logits[j] - counts[j] * frequency - (counts[j] > 0) * presence, counts[j]
+    the times token j was generated so far (the prompt does not count)."""
+    if not counts or (presence == 0 and frequency == 0):
+        return logits
+    ids = np.fromiter(counts.keys(), np.int64, len(counts))
+    logits = logits.copy()
+    logits[ids] -= np.fromiter(counts.values(), np.float32, len(counts)) * frequency + presence
+    return logits
+
+
+def picker(prompt, seed=None, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0, presence_penalty=0.0,
+           frequency_penalty=0.0, logit_bias=None, n_vocab=None, chosen=None):  # fmt: skip
+    """pick(logits) -> the next token of a sequence that starts with `prompt` (token ids): logit_bias
+    ({token: bias}, added first, as OpenAI does), the penalties, then `sample` with its own random
+    stream from `seed`. n_vocab: tokens past it (padding rows of wte) are never picked. chosen(logits,
+    token): told of each pick with the raw logits (for log-probabilities)."""
+    rng, seen, counts = np.random.default_rng(seed), list(prompt), {}
+    bias = (np.fromiter(logit_bias.keys(), np.int64), np.fromiter(logit_bias.values(), np.float32)) if logit_bias else None
+
+    def pick(logits):
+        raw = logits = logits[:n_vocab]
+        if bias is not None:
+            logits = logits.copy()
+            logits[bias[0]] += bias[1]
+        logits = presence_frequency(penalize(logits, seen, repetition_penalty), counts, presence_penalty, frequency_penalty)
+        token = sample(logits, rng, temperature, top_k, top_p)
+        seen.append(token)
+        counts[token] = counts.get(token, 0) + 1
+        if chosen is not None:
+            chosen(raw, token)
+        return token
+
+    return pick
 
 
 def sample(logits, rng, temperature=1.0, top_k=None, top_p=1.0):

@@ -87,7 +87,7 @@ def warm_up(model, prompts=(), max_new_tokens=1, score=False, say=None):
     """Run, on a small model of the same formats, the steps that decoding these prompts (token id
     lists, decoded together) or scoring would run, so that their kernels are compiled now. Returns
     the seconds spent compiling (0 on a warm cache). say(message): where the one line goes."""
-    from .generate import decode_rows, rows_one_by_one  # the real decode loop, on the small model
+    from .engine import decode_rows, rows_one_by_one  # the real decode loop, on the small model
     from .scoring import logprobs
 
     # Prompts that take the same paths as the real ones: one token, a few (the batched kernels) or

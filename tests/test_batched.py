@@ -11,7 +11,7 @@ from conftest import random_gpt2
 
 import picogpt
 from picogpt import formats, kernels, model, ops
-from picogpt.generate import decode_rows, decode_tokens, rows_one_by_one
+from picogpt.engine import decode_rows, decode_tokens, rows_one_by_one
 from picogpt.weights import to_params
 
 rng = np.random.default_rng(7)

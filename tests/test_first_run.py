@@ -28,7 +28,7 @@ import json
 import numpy as np
 from numba.core import event
 import picogpt
-from picogpt import generate, scoring, warmup
+from picogpt import engine, log, scoring, warmup
 
 compiles = []
 
@@ -54,11 +54,11 @@ for dtype in ("float32", "int8"):
         ("rows, long prompts, windows slide", [long, "x" + long], 100, ()),
     ]:
         ids = [model.tokenizer.encode(p) or [eot] for p in prompts]
-        warmup.warm_up(model, ids, n, say=generate.warn)
+        warmup.warm_up(model, ids, n, say=log.warn)
         compiles.clear()
         stopped = set()
         picks = [lambda logits: int(np.argmax(logits))] * len(ids)
-        for step in generate.decode_rows(model.forward_rows, model.params, model.config, ids, n, picks, eot, stopped, say=None):
+        for step in engine.decode_rows(model.forward_rows, model.params, model.config, ids, n, picks, eot, stopped, say=None):
             stopped.update(stop)  # these rows stop (at a stop string, say) after the first token
         late[f"{dtype}: {name}"] = list(compiles)
     warmup.warm_up(model, score=True)

@@ -6,7 +6,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import picogpt
-from picogpt.generate import stream_text
+from picogpt.text import stream_text
 from picogpt.sampling import sample
 from picogpt.tokenizer import encode, load_tokenizer
 

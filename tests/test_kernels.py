@@ -6,7 +6,7 @@ from conftest import random_gpt2, torch_logits
 
 import picogpt
 from picogpt import kernels, model, ops
-from picogpt.generate import decode_tokens
+from picogpt.engine import decode_tokens
 from picogpt.weights import to_params
 
 rng = np.random.default_rng(0)

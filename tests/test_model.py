@@ -6,7 +6,7 @@ import torch
 from conftest import random_gpt2, save_checkpoint, torch_logits
 
 import picogpt
-from picogpt.generate import decode_tokens
+from picogpt.engine import decode_tokens
 
 SHAPES = [  # (n_layer, n_head, n_embd): a non-power-of-two head count, one head, several layers
     dict(n_layer=2, n_head=2, n_embd=32),

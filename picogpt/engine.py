@@ -1,0 +1,238 @@
+"""The decode engine: continuous batching over one KV cache of n_rows rows.
+
+A sequence is a prompt, a token picker and a budget of new tokens. `add` queues it; each `step`
+admits queued sequences into free cache rows, runs one forward pass that holds the next token of
+every decoding sequence and a chunk of prompt for sequences still prefilling (chunked prefill, as
+vLLM does: a long prompt never stalls the running streams for more than one chunk), picks each
+decoding sequence's next token and retires the finished ones, whose rows the next admissions reuse;
+`cancel` retires one from outside (a stop string, a client gone). `Model.generate` (through
+`decode_rows`), the CLI and the server all drive this one loop.
+
+A sequence's tokens go through the same kernels whatever else is in the batch (each row of the
+microkernel is its own sum), so its output does not depend on its neighbours. A prompt that shares
+its start with a sequence already in the cache copies those keys and values instead of computing them
+(the n choices of one prompt prefill once).
+"""
+
+import itertools
+import time
+from collections import deque
+
+import numpy as np
+
+from . import model, sampling
+from .log import warn
+
+
+class Sequence:
+    """One sequence in the engine: read `finish` (None while running; "eos", "length" or "cancelled")
+    and `new_tokens`; the rest is the engine's."""
+
+    _ids = itertools.count()
+
+    def __init__(self, ids, max_new_tokens, pick, score=None, slide=False):
+        self.id = next(self._ids)
+        self.prompt, self.max_new_tokens, self.pick, self.score, self.slide = list(ids), max_new_tokens, pick, score, slide
+        self.context = []  # tokens whose keys and values are in the cache row, from position 0
+        self.todo = list(ids)  # tokens to feed: the prompt (in chunks), then each picked token
+        self.row, self.finish, self.new_tokens = None, None, 0
+
+    def __repr__(self):
+        state = self.finish or ("waiting" if self.row is None else "prefilling" if len(self.todo) > 1 or not self.new_tokens else "decoding")
+        return f"<Sequence {self.id}: {len(self.prompt)} prompt tokens, {self.new_tokens}/{self.max_new_tokens} new, {state}>"
+
+
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Engine:
+    """Continuous batching: `add` sequences, `step` until `busy` is False, `cancel` any of them.
+
+    forward_rows(inputs, **params, cache=, rows=, past=, last=): kernels.gpt2_rows or
+    rows_one_by_one(model.gpt2). n_cache: positions per row (default the model's context); chunk: the
+    most prompt tokens one step prefills (None: whole prompts at once); eot: the token that ends a
+    sequence (None: none does). say(message): where the notes on windows go."""
+
+    def __init__(self, forward_rows, params, config, n_rows, n_cache=None, chunk=None, eot=None, say=None):
+        self.forward_rows, self.params, self.eot, self.chunk = forward_rows, params, eot, chunk
+        self.n_ctx = config["n_positions"]
+        self.n_cache = min(n_cache or self.n_ctx, self.n_ctx)
+        self.run = dict(n_head=config["n_head"], eps=config.get("layer_norm_epsilon", 1e-5))
+        head_dim = config["n_embd"] // config["n_head"]
+        self.cache = model.kv_cache(config["n_layer"], config["n_head"], self.n_cache, head_dim, n_rows=n_rows)
+        self.free = list(range(n_rows))
+        self.waiting, self.running = deque(), []  # running: in order of admission
+        self.say = say or (lambda message: None)
+        self.slid = False
+        self.prompt_tokens = 0  # prompt tokens computed (not copied from another row)
+
+    def __repr__(self):
+        return f"<picogpt.Engine: {len(self.running)} running, {len(self.waiting)} waiting, {len(self.free)} free rows of {self.n_cache} positions>"
+
+    @property
+    def busy(self):
+        return bool(self.running or self.waiting)
+
+    def add(self, ids, max_new_tokens, pick, score=None, slide=False):
+        """Queue a sequence: prompt `ids` (token ids), up to max_new_tokens new tokens chosen by
+        pick(logits [n_vocab]) -> token id. score(logits [m, n_vocab], targets [m]): called with the
+        logits before each prompt token after the first, in order, as the prompt is prefilled.
+        slide: once the cache row is full, drop the oldest quarter and prefill the rest again (else
+        the sequence ends there, "length"). A prompt longer than the cache is an error unless slide."""
+        if not len(ids):
+            raise ValueError("an empty prompt: give at least one token")
+        if len(ids) > self.n_cache:
+            if not slide:
+                raise ValueError(f"the prompt has {len(ids)} tokens, more than the {self.n_cache} positions a row holds")
+            self.say(f"a prompt has {len(ids)} tokens, more than the model's context of {self.n_cache}: keeping the last {self.n_cache}")
+            ids = ids[-self.n_cache :]
+        seq = Sequence(ids, max_new_tokens, pick, score, slide)
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq):
+        """End a sequence now; its row is free for the next admission."""
+        if seq.finish is None:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self._retire(seq, "cancelled")
+
+    def _retire(self, seq, reason):
+        seq.finish = seq.finish or reason
+        if seq.row is not None:
+            self.free.append(seq.row)
+            self.running.remove(seq)
+            seq.row = None
+
+    def _share(self, seq):
+        """Copy the keys and values of seq's prompt start from a row that already holds them; return
+        False if a sequence admitted earlier is still prefilling more of that start (then wait for it)."""
+        if seq.context or seq.score is not None:  # prompt logprobs need the prompt's logits: compute them
+            return True
+        want = len(seq.todo) - 1  # the last token is fed, for its logits
+        best, donor = 0, None
+        for other in self.running:
+            if other is seq:
+                continue
+            have = min(common_prefix(other.context, seq.todo), want)
+            if have > best:
+                best, donor = have, other
+            if common_prefix(other.context + other.todo, seq.todo[:want]) > max(have, best) and other.todo and other.new_tokens == 0 and self.running.index(other) < self.running.index(seq):
+                return False
+        if donor is not None:
+            for k, v in self.cache:
+                k[seq.row, :, :best], v[seq.row, :, :best] = k[donor.row, :, :best], v[donor.row, :, :best]
+            seq.context, seq.todo = seq.todo[:best], seq.todo[best:]
+        return True
+
+    def step(self):
+        """One forward pass over every running sequence. Returns [(seq, token), ...] for the sequences
+        that got a new token; sequences that end leave `running` (their `finish` says why)."""
+        while self.waiting and self.free:
+            seq = self.waiting.popleft()
+            seq.row = self.free.pop(0)
+            self.running.append(seq)
+        fed, budget = [], self.chunk or self.n_cache * len(self.running)
+        for seq in sorted(self.running, key=lambda s: len(s.todo) > 1 or s.new_tokens == 0):  # decoding first, then prompts by arrival
+            prefilling = len(seq.todo) > 1 or seq.new_tokens == 0
+            if prefilling and not self._share(seq):
+                continue
+            n = min(len(seq.todo), budget) if prefilling else 1
+            if n:
+                fed.append((seq, n))
+                if prefilling:
+                    budget -= n
+                    self.prompt_tokens += n
+        if not fed:
+            return []
+        inputs, rows, past = [seq.todo[:n] for seq, n in fed], [seq.row for seq, _ in fed], [len(seq.context) for seq, _ in fed]
+        every = any(seq.score is not None for seq, _ in fed)  # logits after every token, not only the last
+        logits = self.forward_rows(inputs, **self.params, **self.run, cache=self.cache, rows=rows, past=past, last=not every)
+        newest = max(seq.new_tokens for seq, _ in fed)
+        sampling.check_finite(logits, f"the step choosing new token {newest + 1}" if newest else "the prompt, choosing new token 1")
+        ends = np.cumsum([n for _, n in fed]) - 1 if every else np.arange(len(fed))
+        out = []
+        for (seq, n), end in zip(fed, ends):
+            if seq.score is not None:
+                start = len(seq.context)
+                targets = seq.prompt[start + 1 : start + n + 1]
+                seq.score(logits[end - n + 1 : end - n + 1 + len(targets)], targets)
+            seq.context += seq.todo[:n]
+            seq.todo = seq.todo[n:]
+            if seq.todo:  # more prompt to come
+                continue
+            seq.score = None
+            if seq.new_tokens == seq.max_new_tokens:  # max_new_tokens 0: the prompt was only scored
+                self._retire(seq, "length")
+                continue
+            token = seq.pick(logits[end])
+            seq.new_tokens += 1
+            out.append((seq, token))
+            if token == self.eot:
+                self._retire(seq, "eos")
+            elif seq.new_tokens == seq.max_new_tokens:
+                self._retire(seq, "length")
+            elif len(seq.context) < self.n_cache:
+                seq.todo = [token]
+            elif seq.slide:  # GPT-2's positions are absolute: drop the oldest quarter, prefill the rest again
+                drop = max(1, self.n_ctx // 4)
+                if not self.slid:
+                    self.say(f"the context of {self.n_ctx} tokens is full: sliding the window, dropping the oldest {drop} tokens at a time")
+                    self.slid = True
+                seq.todo, seq.context = seq.context[drop:] + [token], []
+            else:
+                self._retire(seq, "length")
+        return out
+
+
+def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eot, stopped=(), stats=None, say=warn):
+    """Decode a fixed batch of prompts together on the engine: each step, yield [(row, token), ...]
+    for every row that got a token. picks[row](logits) chooses row's next token; a row stops at
+    `eot`, after max_new_tokens, or once the caller adds it to `stopped` (a stop string). A row whose
+    context fills slides its window (Engine.add). say(message): where the notes go (None: nowhere)."""
+    if max_new_tokens == 0:
+        return
+    # Only as many positions as the rows can reach: a fresh cache's pages are faulted in as they are
+    # written, and on this VM pages freed a second before come back slowly (the full context of 1024
+    # for 8 rows of gpt2, 600 MB, made an idle process's next prefill 7x slower).
+    n_cache = min(config["n_positions"], max(len(ids) for ids in prompts) + max_new_tokens)
+    engine = Engine(forward_rows, params, config, len(prompts), n_cache=n_cache, eot=eot, say=say)
+    seqs = [engine.add(ids, max_new_tokens, pick, slide=True) for ids, pick in zip(prompts, picks)]
+    row_of = {seq.id: row for row, seq in enumerate(seqs)}
+    start, first = time.perf_counter(), True
+    while engine.busy:
+        for row in stopped:
+            engine.cancel(seqs[row])
+        step = engine.step()
+        if not step:
+            continue
+        if stats is not None:
+            now = time.perf_counter()
+            if first:
+                stats.update(prompt_tokens=engine.prompt_tokens, prefill_seconds=now - start, new_tokens=0)
+                start, first = now, False
+            stats.update(new_tokens=stats["new_tokens"] + len(step), decode_seconds=now - start)
+        yield [(row_of[seq.id], token) for seq, token in step]
+
+
+def decode_tokens(forward, params, config, ids, max_new_tokens, pick, stats=None):
+    """Yield up to max_new_tokens token ids following `ids`, one forward step per token: decode_rows
+    for one row, which leaves stopping (at end of text too) to the caller."""
+    for [(_, token)] in decode_rows(rows_one_by_one(forward), params, config, [ids], max_new_tokens, [pick], None, stats=stats):
+        yield token
+
+
+def rows_one_by_one(forward):
+    """forward_rows for a one-sequence forward pass (model.gpt2): each row on its own, in turn."""
+
+    def forward_rows(inputs, cache, rows, past, last=True, **params):
+        outs = [forward(ids, **params, cache=[(k[r], v[r]) for k, v in cache], past=p, last=last) for ids, r, p in zip(inputs, rows, past)]
+        return np.concatenate([o[-1:] if last else o for o in outs])
+
+    return forward_rows

@@ -1,0 +1,146 @@
+"""OpenAI's completions request and response shapes: reading a request's JSON into checked options,
+and token log-probabilities in the legacy `logprobs` shape. No HTTP here (server.py) and no model."""
+
+import math
+
+import numpy as np
+
+from .defaults import OPENAI
+
+
+class BadRequest(ValueError):
+    """A request OpenAI would refuse: the message names the field (`param`); status 400 or 404."""
+
+    def __init__(self, message, param=None, status=400, code=None):
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+
+def _whole(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def field(body, name, default, check, wants):
+    """body[name] if present and not null, else default; BadRequest naming it unless check(value)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not check(value):
+        raise BadRequest(f"'{name}' must be {wants}, got {value!r}", name)
+    return value
+
+
+def prompts_of(body, encode, n_vocab):
+    """The request's prompts as token id lists: a string, a list of strings, a list of token ids, or a
+    list of lists of token ids. Returns [(ids, text or None)]: text for string prompts."""
+    prompt = body.get("prompt")
+    wants = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(prompt, str):
+        return [(encode(prompt), prompt)]
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRequest(f"'prompt' must be {wants}, got {prompt!r}"[:300], "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [(encode(p), p) for p in prompt]
+    lists = [prompt] if all(_whole(t) for t in prompt) else prompt
+    if not all(isinstance(ids, list) and ids and all(_whole(t) for t in ids) for ids in lists):
+        raise BadRequest(f"'prompt' must be {wants} (none empty)", "prompt")
+    for ids in lists:
+        bad = [t for t in ids if not 0 <= t < n_vocab]
+        if bad:
+            raise BadRequest(f"'prompt' holds token id {bad[0]}, outside this model's vocabulary of {n_vocab}", "prompt")
+    return [(list(ids), None) for ids in lists]
+
+
+def options_of(body, n_vocab, served):
+    """The sampling and output options of a completions request, checked: a dict, or BadRequest."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != served:
+        raise BadRequest(f"the model '{model}' does not exist here: this server has '{served}'", "model", 404, "model_not_found")
+    o = dict(
+        max_tokens=field(body, "max_tokens", OPENAI["max_new_tokens"], lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+        temperature=field(body, "temperature", OPENAI["temperature"], lambda v: _number(v) and 0 <= v <= 2, "a number from 0 to 2"),
+        top_p=field(body, "top_p", OPENAI["top_p"], lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        top_k=field(body, "top_k", OPENAI["top_k"], lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+        repetition_penalty=field(body, "repetition_penalty", OPENAI["repetition_penalty"], lambda v: _number(v) and v > 0, "a number > 0"),
+        presence_penalty=field(body, "presence_penalty", 0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2"),
+        frequency_penalty=field(body, "frequency_penalty", 0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2"),
+        n=field(body, "n", 1, lambda v: _whole(v) and 1 <= v <= 128, "a whole number from 1 to 128"),
+        seed=field(body, "seed", None, _whole, "a whole number"),
+        logprobs=field(body, "logprobs", None, lambda v: _whole(v) and 0 <= v <= 5, "a whole number from 0 to 5"),
+        echo=field(body, "echo", False, lambda v: isinstance(v, bool), "true or false"),
+        stream=field(body, "stream", False, lambda v: isinstance(v, bool), "true or false"),
+        stop=field(body, "stop", [], lambda v: isinstance(v, str) or (isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) for s in v)), "a string or a list of up to 4 strings"),
+        logit_bias=field(body, "logit_bias", {}, lambda v: isinstance(v, dict), "an object of token ids to biases from -100 to 100"),
+        stream_options=field(body, "stream_options", {}, lambda v: isinstance(v, dict), "an object"),
+    )  # fmt: skip
+    o["stop"] = [s for s in ([o["stop"]] if isinstance(o["stop"], str) else o["stop"]) if s]
+    if o["max_tokens"] == 0 and not o["echo"]:
+        raise BadRequest("'max_tokens' must be >= 1 (0 only with echo, to score the prompt)", "max_tokens")
+    bias = {}
+    for key, value in o["logit_bias"].items():
+        token = int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else None
+        if token is None or not 0 <= token < n_vocab or not (_number(value) and -100 <= value <= 100):
+            raise BadRequest(f"'logit_bias' must map token ids (0 to {n_vocab - 1}) to biases from -100 to 100, got {key!r}: {value!r}", "logit_bias")
+        bias[token] = float(value)
+    o["logit_bias"] = bias
+    if not isinstance(o["stream_options"].get("include_usage", False), bool):
+        raise BadRequest("'stream_options.include_usage' must be true or false", "stream_options")
+    if body.get("best_of") not in (None, o["n"]):
+        raise BadRequest("'best_of' is not supported: leave it out or equal to n", "best_of")
+    if body.get("suffix"):
+        raise BadRequest("'suffix' is not supported by GPT-2 models", "suffix")
+    return o
+
+
+# ---- log-probabilities in OpenAI's legacy shape -------------------------------------------------------
+
+
+def top_logprobs(logits, k):
+    """log softmax of logits [n_vocab] (float64), and its k largest entries as [(token, logprob)]."""
+    peak = logits.max()
+    logp = (logits - peak).astype(np.float64) - math.log(np.exp(logits - peak).sum(dtype=np.float64))
+    best = np.argpartition(-logp, k)[:k] if k else []
+    return logp, sorted(((int(t), float(logp[t])) for t in best), key=lambda e: -e[1])
+
+
+def token_text(tokenizer, token):
+    """A token's text as OpenAI shows it: its bytes as UTF-8, or "bytes:\\xNN..." for a part of a character."""
+    data = tokenizer.decode_single_token_bytes(token)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+class Logprobs:
+    """The legacy `logprobs` object of one choice, built token by token: each entry is (token,
+    logprob or None, {token: logprob} or None); offsets count the characters of the text before."""
+
+    def __init__(self, tokenizer, k):
+        self.tokenizer, self.k = tokenizer, k
+        self.entries, self.data = [], b""  # data: the bytes of the tokens so far, for text_offset
+
+    def add(self, token, logprob, top):
+        offset = len(self.data.decode("utf-8", errors="ignore"))
+        self.data += self.tokenizer.decode_single_token_bytes(token)
+        self.entries.append((token, logprob, top, offset))
+
+    def chosen(self, logits, token):
+        """An entry for a picked token, from the raw logits it was picked from."""
+        logp, best = top_logprobs(logits, self.k)
+        self.add(token, float(logp[token]), dict(best) | {token: float(logp[token])})
+
+    def shape(self, entries):
+        name = lambda t: token_text(self.tokenizer, t)  # noqa: E731
+        return {
+            "tokens": [name(t) for t, *_ in entries],
+            "token_logprobs": [lp for _, lp, _, _ in entries],
+            "top_logprobs": [None if top is None else {name(t): lp for t, lp in top.items()} for _, _, top, _ in entries],
+            "text_offset": [offset for *_, offset in entries],
+        }

@@ -1,0 +1,473 @@
+"""`picogpt serve`: OpenAI's completions protocol over HTTP, many clients sharing each pass over the weights.
+
+Starlette on uvicorn (an ordinary ASGI stack: routing, streaming responses for server-sent events,
+graceful shutdown; nothing here parses HTTP), prometheus_client for /metrics. One engine thread (the
+Worker) owns the model and the engine (engine.py): each step it takes new requests and cancellations
+from its inbox, runs `Engine.step`, turns each new token into text (text.py) and hands it to the
+request's asyncio queue. The handlers only parse and check a request (protocol.py), submit it and
+send back what comes, so admission, decoding, sampling and cancellation live in the engine, once.
+"""
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import traceback
+import uuid
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import sampling, tokenizer as tok
+from .engine import Engine
+from .log import warn
+from .protocol import BadRequest, Logprobs, options_of, prompts_of, top_logprobs
+from .text import detokenizer
+
+MAX_BODY = 1 << 20  # bytes of a request body: 413 beyond (a full context of token ids is under 10 kB)
+
+
+class Metrics:
+    """What /metrics shows, in a registry of its own (one per server)."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.running = Gauge("picogpt_requests_running", "Requests with a sequence being decoded", registry=r)
+        self.waiting = Gauge("picogpt_requests_waiting", "Requests waiting for a free row of the batch", registry=r)
+        self.sequences = Gauge("picogpt_sequences_running", "Sequences in the batch (rows of the KV cache in use)", registry=r)
+        self.prompt_tokens = Counter("picogpt_prompt_tokens", "Prompt tokens received", registry=r)
+        self.generated = Counter("picogpt_generation_tokens", "Tokens generated", registry=r)
+        self.requests = Counter("picogpt_requests", "HTTP requests answered, by status code", ["status"], registry=r)
+        self.ttft = Histogram("picogpt_time_to_first_token_seconds", "From a completion request's arrival to its first new token", registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # fmt: skip
+        self.tbt = Histogram("picogpt_time_between_tokens_seconds", "Between two new tokens of one sequence", registry=r,
+                             buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56))  # fmt: skip
+        self.latency = Histogram("picogpt_request_latency_seconds", "From a completion request's arrival to its last byte", registry=r,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))  # fmt: skip
+
+
+# ---- the engine thread -------------------------------------------------------------------------------
+
+
+class Job:
+    """One completions request in flight: its choices and the asyncio queue its events go to."""
+
+    def __init__(self, loop, arrived):
+        self.loop, self.events, self.arrived = loop, asyncio.Queue(), arrived
+        self.choices, self.first = [], None
+
+    def put(self, event):  # from the engine thread
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutting down): nobody is listening
+            pass
+
+
+class Choice:
+    """One sequence of a job: its picker, its text so far (cut at stop strings) and its log-probabilities.
+    Events: ("piece", index, text, entries) and ("done", index, finish_reason, n_tokens)."""
+
+    def __init__(self, job, index, ids, o, tokenizer, n_vocab, seed, prompt_scores):
+        self.job, self.index, self.ids, self.tokenizer = job, index, ids, tokenizer
+        self.max_new_tokens, self.eot = o["max_tokens"], tokenizer.eot_token
+        self.prompt_scores = prompt_scores  # a Logprobs of the prompt, shared by the choices of one prompt
+        self.logprobs = None if o["logprobs"] is None else Logprobs(tokenizer, o["logprobs"])
+        if self.logprobs is not None and o["echo"]:  # offsets run on after the echoed prompt
+            self.logprobs.data = tokenizer.decode_bytes(ids)
+        self.pick = sampling.picker(ids, seed, o["temperature"], o["top_k"], o["top_p"], o["repetition_penalty"], o["presence_penalty"],
+                                    o["frequency_penalty"], o["logit_bias"], n_vocab, self.logprobs and self.logprobs.chosen)  # fmt: skip
+        self.score = None
+        if prompt_scores is not None and not prompt_scores.entries:  # the first choice of the prompt scores it
+            prompt_scores.add(ids[0], None, None)
+            self.score = self.scored
+        self.push, self.sent, self.n_tokens = detokenizer(tokenizer, o["stop"]), 0, 0
+        self.seq, self.reason, self.last = None, None, None
+
+    def scored(self, logits, targets):  # Engine's score callback: the prompt's log-probabilities
+        for row, target in zip(logits, targets):
+            logp, best = top_logprobs(row, self.prompt_scores.k)
+            self.prompt_scores.add(target, float(logp[target]), dict(best) | {target: float(logp[target])})
+
+    def token(self, token, now, metrics):
+        """A new token: emit its text. True if it completed a stop string (the sequence must end)."""
+        if self.job.first is None:
+            self.job.first = now
+            metrics.ttft.observe(now - self.job.arrived)
+        if self.last is not None:
+            metrics.tbt.observe(now - self.last)
+        self.last = now
+        metrics.generated.inc()
+        self.n_tokens += token != self.eot
+        piece, finished = self.push(token)
+        if finished:
+            self.reason = "stop"  # end of text, or a stop string
+            self.emit(piece, drop_last=True)
+            return token != self.eot
+        self.emit(piece)
+        return False
+
+    def emit(self, piece, drop_last=False):
+        entries = None
+        if self.logprobs is not None:
+            end = len(self.logprobs.entries) - drop_last  # the token that ended the text is not in it
+            entries, self.sent = self.logprobs.entries[self.sent : end], max(self.sent, end)
+        if piece or entries:
+            self.job.put(("piece", self.index, piece, entries))
+
+    def done(self):
+        if self.reason is None:  # max_tokens, the context's end, or the server stopping
+            self.reason = "length"
+            self.emit(self.push(None)[0])
+        self.job.put(("done", self.index, self.reason, self.n_tokens))
+
+
+class Worker:
+    """The one thread that owns the model: runs the engine, takes work from its inbox."""
+
+    def __init__(self, model, parallel, queue_size, chunk, metrics):
+        self.model, self.metrics, self.capacity = model, metrics, parallel + queue_size
+        self.engine = Engine(model.forward_rows, model.params, model.config, parallel, chunk=chunk, eot=model.tokenizer.eot_token)
+        self.inbox, self.live, self.lock, self.outstanding = queue.SimpleQueue(), {}, threading.Lock(), 0
+        self.thread = threading.Thread(target=self.run, name="picogpt-engine", daemon=True)
+
+    def reserve(self, n):
+        """Room for n more sequences (running, or waiting within --queue)? Taken if so."""
+        with self.lock:
+            if self.outstanding + n > self.capacity:
+                return False
+            self.outstanding += n
+            return True
+
+    def submit(self, job):
+        self.inbox.put(("add", job))
+
+    def cancel(self, job):
+        self.inbox.put(("cancel", job))
+
+    def stop(self):
+        self.inbox.put(("stop", None))
+
+    def run(self):
+        while True:
+            items = [] if self.engine.busy else [self.inbox.get()]
+            while True:
+                try:
+                    items.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for op, job in items:
+                if op == "stop":  # running requests end with what they have
+                    for choice in list(self.live.values()):
+                        self.engine.cancel(choice.seq)
+                    self.retire()
+                    return
+                for choice in job.choices:
+                    if op == "add":
+                        choice.seq = self.engine.add(choice.ids, choice.max_new_tokens, choice.pick, choice.score)
+                        self.live[choice.seq.id] = choice
+                    elif choice.seq is not None and choice.seq.finish is None:  # cancel: the client is gone
+                        self.engine.cancel(choice.seq)
+            try:
+                step = self.engine.step()
+            except Exception as e:  # the requests in the batch fail; the server goes on
+                warn(f"internal error in a decoding step: {type(e).__name__}: {e}")
+                traceback.print_exc()
+                for choice in self.live.values():
+                    self.engine.cancel(choice.seq)
+                    choice.job.put(("error", f"{type(e).__name__}: {e}"))
+                self.retire(quiet=True)
+                continue
+            now = time.perf_counter()
+            for seq, token in step:
+                if self.live[seq.id].token(token, now, self.metrics):
+                    self.engine.cancel(seq)
+            self.retire()
+
+    def retire(self, quiet=False):
+        """Hand back the choices whose sequences ended; update the gauges."""
+        for sid, choice in list(self.live.items()):
+            if choice.seq.finish is not None:
+                del self.live[sid]
+                if not quiet:
+                    choice.done()
+                with self.lock:
+                    self.outstanding -= 1
+        jobs = {c.job for c in self.live.values()}
+        running = {c.job for c in self.live.values() if c.seq.row is not None}
+        self.metrics.running.set(len(running))
+        self.metrics.waiting.set(len(jobs - running))
+        self.metrics.sequences.set(len(self.engine.running))
+
+
+# ---- HTTP ----------------------------------------------------------------------------------------------
+
+
+def error(status, message, kind="invalid_request_error", param=None, code=None, headers=None):
+    """OpenAI's error body."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status, headers=headers)
+
+
+async def body_of(request):
+    """The request's JSON; BadRequest for bad JSON, 413 for a body over MAX_BODY."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise BadRequest(f"the request body is over {MAX_BODY} bytes", status=413)
+    data = b""
+    async for part in request.stream():
+        data += part
+        if len(data) > MAX_BODY:
+            raise BadRequest(f"the request body is over {MAX_BODY} bytes", status=413)
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the request body is not valid JSON: {e}") from None
+
+
+def handled(endpoint):
+    """An endpoint that answers BadRequest with OpenAI's error body, and any other failure with a 500
+    and a one-line message (the traceback goes to the server's log, never to the client)."""
+
+    async def run(request):
+        state = request.app.state
+        start = time.perf_counter()
+        try:
+            if endpoint.__name__ != "health" and state.worker is None:
+                response = error(503, "the model is still loading: retry in a few seconds" if not state.stopping else "the server is shutting down",
+                                 "server_error", headers={"Retry-After": "5"})  # fmt: skip
+            elif state.stopping and request.method == "POST":
+                response = error(503, "the server is shutting down", "server_error")
+            else:
+                response = await endpoint(request)
+        except BadRequest as e:
+            response = error(e.status, str(e), "invalid_request_error" if e.status != 404 else "not_found_error", e.param, e.code)
+        except Exception as e:
+            warn(f"internal error on {request.method} {request.url.path}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            response = error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+        state.metrics.requests.labels(str(response.status_code)).inc()
+        if not isinstance(response, StreamingResponse) and request.url.path != "/metrics" and endpoint.__name__ != "health":
+            warn(f"{request.method} {request.url.path} {response.status_code} in {time.perf_counter() - start:.2f} s")
+        return response
+
+    run.__name__ = endpoint.__name__
+    return run
+
+
+async def health(request):
+    ready = request.app.state.worker is not None and not request.app.state.stopping
+    return JSONResponse({"status": "ok" if ready else "loading"}, 200 if ready else 503)
+
+
+async def models(request):
+    state = request.app.state
+    entry = {"id": state.name, "object": "model", "created": state.created, "owned_by": "picogpt", "max_model_len": state.n_ctx}
+    return JSONResponse({"object": "list", "data": [entry]})
+
+
+async def tokenize(request):
+    body = await body_of(request)
+    text = body.get("prompt", body.get("content")) if isinstance(body, dict) else None
+    if not isinstance(text, str):
+        raise BadRequest("'prompt' must be a string", "prompt")
+    tokens = tok.encode(request.app.state.tokenizer, text)
+    return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": request.app.state.n_ctx})
+
+
+async def detokenize(request):
+    body = await body_of(request)
+    state = request.app.state
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < state.n_vocab for t in tokens)):
+        raise BadRequest(f"'tokens' must be a list of token ids from 0 to {state.n_vocab - 1}", "tokens")
+    return JSONResponse({"prompt": state.tokenizer.decode(tokens)})
+
+
+async def chat(request):
+    raise BadRequest("GPT-2 has no chat template: use /v1/completions with a plain-text prompt", status=400, code="unsupported_endpoint")
+
+
+async def prometheus(request):
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def completions(request):
+    state = request.app.state
+    arrived = time.perf_counter()
+    body = await body_of(request)
+    o = options_of(body, state.n_vocab, state.name)
+    eot = state.tokenizer.eot_token
+    prompts = [(ids or [eot], text) for ids, text in prompts_of(body, lambda t: tok.encode(state.tokenizer, t), state.n_vocab)]
+    for ids, _ in prompts:
+        if len(ids) > state.n_ctx:
+            raise BadRequest(f"the prompt has {len(ids)} tokens, more than this model's context of {state.n_ctx}: shorten it", "prompt", code="context_length_exceeded")
+    n_seq = len(prompts) * o["n"]
+    worker = state.worker
+    if n_seq > worker.capacity:
+        raise BadRequest(f"{n_seq} sequences (prompts x n) is more than this server takes at once ({worker.capacity}: --parallel + --queue)", "n")
+    if not worker.reserve(n_seq):
+        return error(429, "the server is busy: every row of the batch and the queue are taken; retry shortly", "rate_limit_error", headers={"Retry-After": "1"})
+    job = Job(asyncio.get_running_loop(), arrived)
+    texts = []
+    for p, (ids, text) in enumerate(prompts):
+        scores = Logprobs(state.tokenizer, o["logprobs"]) if o["echo"] and o["logprobs"] is not None else None
+        texts.append(state.tokenizer.decode(ids) if text is None else text)
+        for i in range(o["n"]):  # choice i of a prompt samples with seed + i, as `picogpt generate --num-samples` does
+            seed = None if o["seed"] is None else o["seed"] + i
+            job.choices.append(Choice(job, p * o["n"] + i, ids, o, state.tokenizer, state.n_vocab, seed, scores))
+    state.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
+    worker.submit(job)
+    reply = dict(id=f"cmpl-{uuid.uuid4().hex[:24]}", object="text_completion", created=int(time.time()), model=state.name)
+    usage = lambda tokens: {"prompt_tokens": sum(len(ids) for ids, _ in prompts), "completion_tokens": tokens, "total_tokens": sum(len(ids) for ids, _ in prompts) + tokens}  # noqa: E731
+
+    def start(choice):  # the echoed prompt and its log-probabilities come first
+        prompt = texts[choice.index // o["n"]] if o["echo"] else ""
+        scores = choice.prompt_scores.entries if choice.prompt_scores is not None else []
+        return prompt, list(scores)
+
+    if o["stream"]:
+        return StreamingResponse(sse(request, job, reply, o, start, usage), media_type="text/event-stream")
+    out = {c.index: {"text": "", "entries": [], "finish_reason": None, "tokens": 0} for c in job.choices}
+    async for event in events_of(request, job):
+        if event[0] == "piece":
+            out[event[1]]["text"] += event[2]
+            out[event[1]]["entries"] += event[3] or []
+        else:
+            out[event[1]].update(finish_reason=event[2], tokens=event[3])
+    state.metrics.latency.observe(time.perf_counter() - arrived)
+    for c in job.choices:  # the echoed prompt in front, now that it is scored
+        prompt, scores = start(c)
+        out[c.index].update(text=prompt + out[c.index]["text"], entries=scores + out[c.index]["entries"])
+    logprobs = lambda c: None if o["logprobs"] is None else c.logprobs.shape(out[c.index]["entries"]) if c.logprobs else None  # noqa: E731
+    choices = [{"text": out[c.index]["text"], "index": c.index, "logprobs": logprobs(c), "finish_reason": out[c.index]["finish_reason"]} for c in job.choices]
+    return JSONResponse(reply | {"choices": choices, "usage": usage(sum(v["tokens"] for v in out.values()))})
+
+
+class Failure(Exception):
+    """The engine failed a job's step: a 500."""
+
+
+async def events_of(request, job):
+    """The job's events until every choice is done; cancels the job if the client goes away first."""
+    pending = {c.index for c in job.choices}
+    try:
+        while pending:
+            try:
+                event = await asyncio.wait_for(job.events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if event[0] == "error":
+                raise Failure(event[1])
+            if event[0] == "done":
+                pending.discard(event[1])
+            yield event
+    finally:
+        if pending:  # the client left, or the stream was cancelled: free the rows
+            request.app.state.worker.cancel(job)
+
+
+async def sse(request, job, reply, o, start, usage):
+    """Server-sent events: a completion chunk per new piece of text, then [DONE]."""
+    started, tokens = set(), 0
+    chunk = lambda choices, **more: f"data: {json.dumps(reply | {'choices': choices} | more)}\n\n"  # noqa: E731
+    extra = {"usage": None} if o["stream_options"].get("include_usage") else {}
+    try:
+        async for event in events_of(request, job):
+            choice = job.choices[event[1]]
+            text, entries = ("", []) if event[1] in started else start(choice)
+            started.add(event[1])
+            if event[0] == "piece":
+                text, entries = text + event[2], entries + (event[3] or [])
+                finish = None
+            else:
+                finish, tokens = event[2], tokens + event[3]
+            logprobs = choice.logprobs.shape(entries) if choice.logprobs is not None else None
+            if text or entries or finish:
+                yield chunk([{"text": text, "index": event[1], "logprobs": logprobs, "finish_reason": finish}], **extra)
+        if extra:
+            yield chunk([], usage=usage(tokens))
+    except Failure as e:
+        yield f"data: {json.dumps({'error': {'message': f'internal error: {e}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+    yield "data: [DONE]\n\n"
+    request.app.state.metrics.latency.observe(time.perf_counter() - job.arrived)
+    warn(f"POST /v1/completions 200 (stream) {tokens} new tokens in {time.perf_counter() - job.arrived:.2f} s")
+
+
+async def not_found(request, exc):
+    status = getattr(exc, "status_code", 404)
+    message = f"no route {request.method} {request.url.path}: see /v1/completions, /v1/models, /health, /tokenize, /detokenize, /metrics"
+    if status == 405:
+        message = f"{request.url.path} does not take {request.method}"
+    request.app.state.metrics.requests.labels(str(status)).inc()
+    return error(status, message, "not_found_error" if status == 404 else "invalid_request_error")
+
+
+def app(name, metrics=None):
+    """The Starlette app; its state.worker is set once the model is loaded (503 until then)."""
+    routes = [
+        Route("/v1/completions", handled(completions), methods=["POST"]),
+        Route("/v1/chat/completions", handled(chat), methods=["POST"]),
+        Route("/v1/models", handled(models), methods=["GET"]),
+        Route("/health", handled(health), methods=["GET"]),
+        Route("/tokenize", handled(tokenize), methods=["POST"]),
+        Route("/detokenize", handled(detokenize), methods=["POST"]),
+        Route("/metrics", handled(prometheus), methods=["GET"]),
+    ]
+    web = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, HTTPException: not_found})
+    web.state.name, web.state.metrics, web.state.worker, web.state.stopping, web.state.created = name, metrics or Metrics(), None, False, int(time.time())
+    return web
+
+
+def ready(web, model, parallel, queue_size, chunk):
+    """Start the engine thread: from here on the server answers completions."""
+    state = web.state
+    state.tokenizer, state.n_vocab, state.n_ctx = model.tokenizer, model.tokenizer.n_vocab, model.config["n_positions"]
+    worker = Worker(model, parallel, queue_size, chunk, state.metrics)
+    worker.thread.start()
+    state.worker = worker
+    return worker
+
+
+def serve(name, dtype=None, revision=None, host="127.0.0.1", port=8000, parallel=8, queue_size=64, chunk=64):
+    """Run the server until Ctrl-C or SIGTERM: listen at once (/health says 503 while the model loads),
+    load and warm up the model, then take requests. Running requests end with what they have."""
+    import uvicorn
+
+    from . import warmup
+    from .generate import load
+
+    web, failed = app(name), []
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # stop the engine first: running streams end and close
+            web.state.stopping = True
+            if web.state.worker is not None:
+                web.state.worker.stop()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(web, host=host, port=port, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10)
+    server = Server(config)
+
+    def loading():
+        try:
+            model = load(name, dtype=dtype, revision=revision)
+            eot = model.tokenizer.eot_token
+            warmup.warm_up(model, [[eot] * min(chunk, model.config["n_positions"] - 2), [eot]], 3, say=warn)  # the kernels, compiled once
+            if not web.state.stopping:
+                ready(web, model, parallel, queue_size, chunk)
+                warn(f"serving {name} ({model.dtype}, up to {parallel} sequences at once) at http://{host}:{port}/v1 ; Ctrl-C stops")
+        except BaseException as e:  # noqa: BLE001 - reported by the CLI after the server stops
+            failed.append(e)
+            server.should_exit = True
+
+    warn(f"loading {name}; listening on http://{host}:{port} (/health answers 503 until the model is ready)")
+    threading.Thread(target=loading, name="picogpt-load", daemon=True).start()
+    server.run()
+    if failed:
+        raise failed[0]
+    if not server.started:
+        raise OSError(f"could not listen on {host}:{port} (in use, or not an address here): pick another --port or --host")
