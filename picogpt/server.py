@@ -249,7 +249,8 @@ def handled(endpoint):
             response = error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
         state.metrics.requests.labels(str(response.status_code)).inc()
         if not isinstance(response, StreamingResponse) and request.url.path != "/metrics" and endpoint.__name__ != "health":
-            warn(f"{request.method} {request.url.path} {response.status_code} in {time.perf_counter() - start:.2f} s")
+            tokens = getattr(request.state, "tokens", "")
+            warn(f"{request.method} {request.url.path} {response.status_code}{tokens} in {time.perf_counter() - start:.2f} s")
         return response
 
     run.__name__ = endpoint.__name__
@@ -342,7 +343,9 @@ async def completions(request):
         out[c.index].update(text=prompt + out[c.index]["text"], entries=scores + out[c.index]["entries"])
     logprobs = lambda c: None if o["logprobs"] is None else c.logprobs.shape(out[c.index]["entries"]) if c.logprobs else None  # noqa: E731
     choices = [{"text": out[c.index]["text"], "index": c.index, "logprobs": logprobs(c), "finish_reason": out[c.index]["finish_reason"]} for c in job.choices]
-    return JSONResponse(reply | {"choices": choices, "usage": usage(sum(v["tokens"] for v in out.values()))})
+    n_new = sum(v["tokens"] for v in out.values())
+    request.state.tokens = f", {sum(len(ids) for ids, _ in prompts)} prompt + {n_new} new tokens"
+    return JSONResponse(reply | {"choices": choices, "usage": usage(n_new)})
 
 
 class Failure(Exception):
@@ -394,7 +397,7 @@ async def sse(request, job, reply, o, start, usage):
         yield f"data: {json.dumps({'error': {'message': f'internal error: {e}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
     yield "data: [DONE]\n\n"
     request.app.state.metrics.latency.observe(time.perf_counter() - job.arrived)
-    warn(f"POST /v1/completions 200 (stream) {tokens} new tokens in {time.perf_counter() - job.arrived:.2f} s")
+    warn(f"POST /v1/completions 200 (stream), {sum(len(c.ids) for c in job.choices[:: o['n']])} prompt + {tokens} new tokens in {time.perf_counter() - job.arrived:.2f} s")
 
 
 async def not_found(request, exc):
@@ -449,7 +452,9 @@ def serve(name, dtype=None, revision=None, host="127.0.0.1", port=8000, parallel
                 web.state.worker.stop()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(web, host=host, port=port, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10)
+    # uvicorn's own log stays quiet: the handlers report every error themselves, one line each, and a
+    # port that cannot be bound is told below.
+    config = uvicorn.Config(web, host=host, port=port, log_level="critical", access_log=False, lifespan="off", timeout_graceful_shutdown=10)
     server = Server(config)
 
     def loading():
@@ -466,7 +471,10 @@ def serve(name, dtype=None, revision=None, host="127.0.0.1", port=8000, parallel
 
     warn(f"loading {name}; listening on http://{host}:{port} (/health answers 503 until the model is ready)")
     threading.Thread(target=loading, name="picogpt-load", daemon=True).start()
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        server.started = False
     if failed:
         raise failed[0]
     if not server.started:
