@@ -131,6 +131,8 @@ class Worker:
     def __init__(self, model, parallel, queue_size, chunk, metrics):
         self.model, self.metrics, self.capacity = model, metrics, parallel + queue_size
         self.engine = Engine(model.forward_rows, model.params, model.config, parallel, chunk=chunk, eot=model.tokenizer.eot_token)
+        for k, v in self.engine.cache:  # touch every page now: faulting them in mid-request stalled its first steps
+            k.fill(0), v.fill(0)
         self.inbox, self.live, self.lock, self.outstanding = queue.SimpleQueue(), {}, threading.Lock(), 0
         self.thread = threading.Thread(target=self.run, name="picogpt-engine", daemon=True)
 
@@ -435,7 +437,7 @@ def ready(web, model, parallel, queue_size, chunk):
     return worker
 
 
-def serve(name, dtype=None, revision=None, host="127.0.0.1", port=8000, parallel=8, queue_size=64, chunk=64):
+def serve(name, dtype=None, revision=None, host="127.0.0.1", port=8000, parallel=8, queue_size=64, chunk=32):
     """Run the server until Ctrl-C or SIGTERM: listen at once (/health says 503 while the model loads),
     load and warm up the model, then take requests. Running requests end with what they have."""
     import uvicorn

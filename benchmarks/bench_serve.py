@@ -1,0 +1,272 @@
+"""Serving under load: `picogpt serve` against llama-cpp-python's OpenAI-compatible server, the same
+requests sent to each over HTTP, streamed, measured at the client.
+
+    python benchmarks/bench_serve.py [--sizes gpt2 gpt2-medium] [--dtypes float32 int8] [--concurrency 1 4 8 16]
+                                     [--requests N] [--think SECONDS] [--servers picogpt llama.cpp]
+
+Random weights of GPT-2's real shapes; llama.cpp reads the same weights converted to GGUF (float32 ->
+f32, int8 -> q8_0; needs llama-cpp-python and its source, see llama_cpp_engine.py; left out with a
+note if missing). Each server runs alone, as its own process on 127.0.0.1 (picogpt with --parallel =
+the largest concurrency; llama.cpp with n_ctx 1024, 2 threads, and interrupt_requests off: by default
+it ends a running stream as soon as another request waits), started, warmed up with one short
+request, loaded, stopped; llama.cpp first, so that picogpt's rows can carry the ratio to it.
+
+The load, for each concurrency C: C clients (asyncio tasks), each sending its requests one after the
+other (--requests per client; by default 8 at C = 1, 3 up to C = 8, 2 beyond), sleeping an
+exponential time of mean --think seconds before each (Poisson arrivals within a client). A request:
+a prompt of 16 to 512 random tokens (ids from a seeded RNG, decoded and encoded again so that the text
+and the ids are the same prompt: picogpt gets the ids, llama-cpp-python's server takes only text),
+max_tokens 64 to 128, temperature 0, stream, logit_bias -100 on <|endoftext|> so that every request
+runs to max_tokens. Both servers get the same requests, waits and order.
+
+Measured from the stream: time to first token = to the first chunk with text; time between tokens =
+between successive chunks with text (a chunk may hold more than one token: a piece of a UTF-8
+character waits for the rest); latency = to the end of the stream; output tokens = the usage's
+completion_tokens when the server sends it (stream_options.include_usage), else the chunks with text.
+Output tokens/s = all requests' output tokens / the wall time of the whole level, waits included.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GGUF_TYPE = {"float32": "f32", "float16": "f16", "int8": "q8_0"}
+EOT = 50256
+BODY = {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "logit_bias": {str(EOT): -100}}
+
+
+def per_client(concurrency, requests):
+    return requests or (8 if concurrency == 1 else 3 if concurrency <= 8 else 2)
+
+
+# ---- the load ------------------------------------------------------------------------------------------
+
+
+def prompt(rng, tokenizer):
+    """Random ids of a random length, as (ids, text) that encode and decode to each other: random ids
+    are rarely what the tokenizer makes of their text, and llama.cpp's server reads text only."""
+    n = int(rng.integers(16, 513))
+    ids = rng.integers(0, EOT, n).tolist()  # no <|endoftext|> in the prompt
+    for _ in range(10):  # cutting to n tokens can split a character: encode again until it fits
+        text = tokenizer.decode(ids[:n])
+        ids = tokenizer.encode(text, allowed_special="all")
+        if len(ids) <= n:
+            break
+    return ids, text
+
+
+def plan(concurrency, n_requests, think, tokenizer):
+    """For each client, its requests: (wait before, ids, text, max_tokens); the same for every server."""
+    rng = np.random.default_rng([0, concurrency])
+    return [[(float(rng.exponential(think)), *prompt(rng, tokenizer), int(rng.integers(64, 129))) for _ in range(n_requests)] for _ in range(concurrency)]
+
+
+async def stream(client, url, body):
+    """One streamed completion: {ttft, gaps, latency, tokens}, times in seconds."""
+    start, times, usage = time.perf_counter(), [], None
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):  # blank separators, ": ping" comments
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(f"error in the stream: {chunk['error']}")
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+            if any(c.get("text") for c in chunk.get("choices") or []):
+                times.append(time.perf_counter())
+    if not times:
+        raise RuntimeError("no text in the stream")
+    return dict(ttft=times[0] - start, gaps=np.diff(times).tolist(), latency=time.perf_counter() - start, tokens=len(times) if usage is None else usage)
+
+
+async def level(url, clients, use_ids, timeout, level_timeout):
+    """Run every client's requests; return (results, errors, wall seconds). A result is stream()'s
+    dict plus the max_tokens asked for; a request still running at the level's timeout is an error."""
+    results, errors = [], []
+
+    async def client_loop(http, requests):
+        for wait, ids, text, max_tokens in requests:
+            await asyncio.sleep(wait)
+            body = BODY | {"prompt": ids if use_ids else text, "max_tokens": max_tokens}
+            try:
+                results.append(await asyncio.wait_for(stream(http, url, body), timeout) | {"asked": max_tokens})
+            except Exception as e:  # noqa: BLE001 - counted and reported, the load goes on
+                errors.append(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+
+    limits = httpx.Limits(max_connections=len(clients) + 1, max_keepalive_connections=len(clients) + 1)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10), limits=limits) as http:
+        start = time.perf_counter()
+        tasks = [asyncio.ensure_future(client_loop(http, requests)) for requests in clients]
+        _, pending = await asyncio.wait(tasks, timeout=level_timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall = time.perf_counter() - start
+    sent = sum(map(len, clients))
+    errors += [f"the level's {level_timeout:.0f} s timeout"] * (sent - len(results) - len(errors))
+    return results, errors, wall
+
+
+# ---- the servers ---------------------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(command, ready_url, log_path, start_timeout=600):
+    """Start a server; yield once ready_url answers 200 (polled, at most start_timeout s); stop it
+    at the end (SIGINT, then terminate, then kill), whatever happens."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
+        try:
+            deadline = time.monotonic() + start_timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the server exited ({process.returncode}) before it was ready:\n{tail(log_path)}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server was not ready after {start_timeout} s:\n{tail(log_path)}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(ready_url, timeout=2).status_code == 200:
+                        break
+                time.sleep(0.5)
+            yield process
+        finally:
+            for stop, wait in [(lambda: process.send_signal(signal.SIGINT), 30), (process.terminate, 10), (process.kill, 10)]:
+                if process.poll() is not None:
+                    break
+                stop()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(wait)
+
+
+def tail(path, n=20):
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n:])
+
+
+def server_command(server, size_folder, dtype, gguf, port, parallel):
+    if server == "picogpt":
+        return [sys.executable, "-m", "picogpt", "serve", "--model", size_folder, "--dtype", dtype, "--port", str(port), "--parallel", str(parallel)], "/health"
+    return [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", "2",
+            "--interrupt_requests", "False"], "/v1/models"  # fmt: skip
+
+
+def llama_tokens_differ(gguf, prompts):
+    """How many prompt texts llama.cpp's own tokenizer reads differently from picogpt's ids."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp_engine
+
+    # quiet: a vocabulary-only model still makes a context, and llama.cpp warns about its size on stderr
+    llama_cpp_engine._quiet = llama_cpp_engine._quiet or llama_cpp.llama_log_callback(llama_cpp_engine._quiet_log)
+    llama_cpp.llama_log_set(llama_cpp_engine._quiet, ctypes.c_void_p(0))
+    vocab = llama_cpp.Llama(model_path=gguf, vocab_only=True, verbose=False)
+    return sum(vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True) != ids for ids, text in prompts)
+
+
+# ---- the report ----------------------------------------------------------------------------------------
+
+
+def row(size, name, concurrency, results, errors, wall, single, peer):
+    tokens = sum(r["tokens"] for r in results)
+    rate = tokens / wall
+    single = single or (rate if concurrency == 1 else None)
+    ms = lambda xs, q: f"{1000 * np.percentile(xs, q):.0f}" if len(xs) else ""  # noqa: E731
+    ttft, gaps = [r["ttft"] for r in results], [g for r in results for g in r["gaps"]]
+    short = sum(r["tokens"] < r["asked"] for r in results)
+    done = f"{len(results)}/{len(results) + len(errors)}" + (f" ({short} short)" if short else "")
+    vs_one = f"{rate / single:.2f}x" if single else ""
+    vs_peer = f"{rate / peer:.2f}x" if peer else ""
+    latency = f"{np.median([r['latency'] for r in results]):.2f}" if results else ""
+    print(f"| {size} | {name} | {concurrency} | {done} | {rate:.1f} | {vs_one} | {vs_peer} | {ms(ttft, 50)} | {ms(ttft, 99)} | {ms(gaps, 50)} | {ms(gaps, 99)} | {latency} |", flush=True)
+    return rate
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["gpt2"], choices=["gpt2", "gpt2-medium"])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "int8"], choices=list(GGUF_TYPE))
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8, 16])
+    p.add_argument("--requests", type=int, default=None, help="requests per client (default: 8 at concurrency 1, 3 up to 8, 2 beyond)")
+    p.add_argument("--think", type=float, default=0.5, help="mean seconds a client waits before each request (exponential)")
+    p.add_argument("--servers", nargs="+", default=["picogpt", "llama.cpp"], choices=["picogpt", "llama.cpp"])
+    p.add_argument("--timeout", type=float, default=300, help="seconds per request")
+    p.add_argument("--level-timeout", type=float, default=1800, help="seconds per concurrency level of one server")
+    args = p.parse_args()
+
+    from compare_torch import random_checkpoint
+    from llama_cpp_engine import available, gguf_files
+
+    import picogpt
+
+    servers = [s for s in ["llama.cpp", "picogpt"] if s in args.servers]  # llama.cpp first: picogpt's rows compare with it
+    notes = []
+    if "llama.cpp" in servers and not available():
+        servers.remove("llama.cpp")
+        notes.append("llama.cpp left out: llama-cpp-python is not installed (or its library does not load)")
+    versions = f"picogpt {picogpt.__version__}" + (f", llama-cpp-python {__import__('llama_cpp').__version__}" if "llama.cpp" in servers else "")
+    print(f"{os.cpu_count()} cores; {versions}, httpx {httpx.__version__}; each server alone on 127.0.0.1; prompts of 16-512 random tokens, "
+          f"64-128 new tokens (temperature 0, end-of-text banned), streamed; Poisson waits of mean {args.think} s before each request")  # fmt: skip
+    print()
+    print("| model | server | concurrency | requests done/sent | output tok/s | vs concurrency 1 | vs llama.cpp (same format) "
+          "| TTFT median ms | TTFT p99 ms | TBT median ms | TBT p99 ms | latency median s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = random_checkpoint(size, os.path.join(tmp, size))
+            tokenizer = picogpt.load_tokenizer(folder)
+            plans = {c: plan(c, per_client(c, args.requests), args.think, tokenizer) for c in args.concurrency}
+            ggufs = {}
+            if "llama.cpp" in servers:
+                ggufs = gguf_files(folder, types=[GGUF_TYPE[d] for d in args.dtypes], out_dir=os.path.join(tmp, "gguf"))
+                differ = llama_tokens_differ(next(iter(ggufs.values())), [(ids, text) for c in plans.values() for client in c for _, ids, text, _ in client])
+                if differ:
+                    notes.append(f"{size}: llama.cpp's tokenizer reads {differ} of the prompt texts differently from picogpt's ids")
+            for dtype in args.dtypes:
+                rates = {}  # (server, concurrency) -> output tok/s
+                for server in servers:
+                    name = f"picogpt {dtype}" if server == "picogpt" else f"llama.cpp {GGUF_TYPE[dtype]}"
+                    port = free_port()
+                    command, ready = server_command(server, folder, dtype, ggufs.get(GGUF_TYPE[dtype]), port, max(args.concurrency))
+                    url = f"http://127.0.0.1:{port}"
+                    log_path = os.path.join(tmp, f"{server}-{dtype}.log")
+                    with running(command, url + ready, log_path):
+                        warm = [[(0.0, *prompt(np.random.default_rng(1), tokenizer), 8)]]  # first-request costs, not measured
+                        _, errors, _ = asyncio.run(level(url + "/v1/completions", warm, server == "picogpt", args.timeout, args.level_timeout))
+                        if errors:
+                            notes.append(f"{size} {name}: the warm-up request failed: {errors[0][:300]}")
+                        for c in args.concurrency:
+                            results, errors, wall = asyncio.run(level(url + "/v1/completions", plans[c], server == "picogpt", args.timeout, args.level_timeout))
+                            peer = rates.get(("llama.cpp", c)) if server == "picogpt" else None
+                            rates[server, c] = row(size, name, c, results, errors, wall, rates.get((server, 1)), peer)
+                            if errors:
+                                notes.append(f"{size} {name} concurrency {c}: {len(errors)} failed, first: {errors[0][:300]}")
+    for note in notes:
+        print(f"\nNote: {note}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
