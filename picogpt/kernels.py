@@ -36,6 +36,7 @@ from .ops import attend_rows, attention, bias_gelu_, f32, jit, layer_norm_rows, 
 # it, 16 prompts of gpt2-medium (232 tokens) took 405 against 637 ms (float32) with the line at 256
 # rather than 128, and one of 512 tokens 1.3 s through BLAS against 2.1 s through the microkernel.
 ROWS_MAX = 256
+SHORT = 64  # prompts (or chunks) of up to this many tokens run as decoding does: gpt2_rows
 
 
 class Norm(NamedTuple):
@@ -208,12 +209,14 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, la
     prepared = prepare(wte, h)
     lengths = [len(ids) for ids in inputs]
     ids = np.concatenate(inputs)
-    positions = np.concatenate([p + np.arange(n) for p, n in zip(past, lengths)])
+    positions = np.concatenate([p + np.arange(n, dtype=np.int64) for p, n in zip(past, lengths)])
     x = formats.embedding(wte["weight"], ids) + wpe["weight"][positions]  # [n_tokens, n_embd]
-    if len(ids) == len(inputs):  # decoding: one token per sequence, one compiled call per layer
-        rows_, past_, n_threads = np.asarray(rows, np.int64), np.asarray(past, np.int64), numba.get_num_threads()
+    if max(lengths) <= SHORT:  # decoding, and short prompts or chunks beside it: each token a row of
+        # block_rows at its own position (one compiled call per layer; a chunk of 32 beside 8 decoding
+        # rows, as the server runs, took half the time of the per-sequence path below)
+        rows_, n_threads = np.repeat(np.asarray(rows, np.int64), lengths), numba.get_num_threads()
         for (k_cache, v_cache), lay in zip(cache, prepared.layers):
-            x = block_rows(x, lay, k_cache, v_cache, rows_, past_, eps, n_threads)
+            x = block_rows(x, lay, k_cache, v_cache, rows_, positions, eps, n_threads)
     else:  # prompts among the sequences: per-sequence attention, BLAS for long ones
         for kv, lay in zip(cache, prepared.layers):
             x = transformer_block(x, lay, n_head=n_head, eps=eps, kv=kv, rows=rows, past=past, lengths=lengths)
