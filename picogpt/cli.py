@@ -315,12 +315,9 @@ def main(argv=None):
         if args.command == "serve":
             # Its steps run on the Numba kernels; BLAS only for the prefill attention's small products,
             # where OpenBLAS's threads, spinning after each call, starved Numba's (a step with a prompt
-            # chunk took 6x as long). And Numba's OpenMP threads sleep at once between kernels instead of
-            # spinning: the server's other threads need the cores then (with spinning, 8 streams got 100
-            # tokens/s and steps of up to 400 ms; passive, 150 and at most 75 ms: README, Serving).
+            # chunk took 6x as long: README, Serving).
             for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 os.environ[name] = "1"
-            os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         from .sampling import NonFiniteError
         from .tokenizer import TokenizerError
         from .weights import CheckpointError
