@@ -229,11 +229,14 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
 
 
 def test_a_full_queue_answers_429_and_loading_503():
-    process, url = start("--parallel", "1", "--queue", "0")
+    process, url = start("--parallel", "1", "--queue", "3")
     try:
         with httpx.Client(timeout=60) as http:
-            with http.stream("POST", f"{url}/v1/completions", json={"prompt": "The", "max_tokens": 250, "stream": True, "logit_bias": {"4095": -100}}) as busy:
-                next(busy.iter_lines())  # running: the one row is taken
+            # 4 sequences of 250 tokens, one row: they run one after another (about 1000 steps), and
+            # take the row and the whole queue all that time
+            body = {"prompt": "The", "max_tokens": 250, "n": 4, "stream": True, "logit_bias": {"4095": -100}}
+            with http.stream("POST", f"{url}/v1/completions", json=body) as busy:
+                next(busy.iter_lines())
                 r = http.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
                 expect_error(r, 429)
                 assert r.headers["retry-after"] == "1"
