@@ -228,30 +228,40 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens >= 1
 
 
-def test_a_full_queue_answers_429_and_loading_503():
-    process, url = start("--parallel", "1", "--queue", "3")
-    try:
-        with httpx.Client(timeout=60) as http:
-            # 4 sequences of 250 tokens, one row: they run one after another (about 1000 steps), and
-            # take the row and the whole queue all that time
-            body = {"prompt": "The", "max_tokens": 250, "n": 4, "stream": True, "logit_bias": {"4095": -100}}
-            with http.stream("POST", f"{url}/v1/completions", json=body) as busy:
-                next(busy.iter_lines())
-                r = http.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-                expect_error(r, 429)
-                assert r.headers["retry-after"] == "1"
-        code, err = stop(process)
-        assert code == 0 and "Traceback" not in err, err
-    finally:
-        process.kill()
-    # while the model loads: 503 from the same app, before its engine starts (no port needed)
+def test_a_full_queue_answers_429_and_loading_503(model):
+    """In the app itself (no port): a step that waits on a gate holds the one row while a second
+    request comes, so the queue is full however fast the machine is; and before the engine starts,
+    the app answers 503."""
     from starlette.testclient import TestClient
 
     from picogpt import server
 
-    with TestClient(server.app("tiny")) as http:
-        expect_error(http.post("/v1/completions", json={"prompt": "hi"}), 503)
+    gate = threading.Event()
+
+    def gated(*args, **kwargs):
+        gate.wait(60)
+        return model.forward_rows(*args, **kwargs)
+
+    slow = picogpt.generate.Model(model.params, model.config, model.tokenizer, model.forward, model.folder, gated, "tiny")
+    web = server.app("tiny")
+    with TestClient(web) as http:
+        expect_error(http.post("/v1/completions", json={"prompt": "hi"}), 503)  # loading
         assert http.get("/health").status_code == 503
+        worker = server.ready(web, slow, parallel=1, queue_size=0, chunk=16)
+        first = {}
+        busy = threading.Thread(target=lambda: first.update(r=http.post("/v1/completions", json={"prompt": "The", "max_tokens": 3})))
+        busy.start()
+        end = time.monotonic() + 30
+        while worker.outstanding == 0 and time.monotonic() < end:
+            time.sleep(0.01)
+        r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        expect_error(r, 429)
+        assert r.headers["retry-after"] == "1"
+        gate.set()
+        busy.join(timeout=60)
+        assert first["r"].status_code == 200 and first["r"].json()["usage"]["completion_tokens"] == 3
+        assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200  # room again
+        worker.stop()
 
 
 def test_a_failing_step_is_a_500_and_the_server_goes_on(model):
@@ -300,7 +310,8 @@ def test_sixteen_clients_at_once_get_what_they_get_alone(client):
 def test_a_client_that_leaves_mid_stream_frees_its_rows(server):
     before = metric(server, "picogpt_generation_tokens_total")
     with httpx.Client(timeout=60) as http:
-        body = {"prompt": "The", "max_tokens": 250, "n": 4, "stream": True, "logit_bias": {"4095": -100}}
+        # 64 sequences of 250 tokens on 16 rows: four waves, seconds of work, so it cannot end on its own first
+        body = {"prompt": "The", "max_tokens": 250, "n": 64, "stream": True, "logit_bias": {"4095": -100}}
         with http.stream("POST", f"{server}/v1/completions", json=body) as r:
             for i, _ in zip(range(3), r.iter_lines()):
                 pass
@@ -308,7 +319,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_rows(server):
     while metric(server, "picogpt_sequences_running") and time.monotonic() < end:
         time.sleep(0.05)
     assert metric(server, "picogpt_sequences_running") == 0
-    assert metric(server, "picogpt_generation_tokens_total") - before < 4 * 250  # stopped early, not run out
+    assert metric(server, "picogpt_generation_tokens_total") - before < 64 * 250 / 2  # stopped early, not run out
     assert metric(server, "picogpt_requests_running") == 0 and metric(server, "picogpt_requests_waiting") == 0
 
 
