@@ -37,8 +37,12 @@ class Sequence:
         self.todo = list(ids)  # tokens to feed: the prompt (in chunks), then each picked token
         self.row, self.finish, self.new_tokens = None, None, 0
 
+    @property
+    def prefilling(self):  # a prompt (or a slid window) to feed, rather than one picked token
+        return len(self.todo) > 1 or self.new_tokens == 0
+
     def __repr__(self):
-        state = self.finish or ("waiting" if self.row is None else "prefilling" if len(self.todo) > 1 or not self.new_tokens else "decoding")
+        state = self.finish or ("waiting" if self.row is None else "prefilling" if self.prefilling else "decoding")
         return f"<Sequence {self.id}: {len(self.prompt)} prompt tokens, {self.new_tokens}/{self.max_new_tokens} new, {state}>"
 
 
@@ -69,7 +73,7 @@ class Engine:
         self.free = list(range(n_rows))
         self.waiting, self.running = deque(), []  # running: in order of admission
         self.say = say or (lambda message: None)
-        self.slid = False
+        self.slid = self.cut = False  # the notes on windows, said once
         self.prompt_tokens = 0  # prompt tokens computed (not copied from another row)
 
     def __repr__(self):
@@ -90,7 +94,9 @@ class Engine:
         if len(ids) > self.n_cache:
             if not slide:
                 raise ValueError(f"the prompt has {len(ids)} tokens, more than the {self.n_cache} positions a row holds")
-            self.say(f"a prompt has {len(ids)} tokens, more than the model's context of {self.n_cache}: keeping the last {self.n_cache}")
+            if not self.cut:  # once, as the sliding window's note
+                self.say(f"a prompt has {len(ids)} tokens, more than the model's context of {self.n_cache}: keeping the last {self.n_cache}")
+                self.cut = True
             ids = ids[-self.n_cache :]
         seq = Sequence(ids, max_new_tokens, pick, score, slide)
         self.waiting.append(seq)
@@ -116,14 +122,15 @@ class Engine:
         if seq.context or seq.score is not None:  # prompt logprobs need the prompt's logits: compute them
             return True
         want = len(seq.todo) - 1  # the last token is fed, for its logits
-        best, donor = 0, None
-        for other in self.running:
+        best, donor, earlier = 0, None, True
+        for other in self.running:  # in order of admission
             if other is seq:
+                earlier = False
                 continue
             have = min(common_prefix(other.context, seq.todo), want)
             if have > best:
                 best, donor = have, other
-            if common_prefix(other.context + other.todo, seq.todo[:want]) > max(have, best) and other.todo and other.new_tokens == 0 and self.running.index(other) < self.running.index(seq):
+            if earlier and other.new_tokens == 0 and common_prefix(other.context + other.todo, seq.todo[:want]) > best:
                 return False
         if donor is not None:
             for k, v in self.cache:
@@ -139,8 +146,8 @@ class Engine:
             seq.row = self.free.pop(0)
             self.running.append(seq)
         fed, budget = [], self.chunk or self.n_cache * len(self.running)
-        for seq in sorted(self.running, key=lambda s: len(s.todo) > 1 or s.new_tokens == 0):  # decoding first, then prompts by arrival
-            prefilling = len(seq.todo) > 1 or seq.new_tokens == 0
+        for seq in sorted(self.running, key=lambda s: s.prefilling):  # decoding first, then prompts by arrival
+            prefilling = seq.prefilling
             if prefilling and not self._share(seq):
                 continue
             n = min(len(seq.todo), budget) if prefilling else 1

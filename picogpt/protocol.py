@@ -1,6 +1,7 @@
 """OpenAI's completions request and response shapes: reading a request's JSON into checked options,
 and token log-probabilities in the legacy `logprobs` shape. No HTTP here (server.py) and no model."""
 
+import codecs
 import math
 
 import numpy as np
@@ -122,14 +123,15 @@ class Logprobs:
     """The legacy `logprobs` object of one choice, built token by token: each entry is (token,
     logprob or None, {token: logprob} or None); offsets count the characters of the text before."""
 
-    def __init__(self, tokenizer, k):
-        self.tokenizer, self.k = tokenizer, k
-        self.entries, self.data = [], b""  # data: the bytes of the tokens so far, for text_offset
+    def __init__(self, tokenizer, k, after=b""):
+        """after: the bytes of the text before the first token (an echoed prompt), for text_offset."""
+        self.tokenizer, self.k, self.entries = tokenizer, k, []
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # the characters so far, a token at a time
+        self.chars = len(self.utf8.decode(after))
 
     def add(self, token, logprob, top):
-        offset = len(self.data.decode("utf-8", errors="ignore"))
-        self.data += self.tokenizer.decode_single_token_bytes(token)
-        self.entries.append((token, logprob, top, offset))
+        self.entries.append((token, logprob, top, self.chars))
+        self.chars += len(self.utf8.decode(self.tokenizer.decode_single_token_bytes(token)))
 
     def chosen(self, logits, token):
         """An entry for a picked token, from the raw logits it was picked from."""

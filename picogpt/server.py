@@ -75,9 +75,10 @@ class Choice:
         self.job, self.index, self.ids, self.tokenizer = job, index, ids, tokenizer
         self.max_new_tokens, self.eot = o["max_tokens"], tokenizer.eot_token
         self.prompt_scores = prompt_scores  # a Logprobs of the prompt, shared by the choices of one prompt
-        self.logprobs = None if o["logprobs"] is None else Logprobs(tokenizer, o["logprobs"])
-        if self.logprobs is not None and o["echo"]:  # offsets run on after the echoed prompt
-            self.logprobs.data = tokenizer.decode_bytes(ids)
+        if o["logprobs"] is None:
+            self.logprobs = None
+        else:  # with echo, offsets run on after the prompt
+            self.logprobs = Logprobs(tokenizer, o["logprobs"], tokenizer.decode_bytes(ids) if o["echo"] else b"")
         self.pick = sampling.picker(ids, seed, o["temperature"], o["top_k"], o["top_p"], o["repetition_penalty"], o["presence_penalty"],
                                     o["frequency_penalty"], o["logit_bias"], n_vocab, self.logprobs and self.logprobs.chosen)  # fmt: skip
         self.score = None
@@ -320,10 +321,11 @@ async def completions(request):
         for i in range(o["n"]):  # choice i of a prompt samples with seed + i, as `picogpt generate --num-samples` does
             seed = None if o["seed"] is None else o["seed"] + i
             job.choices.append(Choice(job, p * o["n"] + i, ids, o, state.tokenizer, state.n_vocab, seed, scores))
-    state.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
+    n_prompt = sum(len(ids) for ids, _ in prompts)
+    state.metrics.prompt_tokens.inc(n_prompt)
     worker.submit(job)
     reply = dict(id=f"cmpl-{uuid.uuid4().hex[:24]}", object="text_completion", created=int(time.time()), model=state.name)
-    usage = lambda tokens: {"prompt_tokens": sum(len(ids) for ids, _ in prompts), "completion_tokens": tokens, "total_tokens": sum(len(ids) for ids, _ in prompts) + tokens}  # noqa: E731
+    usage = lambda tokens: {"prompt_tokens": n_prompt, "completion_tokens": tokens, "total_tokens": n_prompt + tokens}  # noqa: E731
 
     def start(choice):  # the echoed prompt and its log-probabilities come first
         prompt = texts[choice.index // o["n"]] if o["echo"] else ""
@@ -346,7 +348,7 @@ async def completions(request):
     logprobs = lambda c: None if o["logprobs"] is None else c.logprobs.shape(out[c.index]["entries"]) if c.logprobs else None  # noqa: E731
     choices = [{"text": out[c.index]["text"], "index": c.index, "logprobs": logprobs(c), "finish_reason": out[c.index]["finish_reason"]} for c in job.choices]
     n_new = sum(v["tokens"] for v in out.values())
-    request.state.tokens = f", {sum(len(ids) for ids, _ in prompts)} prompt + {n_new} new tokens"
+    request.state.tokens = f", {n_prompt} prompt + {n_new} new tokens"
     return JSONResponse(reply | {"choices": choices, "usage": usage(n_new)})
 
 
@@ -399,7 +401,7 @@ async def sse(request, job, reply, o, start, usage):
         yield f"data: {json.dumps({'error': {'message': f'internal error: {e}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
     yield "data: [DONE]\n\n"
     request.app.state.metrics.latency.observe(time.perf_counter() - job.arrived)
-    warn(f"POST /v1/completions 200 (stream), {sum(len(c.ids) for c in job.choices[:: o['n']])} prompt + {tokens} new tokens in {time.perf_counter() - job.arrived:.2f} s")
+    warn(f"POST /v1/completions 200 (stream), {usage(tokens)['prompt_tokens']} prompt + {tokens} new tokens in {time.perf_counter() - job.arrived:.2f} s")
 
 
 async def not_found(request, exc):
