@@ -379,7 +379,7 @@ async def events_of(request, job):
 
 async def sse(request, job, reply, o, start, usage):
     """Server-sent events: a completion chunk per new piece of text, then [DONE]."""
-    started, tokens = set(), 0
+    started, ended, tokens = set(), set(), 0
     chunk = lambda choices, **more: f"data: {json.dumps(reply | {'choices': choices} | more)}\n\n"  # noqa: E731
     extra = {"usage": None} if o["stream_options"].get("include_usage") else {}
     try:
@@ -392,6 +392,7 @@ async def sse(request, job, reply, o, start, usage):
                 finish = None
             else:
                 finish, tokens = event[2], tokens + event[3]
+                ended.add(event[1])
             logprobs = choice.logprobs.shape(entries) if choice.logprobs is not None else None
             if text or entries or finish:
                 yield chunk([{"text": text, "index": event[1], "logprobs": logprobs, "finish_reason": finish}], **extra)
@@ -399,9 +400,12 @@ async def sse(request, job, reply, o, start, usage):
             yield chunk([], usage=usage(tokens))
     except Failure as e:
         yield f"data: {json.dumps({'error': {'message': f'internal error: {e}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+    finally:  # also when the client leaves: Starlette cancels the stream, and the request is logged all the same
+        seconds = time.perf_counter() - job.arrived
+        request.app.state.metrics.latency.observe(seconds)
+        left = "" if len(ended) == len(job.choices) else ", the client left"
+        warn(f"POST /v1/completions 200 (stream{left}), {usage(tokens)['prompt_tokens']} prompt + {tokens} new tokens in {seconds:.2f} s")
     yield "data: [DONE]\n\n"
-    request.app.state.metrics.latency.observe(time.perf_counter() - job.arrived)
-    warn(f"POST /v1/completions 200 (stream), {usage(tokens)['prompt_tokens']} prompt + {tokens} new tokens in {time.perf_counter() - job.arrived:.2f} s")
 
 
 async def not_found(request, exc):
