@@ -95,14 +95,16 @@ def store_kv(k_cache, v_cache, past, qkv):  # caches [n_head, n_ctx, head_dim]; 
 
 # Replaces model.attention for sequences bringing one new token each: scores, softmax and the weighted
 # sum of values in one pass per (sequence, head), threads over all of them, each reading only its own
-# cache row's first n_kv positions.
+# cache row's first n_kv positions. Head-major: the threads take equal runs of tasks, and a run of
+# whole heads holds every sequence, long and short alike (sequence-major, a thread that drew the
+# long contexts made the other wait: 7.5 against 4.8 ms a step for 4 rows at 600 positions and 4 at 20).
 @njit(parallel=True, **jit)
 def attend_rows(q, k_cache, v_cache, rows, n_kv):  # q [n_seq, n_head, head_dim]; caches [n_rows, n_head, n_ctx, head_dim]
     n_seq, n_head, head_dim = q.shape
     out = np.zeros_like(q)
     scale = f32(1.0 / np.sqrt(head_dim))
     for task in prange(n_seq * n_head):
-        s, h = task // n_head, task % n_head
+        h, s = task // n_seq, task % n_seq
         k, v, n = k_cache[rows[s], h], v_cache[rows[s], h], n_kv[s]
         scores, ints = np.empty(n, f32), np.empty(n, np.int32)
         for t in range(n):
