@@ -1,5 +1,7 @@
 """Every Numba kernel against its NumPy twin in model.py, and the kernel forward pass against the reference."""
 
+import os
+
 import numpy as np
 import pytest
 from conftest import random_gpt2, torch_logits
@@ -47,6 +49,34 @@ def test_attend_one_row_reads_only_the_valid_cache(n_head, head_dim, n_kv):
     expected = model.attention(q[:, None], k_cache[:, :n_kv], v_cache[:, :n_kv], past=n_kv - 1)[:, 0]
     got = ops.attend_rows(q[None], k_cache[None], v_cache[None], np.array([0]), np.array([n_kv]))[0]
     assert_close(got, expected)
+
+
+def test_attend_many_rows_of_different_lengths():
+    """Sequences at other rows and lengths (threads take runs of heads across all of them): each as
+    model.attention on its own row."""
+    n_head, head_dim, n_ctx, rows, n_kv = 3, 16, 40, np.array([4, 0, 2, 1, 3]), np.array([40, 1, 17, 3, 29])
+    k_cache, v_cache = randn(5, n_head, n_ctx, head_dim, scale=2.0), randn(5, n_head, n_ctx, head_dim)
+    q = randn(len(rows), n_head, head_dim, scale=2.0)
+    got = ops.attend_rows(q, k_cache, v_cache, rows, n_kv)
+    for s, (r, n) in enumerate(zip(rows, n_kv)):
+        assert_close(got[s], model.attention(q[s][:, None], k_cache[r, :, :n], v_cache[r, :, :n], past=n - 1)[:, 0])
+
+
+def test_an_edited_kernel_source_makes_every_kernel_compile_again(tmp_path):
+    """Numba invalidates a cached kernel only when its own file changes: stamp_kernel_sources gives all
+    of them the newest time when one changed, once."""
+    files = [tmp_path / name for name in ops.KERNEL_SOURCES]
+    for i, f in enumerate(files):
+        f.write_text("# a kernel\n")
+        os.utime(f, ns=(0, 10**18 + i * 10**9))
+    mtimes = lambda: [os.stat(f).st_mtime_ns for f in files]  # noqa: E731
+    ops.stamp_kernel_sources(tmp_path)
+    assert mtimes() == [10**18 + 3 * 10**9] * 4  # the newest one's time, everywhere
+    ops.stamp_kernel_sources(tmp_path)
+    assert mtimes() == [10**18 + 3 * 10**9] * 4  # nothing changed since: nothing done
+    os.utime(files[1], ns=(0, 2 * 10**18))  # an edit to ops.py
+    ops.stamp_kernel_sources(tmp_path)
+    assert mtimes() == [2 * 10**18] * 4
 
 
 @pytest.mark.parametrize("n_head,n_seq,past", [(1, 2, 0), (3, 7, 0), (25, 9, 4), (2, 64, 0), (4, 5, 59), (2, 300, 0), (3, 200, 150)])

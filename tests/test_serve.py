@@ -382,13 +382,14 @@ def test_ctrl_c_ends_running_streams_with_what_they_have():
     process, url = start("--parallel", "2")
     try:
         with httpx.Client(timeout=60) as http:
-            body = {"prompt": "The", "max_tokens": 250, "stream": True, "logit_bias": {"4095": -100}}
+            body = {"prompt": "The", "max_tokens": 250, "stream": True, "logit_bias": {"4095": -100}, "stream_options": {"include_usage": True}}
             with http.stream("POST", f"{url}/v1/completions", json=body) as r:
                 lines = r.iter_lines()
                 next(lines)
                 process.send_signal(signal.SIGINT)
                 rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-3][6:])["choices"][0]["finish_reason"] == "length"
+        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] < 250  # cut short, not run to its end
         _, err = process.communicate(timeout=60)
         assert process.returncode == 0 and "Traceback" not in err, err
     finally:
