@@ -19,6 +19,10 @@ and the ids are the same prompt: picogpt gets the ids, llama-cpp-python's server
 max_tokens 64 to 128, temperature 0, stream, logit_bias -100 on <|endoftext|> so that every request
 runs to max_tokens. Both servers get the same requests, waits and order.
 
+`--servers engine` adds the ceiling: picogpt's engine in this process on the same requests, with
+no HTTP and no waits, each finished sequence's row refilled at once from the queue of all clients'
+requests (the most `picogpt serve` could deliver with them; times are the steps', not a client's).
+
 Measured from the stream: time to first token = to the first chunk with text; time between tokens =
 between successive chunks with text (a chunk may hold more than one token: a piece of a UTF-8
 character waits for the rest); latency = to the end of the stream; output tokens = the usage's
@@ -125,6 +129,36 @@ async def level(url, clients, use_ids, timeout, level_timeout):
     return results, errors, wall
 
 
+def engine_alone(folder, dtype, clients, parallel):
+    """The same requests through picogpt's Engine in this process, `parallel` rows kept full, as the
+    server runs it (its chunk, greedy, end-of-text banned): returns what level() does."""
+    import picogpt
+    from picogpt import defaults, engine, sampling, warmup
+
+    model = picogpt.load(folder, dtype=dtype)
+    chunk, eot = defaults.SERVE["chunk"], model.tokenizer.eot_token
+    warmup.warm_up(model, [[eot] * chunk, [eot]], 3, say=None)
+    run = engine.Engine(model.forward_rows, model.params, model.config, parallel, chunk=chunk, eot=eot)
+    for k, v in run.cache:  # the pages touched before timing, as the server does
+        k.fill(0), v.fill(0)
+    queue = [(ids, max_tokens) for requests in zip(*clients) for _, ids, _, max_tokens in requests]  # the clients' requests in turn
+    times, results = {}, []
+    start = time.perf_counter()
+    while queue or run.busy:
+        while queue and len(run.running) + len(run.waiting) < parallel:
+            ids, max_tokens = queue.pop(0)
+            seq = run.add(ids, max_tokens, sampling.picker(ids, temperature=0, logit_bias={EOT: -100.0}, n_vocab=model.config["vocab_size"]))
+            times[seq.id] = (seq, max_tokens, [time.perf_counter()])
+        step = run.step()
+        now = time.perf_counter()
+        for seq, _ in step:
+            times[seq.id][2].append(now)
+            if seq.finish is not None:
+                _, asked, (added, *stamps) = times.pop(seq.id)
+                results.append(dict(ttft=stamps[0] - added, gaps=np.diff(stamps).tolist(), latency=now - added, tokens=len(stamps), asked=asked))
+    return results, [], time.perf_counter() - start
+
+
 # ---- the servers ---------------------------------------------------------------------------------------
 
 
@@ -212,7 +246,7 @@ def main():
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8, 16])
     p.add_argument("--requests", type=int, default=None, help="requests per client (default: 8 at concurrency 1, 3 up to 8, 2 beyond)")
     p.add_argument("--think", type=float, default=0.5, help="mean seconds a client waits before each request (exponential)")
-    p.add_argument("--servers", nargs="+", default=["picogpt", "llama.cpp"], choices=["picogpt", "llama.cpp"])
+    p.add_argument("--servers", nargs="+", default=["picogpt", "llama.cpp"], choices=["picogpt", "llama.cpp", "engine"])
     p.add_argument("--timeout", type=float, default=300, help="seconds per request")
     p.add_argument("--level-timeout", type=float, default=1800, help="seconds per concurrency level of one server")
     args = p.parse_args()
@@ -222,7 +256,7 @@ def main():
 
     import picogpt
 
-    servers = [s for s in ["llama.cpp", "picogpt"] if s in args.servers]  # llama.cpp first: picogpt's rows compare with it
+    servers = [s for s in ["llama.cpp", "picogpt", "engine"] if s in args.servers]  # llama.cpp first: picogpt's rows compare with it
     notes = []
     if "llama.cpp" in servers and not available():
         servers.remove("llama.cpp")
@@ -248,6 +282,11 @@ def main():
             for dtype in args.dtypes:
                 rates = {}  # (server, concurrency) -> output tok/s
                 for server in servers:
+                    if server == "engine":  # the ceiling: no HTTP, no waits
+                        for c in args.concurrency:
+                            results, errors, wall = engine_alone(folder, dtype, plans[c], c)
+                            rates[server, c] = row(size, f"picogpt {dtype}, engine alone", c, results, errors, wall, rates.get((server, 1)), rates.get(("llama.cpp", c)))
+                        continue
                     name = f"picogpt {dtype}" if server == "picogpt" else f"llama.cpp {GGUF_TYPE[dtype]}"
                     port = free_port()
                     command, ready = server_command(server, folder, dtype, ggufs.get(GGUF_TYPE[dtype]), port, max(args.concurrency))
