@@ -6,7 +6,9 @@ converted/<model>-<dtype>-<12 hex of sha256(source folder's realpath, dtype)>/, 
 `picogpt convert` writes a folder (config.json, model.safetensors, vocab.json, merges.txt) plus
 source.json: the realpath, size and mtime of every source file picogpt reads. A copy is used only
 while those all match, so a new hub revision (a new snapshot folder) or a replaced local
-model.safetensors is converted again. `rm -r` a copy's folder to delete it.
+model.safetensors is converted again. Each time a copy is written, the copies whose source files are
+gone or changed are removed (`prune`: a temporary checkpoint's would otherwise stay for good); `rm -r`
+a copy's folder to delete it sooner.
 
 The conversion streams: each tensor is read with ordinary file reads (the source's pages never join
 the process's resident set), converted a few MB of rows at a time, written, and let go of, so the
@@ -70,6 +72,35 @@ def valid(copy, source):
         return False
 
 
+def prune():
+    """Remove the copies that can never be used again: those whose source files are gone or changed
+    (a temporary checkpoint's, a benchmark's, a replaced model.safetensors's). Folders being written
+    (.name.*) and any folder without a readable source.json are left alone. Returns (copies, bytes)."""
+    removed, freed = 0, 0
+    for entry in os.scandir(root()) if os.path.isdir(root()) else ():
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        try:
+            with open(os.path.join(entry.path, "source.json")) as f:
+                files = json.load(f)["files"].values()
+            gone = not all(_unchanged(**made) for made in files)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if gone:
+            size = sum(e.stat().st_size for e in os.scandir(entry.path) if e.is_file())
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed, freed = removed + 1, freed + size
+    return removed, freed
+
+
+def _unchanged(path, size, mtime_ns):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_size == size and st.st_mtime_ns == mtime_ns
+
+
 def copies(source):
     """{dtype: {"folder", "bytes"}} for the valid converted copies of `source` (for `picogpt info`)."""
     found = {}
@@ -128,6 +159,9 @@ def keep(source, dtype, copy):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     warn(f"converted {model_name(source)} to {dtype} once, kept in {copy}")  # after: a failure stays one line
+    removed, freed = prune()  # the cache grows here: let go of the copies whose source is gone
+    if removed:
+        warn(f"removed {removed} converted {'copy' if removed == 1 else 'copies'} whose source is gone or changed ({freed / 1e6:.0f} MB)")
     return loaded  # memory-mapped from the files, which keep their identity through the rename
 
 

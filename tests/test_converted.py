@@ -4,6 +4,7 @@ it afterwards; checked against converting in memory (formats.convert) and model.
 import errno
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -121,6 +122,23 @@ def test_a_replaced_model_file_is_converted_again(tmp_path, cache, capsys):
     expected = logits(in_memory(folder, "int8"), config)
     assert np.array_equal(logits(second.params, config), expected) and not np.array_equal(expected, old)
     assert os.listdir(cache) == [os.path.basename(converted.folder(folder, "int8"))]  # the old copy replaced
+
+
+def test_copies_whose_source_is_gone_are_removed_when_another_is_kept(tmp_path, cache, capsys):
+    """A temporary checkpoint's copy can never be used again: the next copy written removes it, and
+    leaves the copies whose source is still there."""
+    gone = save_checkpoint(random_gpt2(seed=31), str(tmp_path / "gone"))
+    kept = save_checkpoint(random_gpt2(seed=32), str(tmp_path / "kept"))
+    picogpt.load(gone, backend="numpy", dtype="int8")
+    picogpt.load(kept, backend="numpy", dtype="int8")
+    shutil.rmtree(gone)
+    capsys.readouterr()
+    config = picogpt.load(kept, backend="numpy", dtype="float16").config
+    assert "removed 1 converted copy whose source is gone or changed" in capsys.readouterr().err
+    assert sorted(os.listdir(cache)) == sorted(os.path.basename(converted.folder(kept, d)) for d in ("int8", "float16"))
+    again = picogpt.load(kept, backend="numpy", dtype="int8")  # still there and valid: mapped, not converted
+    assert "converted" not in capsys.readouterr().err
+    assert np.array_equal(logits(again.params, config), logits(in_memory(kept, "int8"), config))
 
 
 def test_a_damaged_copy_is_written_again(tiny, cache, capsys):
