@@ -52,6 +52,12 @@ def save_checkpoint(hf, folder, layout="pretrained", max_shard_size=None):
     return folder
 
 
+def assert_close(got, expected, rtol=1e-5):
+    """float32 of the same shape, within rtol of the largest magnitude (at least 1): a kernel against its NumPy twin."""
+    assert got.dtype == np.float32 and got.shape == expected.shape, (got.dtype, got.shape, expected.shape)
+    assert np.abs(got - expected).max() <= rtol * max(1.0, np.abs(expected).max()), np.abs(got - expected).max()
+
+
 def torch_logits(hf, ids):
     with torch.no_grad():
         return hf(torch.tensor([list(ids)])).logits[0].numpy()

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import random_gpt2
+from conftest import assert_close, random_gpt2
 
 import picogpt
 from picogpt import formats, kernels, model, ops
@@ -19,11 +19,6 @@ rng = np.random.default_rng(7)
 
 def randn(*shape, scale=1.0):
     return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-
-def assert_close(got, expected, rtol=1e-5):
-    assert got.dtype == np.float32 and got.shape == expected.shape, (got.dtype, got.shape, expected.shape)
-    assert np.abs(got - expected).max() <= rtol * max(1.0, np.abs(expected).max()), np.abs(got - expected).max()
 
 
 @pytest.mark.parametrize("n_head,head_dim", [(1, 1), (3, 7), (12, 64)])

@@ -4,6 +4,7 @@ or a panel, and the bias, GELU and residual fusions; and kernels.linear on both 
 
 import numpy as np
 import pytest
+from conftest import assert_close
 
 from picogpt import formats, kernels, microkernel, model
 
@@ -12,11 +13,6 @@ rng = np.random.default_rng(11)
 
 def randn(*shape, scale=1.0):
     return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-
-def assert_close(got, expected, rtol=1e-5):
-    assert got.dtype == np.float32 and got.shape == expected.shape, (got.dtype, got.shape, expected.shape)
-    assert np.abs(got - expected).max() <= rtol * max(1.0, np.abs(expected).max()), np.abs(got - expected).max()
 
 
 NONE = np.empty((0, 0), np.float32)
