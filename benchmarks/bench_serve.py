@@ -148,13 +148,13 @@ def engine_alone(folder, dtype, clients, parallel):
         while queue and len(run.running) + len(run.waiting) < parallel:
             ids, max_tokens = queue.pop(0)
             seq = run.add(ids, max_tokens, sampling.picker(ids, temperature=0, logit_bias={EOT: -100.0}, n_vocab=model.config["vocab_size"]))
-            times[seq.id] = (seq, max_tokens, [time.perf_counter()])
+            times[seq.id] = (max_tokens, [time.perf_counter()])
         step = run.step()
         now = time.perf_counter()
         for seq, _ in step:
-            times[seq.id][2].append(now)
+            times[seq.id][1].append(now)
             if seq.finish is not None:
-                _, asked, (added, *stamps) = times.pop(seq.id)
+                asked, (added, *stamps) = times.pop(seq.id)
                 results.append(dict(ttft=stamps[0] - added, gaps=np.diff(stamps).tolist(), latency=now - added, tokens=len(stamps), asked=asked))
     return results, [], time.perf_counter() - start
 

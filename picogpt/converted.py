@@ -82,23 +82,14 @@ def prune():
             continue
         try:
             with open(os.path.join(entry.path, "source.json")) as f:
-                files = json.load(f)["files"].values()
-            gone = not all(_unchanged(**made) for made in files)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                source = json.load(f)["source"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if gone:
+        if not valid(entry.path, source):
             size = sum(e.stat().st_size for e in os.scandir(entry.path) if e.is_file())
             shutil.rmtree(entry.path, ignore_errors=True)
             removed, freed = removed + 1, freed + size
     return removed, freed
-
-
-def _unchanged(path, size, mtime_ns):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return st.st_size == size and st.st_mtime_ns == mtime_ns
 
 
 def copies(source):

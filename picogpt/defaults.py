@@ -2,7 +2,7 @@
 
 # Sampling: Model.generate and `picogpt generate` keep GPT-2's usual top-k of 50; the server takes
 # OpenAI's completions defaults (16 new tokens, no top-k), the rest the same.
-SAMPLING = dict(max_new_tokens=50, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, seed=None)
+SAMPLING = dict(max_new_tokens=50, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)
 OPENAI = dict(SAMPLING, max_new_tokens=16, top_k=None)
 
 # The server: sequences decoded together, requests waiting beyond them, prompt tokens prefilled per

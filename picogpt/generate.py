@@ -11,6 +11,7 @@ from .engine import decode_rows, rows_one_by_one
 from .log import warn
 from .text import detokenizer
 
+
 def prompt_list(prompt):
     """A prompt string or a list of them, as a list."""
     prompts = [prompt] if isinstance(prompt, str) else prompt

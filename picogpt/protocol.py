@@ -121,7 +121,8 @@ def token_text(tokenizer, token):
 
 class Logprobs:
     """The legacy `logprobs` object of one choice, built token by token: each entry is (token,
-    logprob or None, {token: logprob} or None); offsets count the characters of the text before."""
+    logprob or None, {token: logprob} or None, text_offset), the offset counting the characters of
+    the text before the token."""
 
     def __init__(self, tokenizer, k, after=b""):
         """after: the bytes of the text before the first token (an echoed prompt), for text_offset."""

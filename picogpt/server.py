@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import sampling, tokenizer as tok
+from .defaults import SERVE
 from .engine import Engine
 from .log import warn
 from .protocol import BadRequest, Logprobs, options_of, prompts_of, top_logprobs
@@ -443,7 +444,7 @@ def ready(web, model, parallel, queue_size, chunk):
     return worker
 
 
-def serve(name, dtype=None, revision=None, host="127.0.0.1", port=8000, parallel=8, queue_size=64, chunk=32):
+def serve(name, dtype=None, revision=None, host=SERVE["host"], port=SERVE["port"], parallel=SERVE["parallel"], queue_size=SERVE["queue"], chunk=SERVE["chunk"]):
     """Run the server until Ctrl-C or SIGTERM: listen at once (/health says 503 while the model loads),
     load and warm up the model, then take requests. Running requests end with what they have."""
     import uvicorn
