@@ -38,7 +38,7 @@ def cli_seconds(model, cache_dir, *options):
 
 def ms_per_token(params, config, steps=100):
     n_layer, n_head, n_embd = config["n_layer"], config["n_head"], config["n_embd"]
-    cache = model.kv_cache(n_layer, n_head, config["n_positions"], n_embd // n_head)
+    cache = model.kv_cache(n_layer, n_head, config["n_positions"], n_embd)
     kernels.gpt2(list(range(16)), **params, n_head=n_head, cache=cache, last=True)
     for i in range(3):
         kernels.gpt2([5], **params, n_head=n_head, cache=cache, past=16 + i)

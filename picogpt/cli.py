@@ -36,6 +36,10 @@ class Failed(Exception):
     """A problem found while running a command: its message is the one line the user sees."""
 
 
+class BadOption(Failed):
+    """An option value that only the loaded model shows to be wrong: exit 2, as for any bad option."""
+
+
 def parser():
     p = Parser(prog="picogpt", description="GPT-2 inference in NumPy.")
     p.add_argument("--version", action="version", version=f"picogpt {__version__}")
@@ -132,7 +136,7 @@ def check(args):
         return
     if args.command != "generate":
         return
-    sampling.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, names=FLAGS)
+    sampling.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed, names=FLAGS)
     if args.logprobs and not args.json:
         raise ValueError("--logprobs goes with --json: add --json")
     if args.num_samples < 1:
@@ -163,9 +167,11 @@ def generate(args):
         checkpoint()
         if row == 0:
             print(piece, end="", flush=True)
+            OPEN_LINE[:] = [piece and not piece.endswith("\n")]
         else:
             later[row] += piece
     print(flush=True)
+    OPEN_LINE.clear()
     for text in later[1:]:
         print("-" * 40)
         print(text, flush=True)
@@ -204,7 +210,7 @@ def score(args):
     if len(ids) < 2:
         raise Failed(f"{'standard input' if args.file == '-' else args.file} holds {plural(len(ids), 'token')}; scoring needs at least 2")
     if stride >= n_ctx:
-        raise Failed(f"--stride must be less than the model's context of {n_ctx} tokens, got {stride}")
+        raise BadOption(f"--stride must be less than the model's context of {n_ctx} tokens, got {stride}")
     with tqdm(total=max(len(ids) - 1, 0), unit="tok", desc="scoring", file=sys.stderr, disable=True if len(ids) <= n_ctx else None) as bar:
         logprobs = model.logprobs(ids, stride, progress=lambda n: (checkpoint(), bar.update(n)))
     totals = {"model": args.model, "dtype": model.dtype, **summary(model.tokenizer, ids, logprobs), "n_ctx": n_ctx, "stride": stride}
@@ -330,7 +336,7 @@ def main(argv=None):
         except (CheckpointError, TokenizerError, OSError, NonFiniteError, Failed) as e:
             message = str(e).replace("--model MODEL", f"--model {getattr(args, 'model', 'MODEL')}")  # NaN logits: name the model
             print(f"picogpt: error: {message}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(e, BadOption) else 1
         checkpoint()  # a Ctrl-C that a C callback swallowed near the end
     except BaseException as e:
         # Ctrl-C comes as a KeyboardInterrupt, or wrapped in another error where Python raised it: a
@@ -343,9 +349,13 @@ def main(argv=None):
 
 
 def interrupted():
-    print(flush=True)  # keep what was printed, end its line
+    if any(OPEN_LINE):  # keep what was printed, end its line; a --json run's stdout holds whole objects only
+        print(flush=True)
     print("picogpt: interrupted", file=sys.stderr, flush=True)
     return 130
+
+
+OPEN_LINE = []  # [True] while streamed text on stdout has no newline at its end
 
 
 STOP = []  # set once Ctrl-C is pressed (the picogpt command only)

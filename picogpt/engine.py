@@ -68,8 +68,7 @@ class Engine:
         self.n_ctx = config["n_positions"]
         self.n_cache = min(n_cache or self.n_ctx, self.n_ctx)
         self.run = dict(n_head=config["n_head"], eps=config.get("layer_norm_epsilon", 1e-5))
-        head_dim = config["n_embd"] // config["n_head"]
-        self.cache = model.kv_cache(config["n_layer"], config["n_head"], self.n_cache, head_dim, n_rows=n_rows)
+        self.cache = model.kv_cache(config["n_layer"], config["n_head"], self.n_cache, config["n_embd"], n_rows=n_rows)
         self.free = list(range(n_rows))
         self.waiting, self.running = deque(), []  # running: in order of admission
         self.say = say or (lambda message: None)

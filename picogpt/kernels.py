@@ -231,6 +231,6 @@ def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=F
     the last token only, [1, n_vocab], with last=True)."""
     inputs = model.token_ids(inputs, wte["weight"], wpe["weight"], past)
     if cache is None:  # the kernels always attend over a cache: use a scratch one
-        cache = model.kv_cache(len(h), n_head, past + len(inputs), wpe["weight"].shape[1] // n_head)
+        cache = model.kv_cache(len(h), n_head, past + len(inputs), wpe["weight"].shape[1])
     cache = [(k[None], v[None]) for k, v in cache]  # one sequence: row 0 of a batch cache
     return gpt2_rows([inputs], wte, wpe, h, ln_f, n_head, cache, rows=[0], past=[past], eps=eps, last=last)

@@ -100,8 +100,10 @@ def token_ids(inputs, wte, wpe, past=0):
     return ids.astype(np.int64)
 
 
-def kv_cache(n_layer, n_head, n_ctx, head_dim, n_rows=None):
-    """Preallocated keys and values for every layer: a list of (k, v), each [n_head, n_ctx, head_dim];
-    with n_rows, one such cache per row of a batch: [n_rows, n_head, n_ctx, head_dim]."""
-    shape = (n_head, n_ctx, head_dim) if n_rows is None else (n_rows, n_head, n_ctx, head_dim)
+def kv_cache(n_layer, n_head, n_positions, n_embd, n_rows=None):
+    """Preallocated keys and values for every layer, the arguments named as config.json's keys: a list
+    of (k, v), each [n_head, n_positions, n_embd // n_head] (n_positions: how many positions it holds,
+    at most the model's); with n_rows, one such cache per row of a batch: [n_rows, n_head, n_positions, head_dim]."""
+    head_dim = n_embd // n_head
+    shape = (n_head, n_positions, head_dim) if n_rows is None else (n_rows, n_head, n_positions, head_dim)
     return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(n_layer)]

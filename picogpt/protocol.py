@@ -3,10 +3,12 @@ and token log-probabilities in the legacy `logprobs` shape. No HTTP here (server
 
 import codecs
 import math
+import re
 
 import numpy as np
 
 from .defaults import OPENAI
+from .sampling import is_seed
 
 
 class BadRequest(ValueError):
@@ -72,7 +74,7 @@ def options_of(body, n_vocab, served):
         presence_penalty=field(body, "presence_penalty", 0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2"),
         frequency_penalty=field(body, "frequency_penalty", 0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2"),
         n=field(body, "n", 1, lambda v: _whole(v) and 1 <= v <= 128, "a whole number from 1 to 128"),
-        seed=field(body, "seed", None, _whole, "a whole number"),
+        seed=field(body, "seed", None, is_seed, "a whole number from 0 to 2**64 - 1"),
         logprobs=field(body, "logprobs", None, lambda v: _whole(v) and 0 <= v <= 5, "a whole number from 0 to 5"),
         echo=field(body, "echo", False, lambda v: isinstance(v, bool), "true or false"),
         stream=field(body, "stream", False, lambda v: isinstance(v, bool), "true or false"),
@@ -85,7 +87,7 @@ def options_of(body, n_vocab, served):
         raise BadRequest("'max_tokens' must be >= 1 (0 only with echo, to score the prompt)", "max_tokens")
     bias = {}
     for key, value in o["logit_bias"].items():
-        token = int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else None
+        token = int(key) if isinstance(key, str) and re.fullmatch(r"-?[0-9]{1,9}", key) else None  # ASCII digits: "²".isdigit()
         if token is None or not 0 <= token < n_vocab or not (_number(value) and -100 <= value <= 100):
             raise BadRequest(f"'logit_bias' must map token ids (0 to {n_vocab - 1}) to biases from -100 to 100, got {key!r}: {value!r}", "logit_bias")
         bias[token] = float(value)

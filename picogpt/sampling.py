@@ -7,6 +7,13 @@ import numpy as np
 from .model import softmax
 
 
+MAX_SEED = 2**64 - 1  # seeds are whole numbers from 0 to this: what NumPy's generators take (any non-negative int) and 64 bits hold
+
+
+def is_seed(v):
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED
+
+
 def check_sampling(max_new_tokens=0, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0, seed=None, names=None):
     """Raise ValueError naming the first bad value; names: what to call each argument (the CLI's flags)."""
     name = lambda arg: (names or {}).get(arg, arg)  # noqa: E731
@@ -22,8 +29,8 @@ def check_sampling(max_new_tokens=0, temperature=1.0, top_k=None, top_p=1.0, rep
         raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
     if not (number(repetition_penalty) and repetition_penalty > 0):
         raise ValueError(f"{name('repetition_penalty')} must be a number > 0 (1 turns it off), got {repetition_penalty!r}")
-    if seed is not None and not whole(seed):
-        raise ValueError(f"{name('seed')} must be a whole number{'' if names else ' or None'}, got {seed!r}")
+    if seed is not None and not is_seed(seed):
+        raise ValueError(f"{name('seed')} must be a whole number from 0 to 2**64 - 1{'' if names else ' or None'}, got {seed!r}")
 
 
 def penalize(logits, seen, penalty):
@@ -85,7 +92,9 @@ def sample(logits, rng, temperature=1.0, top_k=None, top_p=1.0):
     if top_p < 1:
         order = np.argsort(-probs, kind="stable")
         mass_before = np.cumsum(probs[order]) - probs[order]
-        order = order[mass_before < top_p]  # smallest set whose mass reaches top_p; never empty
+        keep = mass_before < top_p  # smallest set whose mass reaches top_p
+        keep[0] = True  # never empty: a top_p below float32's smallest number is 0 here
+        order = order[keep]
         candidates, probs = candidates[order], probs[order]
     cdf = np.cumsum(probs, dtype=np.float64)
     i = np.searchsorted(cdf, rng.random() * cdf[-1], side="right")

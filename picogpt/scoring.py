@@ -48,7 +48,7 @@ def logprobs(forward, params, config, ids, stride=None, progress=None):
         raise ValueError(f"ids hold token id {ids.min() if ids.min() < 0 else ids.max()}, outside the vocabulary of {config['vocab_size']}")
     ids = ids.astype(np.int64)
     run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
-    cache = model.kv_cache(config["n_layer"], n_head, n_ctx, config["n_embd"] // n_head)
+    cache = model.kv_cache(config["n_layer"], n_head, n_ctx, config["n_embd"])
     out = np.full(len(ids), np.nan)
     for begin, first, end in windows(len(ids), n_ctx, stride):
         # The context up to `first` gives the logits for token `first`; tokens first .. end-2, run

@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 import uuid
+from typing import NamedTuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
@@ -40,6 +41,7 @@ class Metrics:
         self.running = Gauge("picogpt_requests_running", "Requests with a sequence being decoded", registry=r)
         self.waiting = Gauge("picogpt_requests_waiting", "Requests waiting for a free row of the batch", registry=r)
         self.sequences = Gauge("picogpt_sequences_running", "Sequences in the batch (rows of the KV cache in use)", registry=r)
+        self.reserved = Gauge("picogpt_sequences_reserved", "Sequences admitted and not yet retired (running, waiting or being set up)", registry=r)
         self.prompt_tokens = Counter("picogpt_prompt_tokens", "Prompt tokens received", registry=r)
         self.generated = Counter("picogpt_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("picogpt_requests", "HTTP requests answered, by status code", ["status"], registry=r)
@@ -52,6 +54,51 @@ class Metrics:
 
 
 # ---- the engine thread -------------------------------------------------------------------------------
+
+
+class Piece(NamedTuple):
+    """New text of choice `index` (maybe "" with log-probabilities only); tokens: the choice's new tokens so far."""
+
+    index: int
+    text: str
+    entries: list
+    tokens: int
+
+
+class Done(NamedTuple):
+    """Choice `index` ended: "stop" or "length", after `tokens` new tokens."""
+
+    index: int
+    reason: str
+    tokens: int
+
+
+class Error(NamedTuple):
+    """The engine failed the job (a 500)."""
+
+    message: str
+
+
+class Busy(Exception):
+    """Every row of the batch and the queue are taken (a 429)."""
+
+
+class Reservation:
+    """Room for n sequences in the worker's batch and queue, taken at admission. Everything a handler
+    does before the engine thread owns the job runs inside `with worker.reserve(n)`: whatever fails
+    there (a bad value, an exception in a constructor, a cancelled handler), the room goes back on
+    exit. `Worker.submit` hands it to the engine thread, which gives it back sequence by sequence as
+    they retire."""
+
+    def __init__(self, worker, n):
+        self.worker, self.n, self.handed = worker, n, False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self.handed:
+            self.worker.release(self.n)
 
 
 class Job:
@@ -69,8 +116,8 @@ class Job:
 
 
 class Choice:
-    """One sequence of a job: its picker, its text so far (cut at stop strings) and its log-probabilities.
-    Events: ("piece", index, text, entries) and ("done", index, finish_reason, n_tokens)."""
+    """One sequence of a job: its picker, its text so far (cut at stop strings) and its log-probabilities;
+    sends the job Piece and Done events."""
 
     def __init__(self, job, index, ids, o, tokenizer, n_vocab, seed, prompt_scores):
         self.job, self.index, self.ids, self.tokenizer = job, index, ids, tokenizer
@@ -118,13 +165,13 @@ class Choice:
             end = len(self.logprobs.entries) - drop_last  # the token that ended the text is not in it
             entries, self.sent = self.logprobs.entries[self.sent : end], max(self.sent, end)
         if piece or entries:
-            self.job.put(("piece", self.index, piece, entries))
+            self.job.put(Piece(self.index, piece, entries or [], self.n_tokens))
 
     def done(self):
         if self.reason is None:  # max_tokens, the context's end, or the server stopping
             self.reason = "length"
             self.emit(self.push(None)[0])
-        self.job.put(("done", self.index, self.reason, self.n_tokens))
+        self.job.put(Done(self.index, self.reason, self.n_tokens))
 
 
 class Worker:
@@ -139,14 +186,23 @@ class Worker:
         self.thread = threading.Thread(target=self.run, name="picogpt-engine", daemon=True)
 
     def reserve(self, n):
-        """Room for n more sequences (running, or waiting within --queue)? Taken if so."""
+        """A Reservation of room for n more sequences (running, or waiting within --queue), or Busy."""
         with self.lock:
             if self.outstanding + n > self.capacity:
-                return False
+                raise Busy()
             self.outstanding += n
-            return True
+            self.metrics.reserved.set(self.outstanding)
+        return Reservation(self, n)
 
-    def submit(self, job):
+    def release(self, n):
+        with self.lock:
+            self.outstanding -= n
+            self.metrics.reserved.set(self.outstanding)
+
+    def submit(self, job, reservation):
+        """Hand the job, and the room reserved for its choices, to the engine thread."""
+        assert reservation.n == len(job.choices) and not reservation.handed
+        reservation.handed = True
         self.inbox.put(("add", job))
 
     def cancel(self, job):
@@ -169,11 +225,11 @@ class Worker:
                         self.engine.cancel(choice.seq)
                     self.retire()
                     return
-                for choice in job.choices:
-                    if op == "add":
-                        choice.seq = self.engine.add(choice.ids, choice.max_new_tokens, choice.pick, choice.score)
-                        self.live[choice.seq.id] = choice
-                    elif choice.seq is not None and choice.seq.finish is None:  # cancel: the client is gone
+                if op == "add":
+                    self.add(job)
+                    continue
+                for choice in job.choices:  # cancel: the client is gone
+                    if choice.seq is not None and choice.seq.finish is None:
                         self.engine.cancel(choice.seq)
             try:
                 step = self.engine.step()
@@ -182,7 +238,7 @@ class Worker:
                 traceback.print_exc()
                 for choice in self.live.values():
                     self.engine.cancel(choice.seq)
-                    choice.job.put(("error", f"{type(e).__name__}: {e}"))
+                    choice.job.put(Error(f"{type(e).__name__}: {e}"))
                 self.retire(quiet=True)
                 continue
             now = time.perf_counter()
@@ -191,15 +247,31 @@ class Worker:
                     self.engine.cancel(seq)
             self.retire()
 
+    def add(self, job):
+        """Queue the job's choices in the engine; if one cannot be (a bug past protocol's checks), the
+        job fails alone: the choices already queued are cancelled and the others' room goes back."""
+        try:
+            for choice in job.choices:
+                choice.seq = self.engine.add(choice.ids, choice.max_new_tokens, choice.pick, choice.score)
+                self.live[choice.seq.id] = choice
+        except Exception as e:
+            warn(f"internal error queueing a request: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            for choice in job.choices:
+                if choice.seq is not None:
+                    del self.live[choice.seq.id]
+                    self.engine.cancel(choice.seq)
+            self.release(len(job.choices))
+            job.put(Error(f"{type(e).__name__}: {e}"))
+
     def retire(self, quiet=False):
-        """Hand back the choices whose sequences ended; update the gauges."""
+        """Hand back the choices whose sequences ended, and their rows' reservations; update the gauges."""
         for sid, choice in list(self.live.items()):
             if choice.seq.finish is not None:
                 del self.live[sid]
                 if not quiet:
                     choice.done()
-                with self.lock:
-                    self.outstanding -= 1
+                self.release(1)
         jobs = {c.job for c in self.live.values()}
         running = {c.job for c in self.live.values() if c.seq.row is not None}
         self.metrics.running.set(len(running))
@@ -217,7 +289,8 @@ def error(status, message, kind="invalid_request_error", param=None, code=None, 
 
 async def body_of(request):
     """The request's JSON; BadRequest for bad JSON, 413 for a body over MAX_BODY."""
-    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+    declared = request.headers.get("content-length", "")
+    if declared.isdecimal() and int(declared) > MAX_BODY:  # uvicorn refuses a malformed one before this
         raise BadRequest(f"the request body is over {MAX_BODY} bytes", status=413)
     data = b""
     async for part in request.stream():
@@ -228,6 +301,8 @@ async def body_of(request):
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("the request body nests JSON too deeply") from None
 
 
 def handled(endpoint):
@@ -247,6 +322,11 @@ def handled(endpoint):
                 response = await endpoint(request)
         except BadRequest as e:
             response = error(e.status, str(e), "invalid_request_error" if e.status != 404 else "not_found_error", e.param, e.code)
+        except Busy:
+            response = error(429, "the server is busy: every row of the batch and the queue are taken; retry shortly", "rate_limit_error", headers={"Retry-After": "1"})
+        except ClientGone:  # nginx's 499: nobody to answer; the log and /metrics say so
+            response = error(499, "the client closed the connection before the answer", "client_closed_request")
+            request.state.tokens = ", the client left: cancelled"
         except Exception as e:
             warn(f"internal error on {request.method} {request.url.path}: {type(e).__name__}: {e}")
             traceback.print_exc()
@@ -312,19 +392,18 @@ async def completions(request):
     worker = state.worker
     if n_seq > worker.capacity:
         raise BadRequest(f"{n_seq} sequences (prompts x n) is more than this server takes at once ({worker.capacity}: --parallel + --queue)", "n")
-    if not worker.reserve(n_seq):
-        return error(429, "the server is busy: every row of the batch and the queue are taken; retry shortly", "rate_limit_error", headers={"Retry-After": "1"})
     job = Job(asyncio.get_running_loop(), arrived)
     texts = []
-    for p, (ids, text) in enumerate(prompts):
-        scores = Logprobs(state.tokenizer, o["logprobs"]) if o["echo"] and o["logprobs"] is not None else None
-        texts.append(state.tokenizer.decode(ids) if text is None else text)
-        for i in range(o["n"]):  # choice i of a prompt samples with seed + i, as `picogpt generate --num-samples` does
-            seed = None if o["seed"] is None else o["seed"] + i
-            job.choices.append(Choice(job, p * o["n"] + i, ids, o, state.tokenizer, state.n_vocab, seed, scores))
+    with worker.reserve(n_seq) as reservation:  # given back if anything below fails
+        for p, (ids, text) in enumerate(prompts):
+            scores = Logprobs(state.tokenizer, o["logprobs"]) if o["echo"] and o["logprobs"] is not None else None
+            texts.append(state.tokenizer.decode(ids) if text is None else text)
+            for i in range(o["n"]):  # choice i of a prompt samples with seed + i, as `picogpt generate --num-samples` does
+                seed = None if o["seed"] is None else o["seed"] + i
+                job.choices.append(Choice(job, p * o["n"] + i, ids, o, state.tokenizer, state.n_vocab, seed, scores))
+        worker.submit(job, reservation)
     n_prompt = sum(len(ids) for ids, _ in prompts)
     state.metrics.prompt_tokens.inc(n_prompt)
-    worker.submit(job)
     reply = dict(id=f"cmpl-{uuid.uuid4().hex[:24]}", object="text_completion", created=int(time.time()), model=state.name)
     usage = lambda tokens: {"prompt_tokens": n_prompt, "completion_tokens": tokens, "total_tokens": n_prompt + tokens}  # noqa: E731
 
@@ -333,15 +412,20 @@ async def completions(request):
         scores = choice.prompt_scores.entries if choice.prompt_scores is not None else []
         return prompt, list(scores)
 
-    if o["stream"]:
+    if o["stream"]:  # Starlette cancels the stream when the client leaves
         return StreamingResponse(sse(request, job, reply, o, start, usage), media_type="text/event-stream")
     out = {c.index: {"text": "", "entries": [], "finish_reason": None, "tokens": 0} for c in job.choices}
-    async for event in events_of(request, job):
-        if event[0] == "piece":
-            out[event[1]]["text"] += event[2]
-            out[event[1]]["entries"] += event[3] or []
-        else:
-            out[event[1]].update(finish_reason=event[2], tokens=event[3])
+
+    async def collect():
+        async for event in events_of(request, job):
+            if isinstance(event, Piece):
+                out[event.index]["text"] += event.text
+                out[event.index]["entries"] += event.entries
+            out[event.index]["tokens"] = event.tokens
+            if isinstance(event, Done):
+                out[event.index]["finish_reason"] = event.reason
+
+    await until_done_or_gone(request, collect())
     state.metrics.latency.observe(time.perf_counter() - arrived)
     for c in job.choices:  # the echoed prompt in front, now that it is scored
         prompt, scores = start(c)
@@ -357,55 +441,77 @@ class Failure(Exception):
     """The engine failed a job's step: a 500."""
 
 
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer: the request is cancelled."""
+
+
+async def until_done_or_gone(request, work):
+    """Run `work` (a coroutine reading the job's events) to its end, unless the client disconnects
+    first: then cancel it (events_of then cancels the job in the engine) and raise ClientGone.
+    The body is read by now, so the next ASGI message is the disconnect, the moment it happens."""
+
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    working, watching = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (working, watching):
+            task.cancel()
+        await asyncio.gather(working, watching, return_exceptions=True)
+    if working not in done:
+        raise ClientGone()
+    working.result()  # a Failure from the engine is raised here
+
+
 async def events_of(request, job):
-    """The job's events until every choice is done; cancels the job if the client goes away first."""
+    """The job's events until every choice is done; if it ends first (the client left, the stream or
+    the handler was cancelled), the job is cancelled in the engine and its rows go back."""
     pending = {c.index for c in job.choices}
     try:
         while pending:
-            try:
-                event = await asyncio.wait_for(job.events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
-            if event[0] == "error":
-                raise Failure(event[1])
-            if event[0] == "done":
-                pending.discard(event[1])
+            event = await job.events.get()
+            if isinstance(event, Error):
+                raise Failure(event.message)
+            if isinstance(event, Done):
+                pending.discard(event.index)
             yield event
     finally:
-        if pending:  # the client left, or the stream was cancelled: free the rows
+        if pending:
             request.app.state.worker.cancel(job)
 
 
 async def sse(request, job, reply, o, start, usage):
     """Server-sent events: a completion chunk per new piece of text, then [DONE]."""
-    started, ended, tokens = set(), set(), 0
+    started, ended, sent = set(), set(), {}  # sent: each choice's new tokens in the chunks sent so far
     chunk = lambda choices, **more: f"data: {json.dumps(reply | {'choices': choices} | more)}\n\n"  # noqa: E731
     extra = {"usage": None} if o["stream_options"].get("include_usage") else {}
     try:
         async for event in events_of(request, job):
-            choice = job.choices[event[1]]
-            text, entries = ("", []) if event[1] in started else start(choice)
-            started.add(event[1])
-            if event[0] == "piece":
-                text, entries = text + event[2], entries + (event[3] or [])
-                finish = None
+            choice = job.choices[event.index]
+            text, entries = ("", []) if event.index in started else start(choice)
+            started.add(event.index)
+            finish = None
+            if isinstance(event, Piece):
+                text, entries = text + event.text, entries + event.entries
             else:
-                finish, tokens = event[2], tokens + event[3]
-                ended.add(event[1])
+                finish = event.reason
+                ended.add(event.index)
             logprobs = choice.logprobs.shape(entries) if choice.logprobs is not None else None
             if text or entries or finish:
-                yield chunk([{"text": text, "index": event[1], "logprobs": logprobs, "finish_reason": finish}], **extra)
+                yield chunk([{"text": text, "index": event.index, "logprobs": logprobs, "finish_reason": finish}], **extra)
+                sent[event.index] = event.tokens
         if extra:
-            yield chunk([], usage=usage(tokens))
+            yield chunk([], usage=usage(sum(sent.values())))
     except Failure as e:
         yield f"data: {json.dumps({'error': {'message': f'internal error: {e}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
     finally:  # also when the client leaves: Starlette cancels the stream, and the request is logged all the same
         seconds = time.perf_counter() - job.arrived
         request.app.state.metrics.latency.observe(seconds)
         left = "" if len(ended) == len(job.choices) else ", the client left"
-        warn(f"POST /v1/completions 200 (stream{left}), {usage(tokens)['prompt_tokens']} prompt + {tokens} new tokens in {seconds:.2f} s")
+        warn(f"POST /v1/completions 200 (stream{left}), {usage(0)['prompt_tokens']} prompt + {sum(sent.values())} new tokens sent in {seconds:.2f} s")
     yield "data: [DONE]\n\n"
 
 

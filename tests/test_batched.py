@@ -65,7 +65,7 @@ def test_batched_logits_equal_transformers_with_left_padding_and_cached_decoding
     p = params if dtype == "float32" else formats.convert(params, dtype)
     n_head = hf.config.n_head
     sequences = [list(rng.integers(0, 1000, n)) for n in (1, 7, 30)]
-    cache = model.kv_cache(2, n_head, 64, 16, n_rows=3)
+    cache = model.kv_cache(2, n_head, 64, 16 * n_head, n_rows=3)
     rows, inputs, past = [0, 1, 2], sequences, [0, 0, 0]
     for step in range(8):
         got = kernels.gpt2_rows(inputs, **p, n_head=n_head, cache=cache, rows=rows, past=past)
@@ -82,7 +82,7 @@ def test_batched_logits_equal_transformers_with_left_padding_and_cached_decoding
 
 
 def test_a_subset_of_rows_leaves_the_others_untouched(params):
-    cache = model.kv_cache(2, 4, 64, 16, n_rows=3)
+    cache = model.kv_cache(2, 4, 64, 64, n_rows=3)
     prompts = [[5, 6, 7], [8], [9, 10]]
     kernels.gpt2_rows(prompts, **params, n_head=4, cache=cache, rows=[0, 1, 2], past=[0, 0, 0])
     before = [k[1].copy() for k, _ in cache]
@@ -152,7 +152,7 @@ def test_numpy_backend_batches_one_row_at_a_time(tiny):
     forward_rows = rows_one_by_one(model.gpt2)
     m = picogpt.load(tiny[0], backend="numpy")
     assert m.generate(["a", "bc"], max_new_tokens=8, seed=1) == picogpt.load(tiny[0]).generate(["a", "bc"], max_new_tokens=8, seed=1)
-    cache = model.kv_cache(2, 2, 64, 16, n_rows=2)
+    cache = model.kv_cache(2, 2, 64, 32, n_rows=2)
     got = forward_rows([[1, 2], [3]], **m.params, n_head=2, cache=cache, rows=[1, 0], past=[0, 0])
     assert_close(got[0], model.gpt2([1, 2], **m.params, n_head=2)[-1])
 

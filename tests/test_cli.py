@@ -174,3 +174,28 @@ def test_bad_dtype_values(tiny, tmp_path):
     folder = save_checkpoint(hf, str(tmp_path / "big"))
     assert_one_line_error(run("generate", "hi", "--model", folder, "--dtype", "float16"), "h.0.attn.c_attn.weight", "bfloat16")
     assert_one_line_error(run("convert", folder, str(tmp_path / "y"), "--dtype", "float16"), "bfloat16")
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["generate", "hi", "--seed", "-1"], "--seed"),
+        (["generate", "hi", "--seed", str(2**64)], "--seed"),
+        (["generate", "hi", "-n", "-1"], "--max-new-tokens"),
+        (["generate", "hi", "--temperature", "-0.5"], "--temperature"),
+        (["generate", "hi", "--top-k", "0"], "--top-k"),
+        (["generate", "hi", "--top-p", "0"], "--top-p"),
+        (["generate", "hi", "--repetition-penalty", "0"], "--repetition-penalty"),
+        (["generate", "hi", "--num-samples", "0"], "--num-samples"),
+        (["generate", "hi", "--dtype", "int4"], "--dtype"),
+        (["generate", "hi", "--threads", "0"], "--threads"),
+        (["generate", "hi", "--seed", "x"], "--seed"),
+        (["score", "-", "--stride", "0"], "--stride"),
+        (["score", "-", "--stride", "1000"], "--stride"),  # past the tiny model's context: known once it is loaded
+        (["serve", "--port", "70000"], "--port"),
+    ],
+)
+def test_every_bad_option_value_exits_2_with_one_line_naming_it(args, flag):
+    result = subprocess.run([PICOGPT, *args, "--model", "tiny"], input="some text to score", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert_one_line_error(result, flag)

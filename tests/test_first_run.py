@@ -121,11 +121,12 @@ def larger(tmp_path_factory):
     return save_checkpoint(random_gpt2(n_embd=384, n_layer=6, n_head=6, n_positions=256), str(tmp_path_factory.mktemp("larger")))
 
 
-@pytest.mark.parametrize("command", ["generate", "generate int8 rows", "score", "info --check", "convert"])
+@pytest.mark.parametrize("command", ["generate", "generate int8 rows", "generate --json", "score", "info --check", "convert"])
 def test_ctrl_c_is_clean_at_any_moment(command, long_text, larger, tmp_path):
     args = {
         "generate": ["generate", "The list", "--model", "tiny", "-n", "1500", "-t", "0"],  # slides its window
         "generate int8 rows": ["generate", "The list", "--model", "tiny", "-n", "600", "--dtype", "int8", "--num-samples", "2", "--seed", "3"],
+        "generate --json": ["generate", "The list", "--model", "tiny", "-n", "600", "--json", "--num-samples", "2", "--seed", "3"],
         "score": ["score", long_text, "--model", "tiny", "--stride", "64"],
         "info --check": ["info", "--check", "--model", larger],
         "convert": ["convert", larger, str(tmp_path / "out"), "--dtype", "int8"],
@@ -151,6 +152,8 @@ def test_ctrl_c_is_clean_at_any_moment(command, long_text, larger, tmp_path):
         assert code == 130 and err.endswith("picogpt: interrupted\n"), (code, err)
         if command == "generate":  # what was printed is kept: the start of the whole text
             assert whole.stdout.startswith(out.removesuffix("\n")), (out[-80:], whole.stdout[:80])
+        if command == "generate --json":  # stdout holds whole JSON objects only: none, when the batch was cut short
+            assert out == "" or all(json.loads(line) for line in out.splitlines()), repr(out)
     assert interrupted >= 3
 
 

@@ -101,16 +101,16 @@ def test_prefills_past_several_attention_blocks(long_context, dtype):
     pieces through the cache (the second starting mid-block), one sequence and several at once."""
     params, config = long_context
     params = formats.convert(params, dtype)
-    n_head, head_dim = config["n_head"], config["n_embd"] // config["n_head"]
+    n_head = config["n_head"]
     ids = rng.integers(0, 300, 300)
     expected = model.gpt2(ids, **params, n_head=n_head)
     assert_close(kernels.gpt2(ids, **params, n_head=n_head), expected)
-    cache = model.kv_cache(config["n_layer"], n_head, 512, head_dim)
+    cache = model.kv_cache(config["n_layer"], n_head, 512, config["n_embd"])
     first = kernels.gpt2(ids[:150], **params, n_head=n_head, cache=cache)
     second = kernels.gpt2(ids[150:], **params, n_head=n_head, cache=cache, past=150)
     assert_close(np.concatenate([first, second]), expected)
     other = rng.integers(0, 300, 260)
-    cache = model.kv_cache(config["n_layer"], n_head, 512, head_dim, n_rows=2)
+    cache = model.kv_cache(config["n_layer"], n_head, 512, config["n_embd"], n_rows=2)
     rows = picogpt.kernels.gpt2_rows([ids, other], **params, n_head=n_head, cache=cache, rows=[0, 1], past=[0, 0])
     assert_close(rows, np.stack([expected[-1], model.gpt2(other, **params, n_head=n_head)[-1]]))
 
@@ -135,7 +135,7 @@ def test_cached_decoding_on_packed_weights_equals_a_full_forward(checkpoint, dty
     packed, n_head = formats.convert(params, dtype), config["n_head"]
     ids = list(rng.integers(0, 1000, 30))
     for forward in (model.gpt2, kernels.gpt2):
-        cache = model.kv_cache(config["n_layer"], n_head, 64, config["n_embd"] // n_head)
+        cache = model.kv_cache(config["n_layer"], n_head, 64, config["n_embd"])
         steps = [forward(ids[:5], **packed, n_head=n_head, cache=cache)]
         steps += [forward([t], **packed, n_head=n_head, cache=cache, past=i) for i, t in enumerate(ids[5:], 5)]
         assert_close(np.concatenate(steps), model.gpt2(ids, **packed, n_head=n_head))

@@ -1,8 +1,11 @@
 """Sampling and text generation: validation, seeds, stop strings, UTF-8 streaming."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import picogpt
@@ -112,3 +115,26 @@ def test_stream_stops_at_endoftext(enc):
 def test_stream_yields_pieces_as_tokens_arrive(model):
     pieces = list(model.stream("Once upon a time", max_new_tokens=10, seed=3))
     assert len(pieces) >= 2 and "".join(pieces) == model.generate("Once upon a time", max_new_tokens=10, seed=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=True) | st.booleans() | st.text(max_size=3))
+def test_seed_is_a_whole_number_from_0_to_2_64_or_an_error_naming_it(seed):
+    model = tiny_model()
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**64:
+        assert model.generate("x", max_new_tokens=2, seed=seed) == model.generate("x", max_new_tokens=2, seed=seed)
+    else:
+        with pytest.raises(ValueError, match="seed must be a whole number from 0 to 2\\*\\*64 - 1"):
+            model.generate("x", max_new_tokens=2, seed=seed)
+
+
+@functools.cache
+def tiny_model():
+    return picogpt.load("tiny")
+
+
+def test_a_top_p_below_float32s_smallest_keeps_the_most_likely_token():
+    """1e-170 is 0 in float32, where the kept mass is compared: the set was empty (a 500 from the server)."""
+    logits = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    for top_p in [1e-170, 1e-45, 1e-8]:
+        assert sample(logits, np.random.default_rng(1), temperature=1.0, top_p=top_p) == int(np.argmax(logits))

@@ -112,7 +112,7 @@ def test_cached_decoding_with_nan_beyond_the_valid_length(checkpoint):
     params, config, _ = checkpoint
     n_head = config["n_head"]
     ids = list(rng.integers(0, 1000, 40))
-    cache = model.kv_cache(config["n_layer"], n_head, 64, config["n_embd"] // n_head)
+    cache = model.kv_cache(config["n_layer"], n_head, 64, config["n_embd"])
     for k, v in cache:
         k[:], v[:] = np.nan, np.nan
     steps = [kernels.gpt2(ids[:9], **params, n_head=n_head, cache=cache)]

@@ -55,7 +55,7 @@ def test_cached_decoding_equals_full_forward(checkpoint):
     model, _ = checkpoint
     params, c = model.params, model.config
     ids = list(np.random.default_rng(2).integers(0, 50257, 40))
-    cache = picogpt.kv_cache(c["n_layer"], c["n_head"], c["n_positions"], c["n_embd"] // c["n_head"])
+    cache = picogpt.kv_cache(**{k: c[k] for k in ("n_layer", "n_head", "n_positions", "n_embd")})  # named as config.json's keys
     cached = [picogpt.gpt2(ids[:5], **params, n_head=c["n_head"], cache=cache, past=0)]  # prefill 5
     cached += [picogpt.gpt2([t], **params, n_head=c["n_head"], cache=cache, past=i) for i, t in enumerate(ids[5:], 5)]
     full = picogpt.gpt2(ids, **params, n_head=c["n_head"])

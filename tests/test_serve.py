@@ -4,11 +4,8 @@ same model loaded in this process (Model.generate, Model.logprobs) and the serve
 each request sent alone. Every request loop is bounded in count and in time."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,44 +15,9 @@ import openai
 import pytest
 
 import picogpt
+from helpers import PICOGPT, expect_error, metric, start, stop
 
-PICOGPT = os.path.join(os.path.dirname(sys.executable), "picogpt")
 PROMPTS = ["The list", "def main():", "import numpy as", "Returns the", "A function that", "x = ", "# Read the file", "class"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(*options, deadline=180):
-    """A `picogpt serve --model tiny` process and its base URL, once /health says 200."""
-    port = free_port()
-    process = subprocess.Popen([PICOGPT, "serve", "--model", "tiny", "--port", str(port), *options], stderr=subprocess.PIPE, text=True)
-    url, end = f"http://127.0.0.1:{port}", time.monotonic() + deadline
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not get ready in time")
-
-
-def stop(process, sig=signal.SIGINT):
-    """Stop it as a user would; return its exit code and what it logged."""
-    process.send_signal(sig)
-    try:
-        _, err = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
-    return process.returncode, err
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +36,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def model():
     return picogpt.load("tiny")
-
-
-def metric(url, name):
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.split()[-1])
-    raise KeyError(name)
 
 
 # ---- the API -------------------------------------------------------------------------------------------
@@ -193,15 +148,6 @@ def test_the_context_end_is_length(client, model):
 
 
 # ---- errors ----------------------------------------------------------------------------------------------
-
-
-def expect_error(response, status, param=None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"] and "\n" not in error["message"]
-    if param:
-        assert error["param"] == param, error
-    return error
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
