@@ -579,7 +579,7 @@ def serve(name, dtype=None, revision=None, host=SERVE["host"], port=SERVE["port"
             warmup.warm_up(model, [[eot] * min(chunk, model.config["n_positions"] - 2), [eot]], 3, say=warn)  # the kernels, compiled once
             if not web.state.stopping:
                 ready(web, model, parallel, queue_size, chunk)
-                warn(f"serving {name} ({model.dtype}, up to {parallel} sequences at once) at http://{host}:{port}/v1 ; Ctrl-C stops")
+                warn(f"serving {name} ({model.dtype}, up to {parallel} sequence{'s' if parallel != 1 else ''} at once) at http://{host}:{port}/v1 ; Ctrl-C stops")
         except BaseException as e:  # noqa: BLE001 - reported by the CLI after the server stops
             failed.append(e)
             server.should_exit = True
