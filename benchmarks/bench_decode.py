@@ -34,7 +34,7 @@ from compare_torch import SHAPES, best_of, measure, picogpt_generate, random_che
 import llama_cpp_engine
 import picogpt
 from picogpt import formats
-from picogpt.weights import save_params
+from picogpt.checkpoint.params import save_params
 
 # Each child prints its own peak RSS (VmHWM, in KiB) last: ru_maxrss of a child would also count the
 # pages it shared with this process between fork and exec.

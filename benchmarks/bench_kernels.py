@@ -21,7 +21,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from picogpt import formats, microkernel
+from picogpt import formats
+from picogpt.kernels import microkernel
 
 SHAPES = {"gpt2": (12, 768), "gpt2-medium": (24, 1024), "gpt2-large": (36, 1280), "gpt2-xl": (48, 1600)}  # n_layer, n_embd
 

@@ -133,10 +133,10 @@ def engine_alone(folder, dtype, clients, parallel):
     """The same requests through picogpt's Engine in this process, `parallel` rows kept full, as the
     server runs it (its chunk, greedy, end-of-text banned): returns what level() does."""
     import picogpt
-    from picogpt import defaults, engine, sampling, warmup
+    from picogpt import engine, options, sampling, warmup
 
     model = picogpt.load(folder, dtype=dtype)
-    chunk, eot = defaults.SERVE["chunk"], model.tokenizer.eot_token
+    chunk, eot = options.SERVE["chunk"], model.tokenizer.eot_token
     warmup.warm_up(model, [[eot] * chunk, [eot]], 3, say=None)
     run = engine.Engine(model.forward_rows, model.params, model.config, parallel, chunk=chunk, eot=eot)
     for k, v in run.cache:  # the pages touched before timing, as the server does
@@ -147,7 +147,7 @@ def engine_alone(folder, dtype, clients, parallel):
     while queue or run.busy:
         while queue and len(run.running) + len(run.waiting) < parallel:
             ids, max_tokens = queue.pop(0)
-            seq = run.add(ids, max_tokens, sampling.picker(ids, temperature=0, logit_bias={EOT: -100.0}, n_vocab=model.config["vocab_size"]))
+            seq = run.add(ids, max_tokens, sampling.picker(ids, options.SamplingParams(temperature=0, logit_bias={EOT: -100.0}), n_vocab=model.config["vocab_size"]))
             times[seq.id] = (max_tokens, [time.perf_counter()])
         step = run.step()
         now = time.perf_counter()

@@ -99,7 +99,7 @@ def main():
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = random_checkpoint(args.random, tmp) if args.random else picogpt.hub.resolve(args.model)
+        folder = random_checkpoint(args.random, tmp) if args.random else picogpt.checkpoint.hub.resolve(args.model)
         model = picogpt.load(folder, backend=args.backend)
         hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()  # default attention (sdpa)
         rng = np.random.default_rng(0)

@@ -232,7 +232,7 @@ def main():
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = random_checkpoint(args.random, os.path.join(tmp, args.random)) if args.random else picogpt.hub.resolve(args.model)
+        folder = random_checkpoint(args.random, os.path.join(tmp, args.random)) if args.random else picogpt.checkpoint.hub.resolve(args.model)
         paths = gguf_files(folder, out_dir=os.path.join(tmp, "gguf"))
         for outtype, path in paths.items():
             print(f"{outtype}: {os.path.getsize(path) / 1e6:.0f} MB")

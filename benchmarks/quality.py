@@ -23,7 +23,8 @@ import tempfile
 import numpy as np
 
 import picogpt
-from picogpt import formats, hub, tokenizer
+from picogpt import formats, tokenizer
+from picogpt.checkpoint import hub
 from picogpt.engine import decode_tokens
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

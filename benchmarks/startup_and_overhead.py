@@ -70,7 +70,7 @@ def main():
     shape = SHAPES[args.size]
     tiny_config = transformers.GPT2Config(n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_head"] * 2, vocab_size=64, bos_token_id=0, eos_token_id=0)
     tiny = transformers.GPT2LMHeadModel(tiny_config)
-    params = picogpt.weights.to_params({k: v.detach().numpy() for k, v in tiny.state_dict().items()}, tiny_config.to_dict())
+    params = picogpt.checkpoint.params.to_params({k: v.detach().numpy() for k, v in tiny.state_dict().items()}, tiny_config.to_dict())
     overhead = ms_per_token(params, tiny_config.to_dict())
     print(f"decode step ({args.size}): {total:.2f} ms/token = {total - overhead:.2f} ms in kernels + {overhead:.2f} ms Python, dispatch and thread wake-ups ({100 * overhead / total:.0f}%)")
 

@@ -10,14 +10,18 @@ counts before NumPy and Numba load.
 """
 
 import importlib
+import pkgutil
 
 __version__ = "0.2.0"
 
 _WHERE = {
-    "load": "generate", "Model": "generate", "load_tokenizer": "tokenizer",
+    "load": "api",
+    "Model": "api",
+    "SamplingParams": "sampling",
+    "load_tokenizer": "tokenizer",
     **{name: "model" for name in ["gpt2", "kv_cache", "gelu", "softmax", "layer_norm", "linear", "ffn", "attention", "mha", "transformer_block"]},
-}  # fmt: skip
-SUBMODULES = ("model", "formats", "ops", "microkernel", "kernels", "weights", "converted", "hub", "tokenizer", "sampling", "scoring", "generate", "engine", "text", "log", "defaults", "manage", "warmup", "cli")
+}
+SUBMODULES = tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))  # modules and subpackages
 __all__ = list(_WHERE)
 
 

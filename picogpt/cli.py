@@ -7,7 +7,7 @@ import signal
 import sys
 
 from . import __version__
-from .defaults import SAMPLING, SERVE
+from .options import FIELDS, FLAGS, SERVE, SamplingParams
 
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")  # formats.DTYPES, without importing NumPy before --threads
@@ -19,8 +19,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"picogpt: error: {message} (see {self.prog} --help)\n")
 
 
-FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
-         "repetition_penalty": "--repetition-penalty", "seed": "--seed"}  # sampling.check_sampling's names, as typed  # fmt: skip
 
 
 def model_options(p, run=True):
@@ -51,11 +49,11 @@ def parser():
     )
     g.add_argument("prompt", help='the text to continue; "" starts a new text from <|endoftext|>, - reads it from stdin')
     model_options(g)
-    g.add_argument("--max-new-tokens", "-n", type=int, default=SAMPLING["max_new_tokens"], help="generate at most this many tokens (default: %(default)s)")
-    g.add_argument("--temperature", "-t", type=float, default=SAMPLING["temperature"], help="sampling temperature; 0 is greedy (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=SAMPLING["top_k"], help="sample from the k most likely tokens only (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=SAMPLING["top_p"], help="sample from the smallest set of tokens whose probability reaches p; 1 turns it off (default: %(default)s)")
-    g.add_argument("--repetition-penalty", type=float, default=SAMPLING["repetition_penalty"], help="divide the positive logits of tokens already in the text by P, multiply the negative ones, as transformers does; 1 turns it off (default: %(default)s)")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=FIELDS["max_new_tokens"].default, help="generate at most this many tokens (default: %(default)s)")
+    g.add_argument("--temperature", "-t", type=float, default=FIELDS["temperature"].default, help="sampling temperature; 0 is greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=FIELDS["top_k"].default, help="sample from the k most likely tokens only (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=FIELDS["top_p"].default, help="sample from the smallest set of tokens whose probability reaches p; 1 turns it off (default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=FIELDS["repetition_penalty"].default, help="divide the positive logits of tokens already in the text by P, multiply the negative ones, as transformers does; 1 turns it off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text (default: a fresh one each run)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text appears; may be given more than once (default: none)")
     g.add_argument("--num-samples", type=int, default=1, help="how many continuations, decoded together as one batch (sample i uses seed + i) and separated by a line of dashes (default: %(default)s)")
@@ -112,10 +110,15 @@ def parser():
     return p
 
 
+def sampling_params(args):
+    """The SamplingParams of `generate`'s flags: ValueError naming the flag of a bad value."""
+    if args.stop is not None and not all(args.stop):
+        raise ValueError("--stop needs a non-empty text")
+    return SamplingParams.named(FLAGS, **{field: getattr(args, field) for field in FLAGS})
+
+
 def check(args):
     """Reject bad options before spending time on loading a model."""
-    from . import sampling
-
     if args.command == "convert":
         if os.path.exists(os.path.join(args.out_folder, "model.safetensors")):
             raise ValueError(f"{args.out_folder} already holds a model.safetensors: remove it or pick another folder")
@@ -136,34 +139,29 @@ def check(args):
         return
     if args.command != "generate":
         return
-    sampling.check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed, names=FLAGS)
+    args.params = sampling_params(args)
     if args.logprobs and not args.json:
         raise ValueError("--logprobs goes with --json: add --json")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.stop is not None and not all(args.stop):
-        raise ValueError("--stop needs a non-empty text")
 
 
 def generate(args):
-    from .generate import load
+    from .api import load
     from .log import warn
 
     prompt = read_text("-") if args.prompt == "-" else args.prompt
     model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision)
-    options = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, stop=args.stop, repetition_penalty=args.repetition_penalty,
-    )  # fmt: skip
+    params = args.params
     if args.json:  # one JSON object per sample, when the batch is done, and nothing else on stdout
-        for i, sample in enumerate(model.complete([prompt] * args.num_samples, logprobs=args.logprobs, **options)):
+        for i, sample in enumerate(model.complete([prompt] * args.num_samples, logprobs=args.logprobs, params=params)):
             seed = None if args.seed is None else args.seed + i
             print(json.dumps({"sample": i, "seed": seed, **sample, "model": args.model, "dtype": model.dtype}), flush=True)
         return
     stats, later = {}, [""] * args.num_samples
     # --num-samples N: one batch of N rows, row i sampled with seed + i. Row 0 streams as it is decoded,
     # the others print when the batch is done (they finish at about the same time).
-    for row, piece in model.stream([prompt] * args.num_samples, **options, stats=stats):
+    for row, piece in model.stream([prompt] * args.num_samples, params, stats=stats):
         checkpoint()
         if row == 0:
             print(piece, end="", flush=True)
@@ -188,7 +186,7 @@ def generate(args):
 
 
 def convert(args):
-    from . import converted, hub
+    from .checkpoint import converted, hub
     from .log import warn
 
     converted.write(hub.resolve(args.model), args.dtype, args.out_folder)  # tensor by tensor, the way --dtype keeps its copies
@@ -199,7 +197,7 @@ def convert(args):
 def score(args):
     from tqdm import tqdm
 
-    from .generate import load
+    from .api import load
     from .scoring import summary
 
     text = read_text(args.file)
@@ -226,7 +224,7 @@ def score(args):
 
 
 def info(args):
-    from . import manage
+    from .checkpoint import manage
 
     about = manage.info(args.model, args.revision)
     if args.check:
@@ -257,7 +255,7 @@ def info(args):
 
 
 def download(args):
-    from . import manage
+    from .checkpoint import manage
     from .log import warn
 
     folder = manage.download(args.name, args.revision)
@@ -266,7 +264,7 @@ def download(args):
 
 
 def serve(args):
-    from . import server
+    from .serve import http as server
 
     # uvicorn takes SIGINT and SIGTERM while it serves and raises them again once it has stopped: ignored
     # then, so a clean stop exits 0.
@@ -326,7 +324,7 @@ def main(argv=None):
                 os.environ[name] = "1"
         from .sampling import NonFiniteError
         from .tokenizer import TokenizerError
-        from .weights import CheckpointError
+        from .checkpoint.params import CheckpointError
 
         try:
             {"generate": generate, "score": score, "info": info, "download": download, "convert": convert, "serve": serve}[args.command](args)

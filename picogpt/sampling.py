@@ -5,32 +5,7 @@ import math
 import numpy as np
 
 from .model import softmax
-
-
-MAX_SEED = 2**64 - 1  # seeds are whole numbers from 0 to this: what NumPy's generators take (any non-negative int) and 64 bits hold
-
-
-def is_seed(v):
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED
-
-
-def check_sampling(max_new_tokens=0, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0, seed=None, names=None):
-    """Raise ValueError naming the first bad value; names: what to call each argument (the CLI's flags)."""
-    name = lambda arg: (names or {}).get(arg, arg)  # noqa: E731
-    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-    if not (whole(max_new_tokens) and max_new_tokens >= 0):
-        raise ValueError(f"{name('max_new_tokens')} must be a whole number >= 0, got {max_new_tokens!r}")
-    if not (number(temperature) and temperature >= 0):
-        raise ValueError(f"{name('temperature')} must be a number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and not (whole(top_k) and top_k >= 1):
-        raise ValueError(f"{name('top_k')} must be a whole number >= 1{'' if names else ' (or None for no limit)'}, got {top_k!r}")
-    if not (number(top_p) and 0 < top_p <= 1):
-        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
-    if not (number(repetition_penalty) and repetition_penalty > 0):
-        raise ValueError(f"{name('repetition_penalty')} must be a number > 0 (1 turns it off), got {repetition_penalty!r}")
-    if seed is not None and not is_seed(seed):
-        raise ValueError(f"{name('seed')} must be a whole number from 0 to 2**64 - 1{'' if names else ' or None'}, got {seed!r}")
+from .options import SamplingParams  # noqa: F401  (picogpt.SamplingParams; picker takes one)
 
 
 def penalize(logits, seen, penalty):
@@ -56,22 +31,24 @@ def presence_frequency(logits, counts, presence, frequency):
     return logits
 
 
-def picker(prompt, seed=None, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0, presence_penalty=0.0,
-           frequency_penalty=0.0, logit_bias=None, n_vocab=None, chosen=None):  # fmt: skip
-    """pick(logits) -> the next token of a sequence that starts with `prompt` (token ids): logit_bias
-    ({token: bias}, added first, as OpenAI does), the penalties, then `sample` with its own random
-    stream from `seed`. n_vocab: tokens past it (padding rows of wte) are never picked. chosen(logits,
-    token): told of each pick with the raw logits (for log-probabilities)."""
-    rng, seen, counts = np.random.default_rng(seed), list(prompt), {}
-    bias = (np.fromiter(logit_bias.keys(), np.int64), np.fromiter(logit_bias.values(), np.float32)) if logit_bias else None
+def picker(prompt, params, seed=None, n_vocab=None, chosen=None):
+    """pick(logits) -> the next token of a sequence that starts with `prompt` (token ids), chosen as
+    `params` (SamplingParams) say: logit_bias added first (as OpenAI does), the repetition, presence
+    and frequency penalties, then `sample` with its own random stream from `seed` (default
+    params.seed; the n samples of one prompt use seed + i). n_vocab: tokens past it (padding rows of
+    wte) are never picked. chosen(logits, token): told of each pick with the raw logits (for
+    log-probabilities)."""
+    p = params
+    rng, seen, counts = np.random.default_rng(p.seed if seed is None else seed), list(prompt), {}
+    bias = (np.fromiter((t for t, _ in p.logit_bias), np.int64), np.fromiter((b for _, b in p.logit_bias), np.float32)) if p.logit_bias else None
 
     def pick(logits):
         raw = logits = logits[:n_vocab]
         if bias is not None:
             logits = logits.copy()
             logits[bias[0]] += bias[1]
-        logits = presence_frequency(penalize(logits, seen, repetition_penalty), counts, presence_penalty, frequency_penalty)
-        token = sample(logits, rng, temperature, top_k, top_p)
+        logits = presence_frequency(penalize(logits, seen, p.repetition_penalty), counts, p.presence_penalty, p.frequency_penalty)
+        token = sample(logits, rng, p.temperature, p.top_k, p.top_p)
         seen.append(token)
         counts[token] = counts.get(token, 0) + 1
         if chosen is not None:

@@ -10,9 +10,10 @@ import torch
 from conftest import assert_close, random_gpt2
 
 import picogpt
-from picogpt import formats, kernels, model, ops
+from picogpt import formats, kernels, model
+from picogpt.kernels import ops
 from picogpt.engine import decode_rows, decode_tokens, rows_one_by_one
-from picogpt.weights import to_params
+from picogpt.checkpoint.params import to_params
 
 rng = np.random.default_rng(7)
 

@@ -12,7 +12,8 @@ import torch
 from conftest import random_gpt2, save_checkpoint
 
 import picogpt
-from picogpt import cli, converted, formats, model, weights
+from picogpt import cli, formats, model
+from picogpt.checkpoint import converted, params as weights
 
 PACKED = ["float16", "bfloat16", "int8"]
 IDS = [464, 1351, 286, 262, 2829, 13, 50256, 0, 318]

@@ -278,7 +278,8 @@ def test_each_kernel_compiles_once_per_weight_format():
     """Mapped and converted weights, one row or many, short and long prompts, generating and scoring:
     each kernel gets one specialization per weight format (a second Numba type would compile it all
     again, seconds each on a first run)."""
-    from picogpt import formats, kernels, microkernel, ops
+    from picogpt import formats, kernels
+    from picogpt.kernels import microkernel, ops
 
     for dtype in formats.DTYPES:
         m = picogpt.load("tiny", dtype=dtype)

@@ -10,7 +10,7 @@ from conftest import random_gpt2, save_checkpoint
 
 import picogpt
 from picogpt import formats, kernels, model
-from picogpt.weights import CheckpointError, save_params, to_params
+from picogpt.checkpoint.params import CheckpointError, save_params, to_params
 
 rng = np.random.default_rng(0)
 PACKED = ["float16", "bfloat16", "int8"]
@@ -174,7 +174,7 @@ def test_float16_out_of_range_and_truncated_scales_are_named(tiny, tmp_path):
     int8 = picogpt.load(tiny[0], dtype="int8")
     out = str(tmp_path / "int8")
     save_params(int8.params, int8.config, out, int8.folder)
-    from picogpt.weights import read_safetensors, write_safetensors
+    from picogpt.checkpoint.params import read_safetensors, write_safetensors
 
     tensors = {k: ("F32" if v.dtype == np.float32 else "I8", v) for k, v in read_safetensors(os.path.join(out, "model.safetensors")).items()}
     del tensors["h.0.attn.c_proj.weight.scales"]

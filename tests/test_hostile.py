@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import picogpt
 from helpers import expect_error, metric, start, stop
-from picogpt import server
-from picogpt.protocol import BadRequest, options_of, prompts_of
+from picogpt.serve import http as server
+from picogpt.serve.protocol import BadRequest, options_of, prompts_of
 
 N_VOCAB, N_CTX = 4096, 256  # the tiny model's
 
@@ -103,8 +103,8 @@ def test_protocol_accepts_only_what_the_engine_can_run(tokenizer, body):
     rng = np.random.default_rng(0)
     for ids, _ in prompts:
         ids = ids or [tokenizer.eot_token]
-        for i in range(o["n"]):
-            seed = None if o["seed"] is None else o["seed"] + i
+        for i in range(o.n):
+            seed = None if o.params.seed is None else o.params.seed + i
             choice = server.Choice(job, i, ids, o, tokenizer, N_VOCAB, seed, None)
             token = choice.pick(rng.standard_normal(N_VOCAB).astype(np.float32))
             assert 0 <= token < N_VOCAB

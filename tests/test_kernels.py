@@ -7,9 +7,10 @@ import pytest
 from conftest import random_gpt2, torch_logits
 
 import picogpt
-from picogpt import kernels, model, ops
+from picogpt import kernels, model
+from picogpt.kernels import ops
 from picogpt.engine import decode_tokens
-from picogpt.weights import to_params
+from picogpt.checkpoint.params import to_params
 
 rng = np.random.default_rng(0)
 
@@ -62,21 +63,29 @@ def test_attend_many_rows_of_different_lengths():
         assert_close(got[s], model.attention(q[s][:, None], k_cache[r, :, :n], v_cache[r, :, :n], past=n - 1)[:, 0])
 
 
-def test_an_edited_kernel_source_makes_every_kernel_compile_again(tmp_path):
-    """Numba invalidates a cached kernel only when its own file changes: stamp_kernel_sources gives all
-    of them the newest time when one changed, once."""
-    files = [tmp_path / name for name in ops.KERNEL_SOURCES]
-    for i, f in enumerate(files):
-        f.write_text("# a kernel\n")
-        os.utime(f, ns=(0, 10**18 + i * 10**9))
-    mtimes = lambda: [os.stat(f).st_mtime_ns for f in files]  # noqa: E731
-    ops.stamp_kernel_sources(tmp_path)
-    assert mtimes() == [10**18 + 3 * 10**9] * 4  # the newest one's time, everywhere
-    ops.stamp_kernel_sources(tmp_path)
-    assert mtimes() == [10**18 + 3 * 10**9] * 4  # nothing changed since: nothing done
-    os.utime(files[1], ns=(0, 2 * 10**18))  # an edit to ops.py
-    ops.stamp_kernel_sources(tmp_path)
-    assert mtimes() == [2 * 10**18] * 4
+def test_an_edited_kernel_source_gets_a_new_cache_folder_and_the_package_is_not_written(tmp_path):
+    """Numba invalidates a cached kernel only when its own file changes: the kernels' cache folder is
+    named by a hash of every kernel source (and formats.py), so an edit to any of them starts an empty
+    cache, where every kernel compiles again; the old folders go, and the sources are not touched."""
+    import picogpt.kernels as k
+
+    sources = []
+    for name in ("ops.py", "forward.py", "formats.py"):
+        (tmp_path / name).write_text(f"# {name}\n")
+        sources.append(str(tmp_path / name))
+    before = [(os.stat(f).st_mtime_ns, open(f).read()) for f in sources]
+    base = str(tmp_path / "cache")
+    first = k.cache_dir(sources, base)
+    assert first == k.cache_dir(sources, base) and os.path.dirname(first) == base
+    (tmp_path / "ops.py").write_text("# ops.py, edited\n")  # an edit to one file only
+    second = k.cache_dir(sources, base)
+    assert second != first
+    os.makedirs(first)
+    k.use_cache(second)
+    assert not os.path.exists(first)  # kernels of sources that are gone
+    assert [(os.stat(f).st_mtime_ns, open(f).read()) for f in sources][1:] == before[1:]  # nothing rewritten
+    assert k.SOURCES[-1].endswith("formats.py") and any(f.endswith("microkernel.py") for f in k.SOURCES)
+    k.use_cache(k.cache_dir())  # back to this package's folder
 
 
 @pytest.mark.parametrize("n_head,n_seq,past", [(1, 2, 0), (3, 7, 0), (25, 9, 4), (2, 64, 0), (4, 5, 59), (2, 300, 0), (3, 200, 150)])

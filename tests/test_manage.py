@@ -17,7 +17,8 @@ import pytest
 from conftest import random_gpt2, save_checkpoint
 
 import picogpt
-from picogpt import formats, hub, manage, weights
+from picogpt import formats
+from picogpt.checkpoint import hub, manage, params as weights
 
 PICOGPT = os.path.join(os.path.dirname(sys.executable), "picogpt")
 NOWHERE = "http://127.0.0.1:9"  # nothing listens there: the hub cannot be reached

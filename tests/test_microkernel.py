@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import assert_close
 
-from picogpt import formats, kernels, microkernel, model
+from picogpt import formats, kernels, model
+from picogpt.kernels import microkernel
 
 rng = np.random.default_rng(11)
 

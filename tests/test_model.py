@@ -101,7 +101,7 @@ def test_long_prompt_keeps_its_last_tokens(tiny, capfd):
 
 def test_greedy_tokens_equal_transformers_generate():
     hf = random_gpt2(seed=5, vocab_size=1000, n_positions=128, n_layer=3, n_head=4, n_embd=64)
-    params = picogpt.weights.to_params({k: v.detach().numpy() for k, v in hf.state_dict().items()}, hf.config.to_dict())
+    params = picogpt.checkpoint.params.to_params({k: v.detach().numpy() for k, v in hf.state_dict().items()}, hf.config.to_dict())
     prompt = [17, 42, 7, 300, 999]
     ours = list(decode_tokens(picogpt.gpt2, params, hf.config.to_dict(), prompt, 32, lambda l: int(np.argmax(l))))
     with torch.no_grad():

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import picogpt
-from picogpt import hub, tokenizer
+from picogpt.checkpoint import hub
+from picogpt import tokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import quality  # noqa: E402

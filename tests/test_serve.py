@@ -180,7 +180,7 @@ def test_a_full_queue_answers_429_and_loading_503(model):
     the app answers 503."""
     from starlette.testclient import TestClient
 
-    from picogpt import server
+    from picogpt.serve import http as server
 
     gate = threading.Event()
 
@@ -188,7 +188,7 @@ def test_a_full_queue_answers_429_and_loading_503(model):
         gate.wait(60)
         return model.forward_rows(*args, **kwargs)
 
-    slow = picogpt.generate.Model(model.params, model.config, model.tokenizer, model.forward, model.folder, gated, "tiny")
+    slow = picogpt.Model(model.params, model.config, model.tokenizer, model.forward, model.folder, gated, "tiny")
     web = server.app("tiny")
     with TestClient(web) as http:
         expect_error(http.post("/v1/completions", json={"prompt": "hi"}), 503)  # loading
@@ -213,7 +213,7 @@ def test_a_full_queue_answers_429_and_loading_503(model):
 def test_a_failing_step_is_a_500_and_the_server_goes_on(model):
     from starlette.testclient import TestClient
 
-    from picogpt import server
+    from picogpt.serve import http as server
 
     calls = []
 
@@ -223,7 +223,7 @@ def test_a_failing_step_is_a_500_and_the_server_goes_on(model):
             raise RuntimeError("a kernel broke")
         return model.forward_rows(*args, **kwargs)
 
-    broken = picogpt.generate.Model(model.params, model.config, model.tokenizer, model.forward, model.folder, flaky, "tiny")
+    broken = picogpt.Model(model.params, model.config, model.tokenizer, model.forward, model.folder, flaky, "tiny")
     web = server.app("tiny")
     with TestClient(web) as http:
         worker = server.ready(web, broken, parallel=2, queue_size=2, chunk=16)

@@ -12,7 +12,7 @@ from conftest import random_gpt2, save_checkpoint, torch_logits
 from safetensors.numpy import load_file, save_file
 
 import picogpt
-from picogpt.weights import CheckpointError, read_safetensors
+from picogpt.checkpoint.params import CheckpointError, read_safetensors
 
 IDS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]
 
@@ -194,7 +194,7 @@ def test_release_gives_a_mapped_weights_pages_back_and_keeps_its_values(tmp_path
     assert isinstance(mapped.base, np.memmap) or isinstance(mapped.base.base, np.memmap)
     assert np.array_equal(mapped, w)  # every page touched: resident
     before = vm_rss_mb()
-    picogpt.weights.release(mapped)
+    picogpt.checkpoint.params.release(mapped)
     assert before - vm_rss_mb() > 48
     assert np.array_equal(mapped, w)
-    picogpt.weights.release(w)  # not mapped: nothing to do
+    picogpt.checkpoint.params.release(w)  # not mapped: nothing to do

@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from . import converted, formats, hub, tokenizer as tok, weights
+from . import converted, hub, params as weights
+from .. import formats, tokenizer as tok
 
 
 def parameter_count(config):

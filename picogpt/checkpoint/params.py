@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 
-from . import formats
+from .. import formats
 
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"

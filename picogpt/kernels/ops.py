@@ -3,45 +3,15 @@
 Each kernel sits under a note naming the model.py function it replaces and why it is faster (one
 vectorized pass instead of NumPy's temporaries, threads over heads); model.py stays the reference and
 the tests compare the two. The matmuls are elsewhere: microkernel.py for every weight format and a few
-rows, BLAS for long prompts (kernels.linear picks).
+rows, BLAS for long prompts (forward.linear picks).
 """
 
 import math
-import os
 
 import numpy as np
 from numba import njit, prange
 
 
-KERNEL_SOURCES = ("formats.py", "ops.py", "microkernel.py", "kernels.py")  # what the cached kernels are compiled from
-
-
-def stamp_kernel_sources(here=os.path.dirname(os.path.abspath(__file__))):
-    """Numba keeps a cached kernel until its own file changes, not when a kernel it calls from another
-    file does (Numba's docs: "Cache invalidation"). So after an edit to ops.py alone, kernels.py's
-    cached block_rows kept the old attend_rows, and the next run failed ("'descr' is NULL"). When any
-    of KERNEL_SOURCES changed since the last run, give them all the newest one's time: every kernel is
-    then compiled again, once. A package that cannot be written (installed by pip, which writes every
-    file anew) is left alone."""
-    files = [os.path.join(here, name) for name in KERNEL_SOURCES]
-    record = os.path.join(here, "__pycache__", "numba-sources")
-    stamp = lambda: repr([(os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files])  # noqa: E731
-    try:
-        if os.path.exists(record):
-            with open(record) as f:
-                if f.read() == stamp():
-                    return
-        newest = max(os.stat(f).st_mtime_ns for f in files)
-        for f in files:
-            os.utime(f, ns=(os.stat(f).st_atime_ns, newest))
-        os.makedirs(os.path.dirname(record), exist_ok=True)
-        with open(record, "w") as f:
-            f.write(stamp())
-    except OSError:
-        pass
-
-
-stamp_kernel_sources()
 f32 = np.float32
 # error_model="numpy": a float division may give inf instead of raising, which lets LLVM vectorize it.
 jit = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")

@@ -28,8 +28,8 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
-from . import formats
-from .formats import BLOCK
+from .. import formats
+from ..formats import BLOCK
 from .ops import f32, gelu_one, jit
 
 # Sized for the vector registers: R x C accumulators + C widened weights + 1 broadcast x fit, so nothing

@@ -25,7 +25,9 @@ import numba
 import numpy as np
 from numba import njit
 
-from . import formats, microkernel, model, weights
+from .. import formats, model
+from . import microkernel
+from ..checkpoint import params as weights
 from .microkernel import Linear
 from .ops import attend_rows, attention, bias_gelu_, f32, jit, layer_norm_rows, store_kv
 

@@ -23,12 +23,12 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import sampling, tokenizer as tok
-from .defaults import SERVE
-from .engine import Engine
-from .log import warn
+from .. import sampling, tokenizer as tok
+from ..options import SERVE
+from ..engine import Engine
+from ..log import warn
 from .protocol import BadRequest, Logprobs, options_of, prompts_of, top_logprobs
-from .text import detokenizer
+from ..text import detokenizer
 
 MAX_BODY = 1 << 20  # bytes of a request body: 413 beyond (a full context of token ids is under 10 kB)
 
@@ -121,19 +121,18 @@ class Choice:
 
     def __init__(self, job, index, ids, o, tokenizer, n_vocab, seed, prompt_scores):
         self.job, self.index, self.ids, self.tokenizer = job, index, ids, tokenizer
-        self.max_new_tokens, self.eot = o["max_tokens"], tokenizer.eot_token
+        self.max_new_tokens, self.eot = o.params.max_new_tokens, tokenizer.eot_token
         self.prompt_scores = prompt_scores  # a Logprobs of the prompt, shared by the choices of one prompt
-        if o["logprobs"] is None:
+        if o.logprobs is None:
             self.logprobs = None
         else:  # with echo, offsets run on after the prompt
-            self.logprobs = Logprobs(tokenizer, o["logprobs"], tokenizer.decode_bytes(ids) if o["echo"] else b"")
-        self.pick = sampling.picker(ids, seed, o["temperature"], o["top_k"], o["top_p"], o["repetition_penalty"], o["presence_penalty"],
-                                    o["frequency_penalty"], o["logit_bias"], n_vocab, self.logprobs and self.logprobs.chosen)  # fmt: skip
+            self.logprobs = Logprobs(tokenizer, o.logprobs, tokenizer.decode_bytes(ids) if o.echo else b"")
+        self.pick = sampling.picker(ids, o.params, seed, n_vocab, self.logprobs and self.logprobs.chosen)
         self.score = None
         if prompt_scores is not None and not prompt_scores.entries:  # the first choice of the prompt scores it
             prompt_scores.add(ids[0], None, None)
             self.score = self.scored
-        self.push, self.sent, self.n_tokens = detokenizer(tokenizer, o["stop"]), 0, 0
+        self.push, self.sent, self.n_tokens = detokenizer(tokenizer, o.params.stop), 0, 0
         self.seq, self.reason, self.last = None, None, None
 
     def scored(self, logits, targets):  # Engine's score callback: the prompt's log-probabilities
@@ -388,7 +387,7 @@ async def completions(request):
     for ids, _ in prompts:
         if len(ids) > state.n_ctx:
             raise BadRequest(f"the prompt has {len(ids)} tokens, more than this model's context of {state.n_ctx}: shorten it", "prompt", code="context_length_exceeded")
-    n_seq = len(prompts) * o["n"]
+    n_seq = len(prompts) * o.n
     worker = state.worker
     if n_seq > worker.capacity:
         raise BadRequest(f"{n_seq} sequences (prompts x n) is more than this server takes at once ({worker.capacity}: --parallel + --queue)", "n")
@@ -396,11 +395,11 @@ async def completions(request):
     texts = []
     with worker.reserve(n_seq) as reservation:  # given back if anything below fails
         for p, (ids, text) in enumerate(prompts):
-            scores = Logprobs(state.tokenizer, o["logprobs"]) if o["echo"] and o["logprobs"] is not None else None
+            scores = Logprobs(state.tokenizer, o.logprobs) if o.echo and o.logprobs is not None else None
             texts.append(state.tokenizer.decode(ids) if text is None else text)
-            for i in range(o["n"]):  # choice i of a prompt samples with seed + i, as `picogpt generate --num-samples` does
-                seed = None if o["seed"] is None else o["seed"] + i
-                job.choices.append(Choice(job, p * o["n"] + i, ids, o, state.tokenizer, state.n_vocab, seed, scores))
+            for i in range(o.n):  # choice i of a prompt samples with seed + i, as `picogpt generate --num-samples` does
+                seed = None if o.params.seed is None else o.params.seed + i
+                job.choices.append(Choice(job, p * o.n + i, ids, o, state.tokenizer, state.n_vocab, seed, scores))
         worker.submit(job, reservation)
     n_prompt = sum(len(ids) for ids, _ in prompts)
     state.metrics.prompt_tokens.inc(n_prompt)
@@ -408,11 +407,11 @@ async def completions(request):
     usage = lambda tokens: {"prompt_tokens": n_prompt, "completion_tokens": tokens, "total_tokens": n_prompt + tokens}  # noqa: E731
 
     def start(choice):  # the echoed prompt and its log-probabilities come first
-        prompt = texts[choice.index // o["n"]] if o["echo"] else ""
+        prompt = texts[choice.index // o.n] if o.echo else ""
         scores = choice.prompt_scores.entries if choice.prompt_scores is not None else []
         return prompt, list(scores)
 
-    if o["stream"]:  # Starlette cancels the stream when the client leaves
+    if o.stream:  # Starlette cancels the stream when the client leaves
         return StreamingResponse(sse(request, job, reply, o, start, usage), media_type="text/event-stream")
     out = {c.index: {"text": "", "entries": [], "finish_reason": None, "tokens": 0} for c in job.choices}
 
@@ -430,7 +429,7 @@ async def completions(request):
     for c in job.choices:  # the echoed prompt in front, now that it is scored
         prompt, scores = start(c)
         out[c.index].update(text=prompt + out[c.index]["text"], entries=scores + out[c.index]["entries"])
-    logprobs = lambda c: None if o["logprobs"] is None else c.logprobs.shape(out[c.index]["entries"]) if c.logprobs else None  # noqa: E731
+    logprobs = lambda c: None if o.logprobs is None else c.logprobs.shape(out[c.index]["entries"]) if c.logprobs else None  # noqa: E731
     choices = [{"text": out[c.index]["text"], "index": c.index, "logprobs": logprobs(c), "finish_reason": out[c.index]["finish_reason"]} for c in job.choices]
     n_new = sum(v["tokens"] for v in out.values())
     request.state.tokens = f", {n_prompt} prompt + {n_new} new tokens"
@@ -487,7 +486,7 @@ async def sse(request, job, reply, o, start, usage):
     """Server-sent events: a completion chunk per new piece of text, then [DONE]."""
     started, ended, sent = set(), set(), {}  # sent: each choice's new tokens in the chunks sent so far
     chunk = lambda choices, **more: f"data: {json.dumps(reply | {'choices': choices} | more)}\n\n"  # noqa: E731
-    extra = {"usage": None} if o["stream_options"].get("include_usage") else {}
+    extra = {"usage": None} if o.include_usage else {}
     try:
         async for event in events_of(request, job):
             choice = job.choices[event.index]
@@ -555,8 +554,8 @@ def serve(name, dtype=None, revision=None, host=SERVE["host"], port=SERVE["port"
     load and warm up the model, then take requests. Running requests end with what they have."""
     import uvicorn
 
-    from . import warmup
-    from .generate import load
+    from .. import warmup
+    from ..api import load
 
     web, failed = app(name), []
 

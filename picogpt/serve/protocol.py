@@ -4,11 +4,11 @@ and token log-probabilities in the legacy `logprobs` shape. No HTTP here (server
 import codecs
 import math
 import re
+from typing import NamedTuple
 
 import numpy as np
 
-from .defaults import OPENAI
-from .sampling import is_seed
+from ..options import OPENAI, BadValue, SamplingParams
 
 
 class BadRequest(ValueError):
@@ -58,43 +58,54 @@ def prompts_of(body, encode, n_vocab):
     return [(list(ids), None) for ids in lists]
 
 
+class Options(NamedTuple):
+    """A completions request's options: how to sample (SamplingParams, OpenAI's names and ranges) and
+    what to answer."""
+
+    params: SamplingParams
+    n: int  # choices per prompt; choice i samples with seed + i
+    logprobs: int  # None: none; k: each token's log-probability and the k most likely
+    echo: bool  # the prompt in front of the text (and its log-probabilities)
+    stream: bool
+    include_usage: bool  # a last chunk with the usage (stream_options)
+
+
+NAMES = {field: f"'{name}'" for field, name in OPENAI.items()}  # as errors quote them
+
+
 def options_of(body, n_vocab, served):
-    """The sampling and output options of a completions request, checked: a dict, or BadRequest."""
+    """The sampling and output options of a completions request, checked: Options, or BadRequest
+    naming the field."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     model = body.get("model")
     if model is not None and model != served:
         raise BadRequest(f"the model '{model}' does not exist here: this server has '{served}'", "model", 404, "model_not_found")
-    o = dict(
-        max_tokens=field(body, "max_tokens", OPENAI["max_new_tokens"], lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
-        temperature=field(body, "temperature", OPENAI["temperature"], lambda v: _number(v) and 0 <= v <= 2, "a number from 0 to 2"),
-        top_p=field(body, "top_p", OPENAI["top_p"], lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
-        top_k=field(body, "top_k", OPENAI["top_k"], lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
-        repetition_penalty=field(body, "repetition_penalty", OPENAI["repetition_penalty"], lambda v: _number(v) and v > 0, "a number > 0"),
-        presence_penalty=field(body, "presence_penalty", 0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2"),
-        frequency_penalty=field(body, "frequency_penalty", 0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2"),
-        n=field(body, "n", 1, lambda v: _whole(v) and 1 <= v <= 128, "a whole number from 1 to 128"),
-        seed=field(body, "seed", None, is_seed, "a whole number from 0 to 2**64 - 1"),
-        logprobs=field(body, "logprobs", None, lambda v: _whole(v) and 0 <= v <= 5, "a whole number from 0 to 5"),
-        echo=field(body, "echo", False, lambda v: isinstance(v, bool), "true or false"),
-        stream=field(body, "stream", False, lambda v: isinstance(v, bool), "true or false"),
-        stop=field(body, "stop", [], lambda v: isinstance(v, str) or (isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) for s in v)), "a string or a list of up to 4 strings"),
-        logit_bias=field(body, "logit_bias", {}, lambda v: isinstance(v, dict), "an object of token ids to biases from -100 to 100"),
-        stream_options=field(body, "stream_options", {}, lambda v: isinstance(v, dict), "an object"),
-    )  # fmt: skip
-    o["stop"] = [s for s in ([o["stop"]] if isinstance(o["stop"], str) else o["stop"]) if s]
-    if o["max_tokens"] == 0 and not o["echo"]:
-        raise BadRequest("'max_tokens' must be >= 1 (0 only with echo, to score the prompt)", "max_tokens")
+    stop = field(body, "stop", [], lambda v: isinstance(v, str) or (isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) for s in v)), "a string or a list of up to 4 strings")
     bias = {}
-    for key, value in o["logit_bias"].items():
+    for key, value in field(body, "logit_bias", {}, lambda v: isinstance(v, dict), "an object of token ids to biases from -100 to 100").items():
         token = int(key) if isinstance(key, str) and re.fullmatch(r"-?[0-9]{1,9}", key) else None  # ASCII digits: "²".isdigit()
         if token is None or not 0 <= token < n_vocab or not (_number(value) and -100 <= value <= 100):
             raise BadRequest(f"'logit_bias' must map token ids (0 to {n_vocab - 1}) to biases from -100 to 100, got {key!r}: {value!r}", "logit_bias")
         bias[token] = float(value)
-    o["logit_bias"] = bias
-    if not isinstance(o["stream_options"].get("include_usage", False), bool):
+    sampling = {f: body[name] for f, name in OPENAI.items() if body.get(name) is not None and f not in ("stop", "logit_bias")}
+    try:
+        params = SamplingParams.named(NAMES, openai=True, **sampling, stop=[s for s in ([stop] if isinstance(stop, str) else stop) if s], logit_bias=bias)
+    except BadValue as e:
+        raise BadRequest(str(e), OPENAI[e.field]) from None
+    o = Options(
+        params=params,
+        n=field(body, "n", 1, lambda v: _whole(v) and 1 <= v <= 128, "a whole number from 1 to 128"),
+        logprobs=field(body, "logprobs", None, lambda v: _whole(v) and 0 <= v <= 5, "a whole number from 0 to 5"),
+        echo=field(body, "echo", False, lambda v: isinstance(v, bool), "true or false"),
+        stream=field(body, "stream", False, lambda v: isinstance(v, bool), "true or false"),
+        include_usage=field(body, "stream_options", {}, lambda v: isinstance(v, dict), "an object").get("include_usage", False),
+    )
+    if params.max_new_tokens == 0 and not o.echo:
+        raise BadRequest("'max_tokens' must be >= 1 (0 only with echo, to score the prompt)", "max_tokens")
+    if not isinstance(o.include_usage, bool):
         raise BadRequest("'stream_options.include_usage' must be true or false", "stream_options")
-    if body.get("best_of") not in (None, o["n"]):
+    if body.get("best_of") not in (None, o.n):
         raise BadRequest("'best_of' is not supported: leave it out or equal to n", "best_of")
     if body.get("suffix"):
         raise BadRequest("'suffix' is not supported by GPT-2 models", "suffix")

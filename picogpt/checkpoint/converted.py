@@ -25,8 +25,9 @@ import tempfile
 
 import numpy as np
 
-from . import formats, hub, weights
-from .log import warn
+from .. import formats
+from . import hub, params as weights
+from ..log import warn
 
 CHUNK_BYTES = 4 << 20  # float32 input converted at a time: bounds pack()'s temporaries (several copies of it)
 

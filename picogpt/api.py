@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import converted, formats, hub, model, sampling, scoring, tokenizer as tok, warmup, weights
-from .defaults import SAMPLING
+from .checkpoint import converted, hub, params as weights
+from . import formats, model, sampling, scoring, tokenizer as tok, warmup
+from .options import SamplingParams
 from .engine import decode_rows, rows_one_by_one
 from .log import warn
 from .text import detokenizer
@@ -18,6 +19,15 @@ def prompt_list(prompt):
     if not (isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts)):
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     return list(prompts)
+
+
+def sampling_params(params, options):
+    """`params` (a SamplingParams), or one made of keyword options: ValueError naming a bad one."""
+    if params is not None:
+        if options:
+            raise ValueError(f"give sampling options either as params or as keywords, not both: {', '.join(options)}")
+        return params
+    return SamplingParams.named({}, **options)
 
 
 @dataclass(repr=False)
@@ -44,16 +54,16 @@ class Model:
         """The weight format of the block linears and wte: float32, float16, bfloat16 or int8."""
         return formats.dtype_of(self.params["wte"]["weight"])
 
-    def stream(self, prompt, max_new_tokens=SAMPLING["max_new_tokens"], temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"],
-               seed=None, stop=None, repetition_penalty=SAMPLING["repetition_penalty"], stats=None):  # fmt: skip
-        """Yield the continuation of `prompt` piece by piece as it is decoded.
+    def stream(self, prompt, params=None, stats=None, **options):
+        """Yield the continuation of `prompt` piece by piece as it is decoded, sampled as `params` (a
+        SamplingParams) or the keyword `options` (its fields: max_new_tokens=50, temperature=1.0,
+        top_k=50, top_p=1.0, seed=None, stop=None, repetition_penalty=1.0, ...) say.
 
         `prompt` may also be a list of prompts, decoded together as one batch: then the pieces come as
         (i, piece) pairs, i the prompt's index, and prompt i samples with its own random stream, seed + i,
         so it gets the text a single run with seed + i gives."""
         batch = not isinstance(prompt, str)
-        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop)
-        for row, _, piece, _ in self._decode(prompt if batch else [prompt], **options, repetition_penalty=repetition_penalty, stats=stats):
+        for row, _, piece, _ in self._decode(prompt if batch else [prompt], sampling_params(params, options), stats=stats):
             if piece:
                 yield (row, piece) if batch else piece
 
@@ -67,7 +77,7 @@ class Model:
             texts[row] += piece
         return texts
 
-    def complete(self, prompts, logprobs=False, **options):
+    def complete(self, prompts, logprobs=False, params=None, **options):
         """Everything about each continuation of a list of prompts (one batch; `stream`'s options): a
         list of dicts with the text, token_ids (the new tokens, without a final <|endoftext|>),
         finish_reason ("length", "eos" or "stop"), prompt_tokens, generated_tokens (counting that
@@ -79,7 +89,7 @@ class Model:
         prompts = prompt_list(prompts)
         stats, chosen = {}, [[] for _ in prompts] if logprobs else None
         out = [dict(text="", token_ids=[], finish_reason="length", prompt_tokens=0, generated_tokens=0) for _ in prompts]
-        for row, token, piece, finish in self._decode(prompts, **options, stats=stats, logprobs=chosen):
+        for row, token, piece, finish in self._decode(prompts, sampling_params(params, options), stats=stats, logprobs=chosen):
             out[row]["text"] += piece
             if token is not None:
                 out[row]["generated_tokens"] += 1
@@ -93,17 +103,12 @@ class Model:
                 o["logprobs"] = chosen[row][: len(o["token_ids"])]
         return out
 
-    def _decode(self, prompts, max_new_tokens=SAMPLING["max_new_tokens"], temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"],
-                seed=None, stop=None, repetition_penalty=SAMPLING["repetition_penalty"], stats=None, logprobs=None):  # fmt: skip
-        """Decode a list of prompts as one batch. Yield (row, token, piece, finish) for every new token:
-        piece the new text (maybe ""), finish None, "eos" or "stop"; then (row, None, piece, "length")
-        for each row that used up max_new_tokens. logprobs: a list per row to append each chosen
-        token's log-probability to."""
+    def _decode(self, prompts, params, stats=None, logprobs=None):
+        """Decode a list of prompts as one batch, as `params` says. Yield (row, token, piece, finish) for
+        every new token: piece the new text (maybe ""), finish None, "eos" or "stop"; then (row, None,
+        piece, "length") for each row that used up max_new_tokens. logprobs: a list per row to append
+        each chosen token's log-probability to."""
         prompts = prompt_list(prompts)
-        sampling.check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or ())
-        if not all(isinstance(s, str) and s for s in stops):
-            raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
         eot = self.tokenizer.eot_token
         ids = [tok.encode(self.tokenizer, p) or [eot] for p in prompts]  # empty prompt: start a new text
         n_vocab = self.tokenizer.n_vocab  # a padded embedding may have rows no token decodes to
@@ -112,11 +117,12 @@ class Model:
 
         def picker(row):
             chosen = None if logprobs is None else lambda logits, token: logprobs[row].append(float(scoring.log_softmax_at(logits[None], [token])[0]))
-            return sampling.picker(ids[row], None if seed is None else seed + row, temperature, top_k, top_p, repetition_penalty, n_vocab=n_vocab, chosen=chosen)
+            return sampling.picker(ids[row], params, None if params.seed is None else params.seed + row, n_vocab, chosen)
 
-        texts = [detokenizer(self.tokenizer, stops) for _ in prompts]
+        texts = [detokenizer(self.tokenizer, params.stop) for _ in prompts]
         stopped = set()  # rows at end of text or a stop string: decode_rows drops them
         forward_rows = self.forward_rows or rows_one_by_one(self.forward)
+        max_new_tokens = params.max_new_tokens
         if max_new_tokens:  # compile every kernel this will need now, not at the prompt and again after it
             compiled = warmup.warm_up(self, ids, max_new_tokens, say=warn)
             if stats is not None:

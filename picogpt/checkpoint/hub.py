@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from .weights import SHARD_INDEX, SINGLE_FILE, TOKENIZER_FILES, CheckpointError, read_config
+from .params import SHARD_INDEX, SINGLE_FILE, TOKENIZER_FILES, CheckpointError, read_config
 
 ALIASES = {
     "gpt2": "openai-community/gpt2",
@@ -21,7 +21,7 @@ ALIASES = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "distilgpt2": "distilbert/distilgpt2",
 }
-TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")  # benchmarks/train_tiny.py made it
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tiny")  # benchmarks/train_tiny.py made it
 LOCAL_HINT = "or give a local folder holding config.json, model.safetensors, vocab.json and merges.txt"
 TINY_HINT = "use the model tiny (it ships with picogpt)"
 
