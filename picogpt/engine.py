@@ -17,6 +17,7 @@ its start with a sequence already in the cache copies those keys and values inst
 import itertools
 import time
 from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,6 +47,14 @@ class Sequence:
         return f"<Sequence {self.id}: {len(self.prompt)} prompt tokens, {self.new_tokens}/{self.max_new_tokens} new, {state}>"
 
 
+class Batch(NamedTuple):
+    """What one step feeds: (sequence, how many of its tokens) in order, and whether the logits of
+    every token are wanted (a prompt being scored) rather than each sequence's last."""
+
+    fed: list
+    every: bool
+
+
 def common_prefix(a, b):
     n = 0
     for x, y in zip(a, b):
@@ -67,7 +76,7 @@ class Engine:
         self.forward_rows, self.params, self.eot, self.chunk = forward_rows, params, eot, chunk
         self.n_ctx = config["n_positions"]
         self.n_cache = min(n_cache or self.n_ctx, self.n_ctx)
-        self.run = dict(n_head=config["n_head"], eps=config.get("layer_norm_epsilon", 1e-5))
+        self.hyper = dict(n_head=config["n_head"], eps=config.get("layer_norm_epsilon", 1e-5))
         self.cache = model.kv_cache(config["n_layer"], config["n_head"], self.n_cache, config["n_embd"], n_rows=n_rows)
         self.free = list(range(n_rows))
         self.waiting, self.running = deque(), []  # running: in order of admission
@@ -138,8 +147,18 @@ class Engine:
         return True
 
     def step(self):
-        """One forward pass over every running sequence. Returns [(seq, token), ...] for the sequences
-        that got a new token; sequences that end leave `running` (their `finish` says why)."""
+        """One forward pass over every running sequence: schedule, run, update (as vLLM's scheduler,
+        runner and update_from_output). Returns [(seq, token), ...] for the sequences that got a new
+        token; sequences that end leave `running` (their `finish` says why)."""
+        batch = self.schedule()
+        if not batch.fed:
+            return []
+        return self.update(batch, self.run(batch))
+
+    def schedule(self):
+        """Which sequences get how many tokens this step: admit waiting sequences into free rows, then
+        one token for every decoding sequence and up to `chunk` prompt tokens in all for the ones
+        prefilling, in order of arrival (decoding first: a long prompt never stalls the streams)."""
         while self.waiting and self.free:
             seq = self.waiting.popleft()
             seq.row = self.free.pop(0)
@@ -155,16 +174,24 @@ class Engine:
                 if prefilling:
                     budget -= n
                     self.prompt_tokens += n
-        if not fed:
-            return []
+        return Batch(fed, any(seq.score is not None for seq, _ in fed))
+
+    def run(self, batch):
+        """The forward pass: logits [rows, n_vocab], one row per sequence (its last token's), or one
+        per token fed when a sequence's prompt is being scored (batch.every)."""
+        fed = batch.fed
         inputs, rows, past = [seq.todo[:n] for seq, n in fed], [seq.row for seq, _ in fed], [len(seq.context) for seq, _ in fed]
-        every = any(seq.score is not None for seq, _ in fed)  # logits after every token, not only the last
-        logits = self.forward_rows(inputs, **self.params, **self.run, cache=self.cache, rows=rows, past=past, last=not every)
+        logits = self.forward_rows(inputs, **self.params, **self.hyper, cache=self.cache, rows=rows, past=past, last=not batch.every)
         newest = max(seq.new_tokens for seq, _ in fed)
         sampling.check_finite(logits, f"the step choosing new token {newest + 1}" if newest else "the prompt, choosing new token 1")
-        ends = np.cumsum([n for _, n in fed]) - 1 if every else np.arange(len(fed))
+        return logits
+
+    def update(self, batch, logits):
+        """What the logits mean for each sequence: prompt scores, the next token picked, and the
+        sequences that end (end of text, max_new_tokens, a full context) or slide their window."""
+        ends = np.cumsum([n for _, n in batch.fed]) - 1 if batch.every else np.arange(len(batch.fed))
         out = []
-        for (seq, n), end in zip(fed, ends):
+        for (seq, n), end in zip(batch.fed, ends):
             if seq.score is not None:
                 start = len(seq.context)
                 targets = seq.prompt[start + 1 : start + n + 1]

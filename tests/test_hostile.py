@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import picogpt
 from helpers import expect_error, metric, start, stop
-from picogpt.serve import http as server
+from picogpt.serve import http as server, worker
 from picogpt.serve.protocol import BadRequest, options_of, prompts_of
 
 N_VOCAB, N_CTX = 4096, 256  # the tiny model's
@@ -99,13 +99,13 @@ def test_protocol_accepts_only_what_the_engine_can_run(tokenizer, body):
         assert e.status in (400, 404) and str(e) and "\n" not in str(e)
         assert e.param is None or e.param in body or e.param == "prompt"
         return
-    job = server.Job(loop=None, arrived=0.0)
+    job = worker.Job(loop=None, arrived=0.0)
     rng = np.random.default_rng(0)
     for ids, _ in prompts:
         ids = ids or [tokenizer.eot_token]
         for i in range(o.n):
             seed = None if o.params.seed is None else o.params.seed + i
-            choice = server.Choice(job, i, ids, o, tokenizer, N_VOCAB, seed, None)
+            choice = worker.Choice(job, i, ids, o, tokenizer, N_VOCAB, seed, None)
             token = choice.pick(rng.standard_normal(N_VOCAB).astype(np.float32))
             assert 0 <= token < N_VOCAB
 

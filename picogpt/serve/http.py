@@ -1,284 +1,30 @@
-"""`picogpt serve`: OpenAI's completions protocol over HTTP, many clients sharing each pass over the weights.
-
-Starlette on uvicorn (an ordinary ASGI stack: routing, streaming responses for server-sent events,
-graceful shutdown; nothing here parses HTTP), prometheus_client for /metrics. One engine thread (the
-Worker) owns the model and the engine (engine.py): each step it takes new requests and cancellations
-from its inbox, runs `Engine.step`, turns each new token into text (text.py) and hands it to the
-request's asyncio queue. The handlers only parse and check a request (protocol.py), submit it and
-send back what comes, so admission, decoding, sampling and cancellation live in the engine, once.
+"""`picogpt serve`'s HTTP side: Starlette on uvicorn (an ordinary ASGI stack: routing, streaming
+responses for server-sent events, graceful shutdown; nothing here parses HTTP). The handlers only
+parse and check a request (protocol.py), reserve room and submit it to the engine thread
+(worker.py), and send back what comes, so admission, decoding, sampling and cancellation live in the
+engine, once.
 """
 
 import asyncio
 import json
-import queue
 import threading
 import time
 import traceback
 import uuid
-from typing import NamedTuple
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import sampling, tokenizer as tok
-from ..options import SERVE
-from ..engine import Engine
+from .. import tokenizer as tok
 from ..log import warn
-from .protocol import BadRequest, Logprobs, options_of, prompts_of, top_logprobs
-from ..text import detokenizer
+from ..options import SERVE
+from .protocol import BadRequest, Logprobs, options_of, prompts_of
+from .worker import Busy, Choice, Done, Error, Job, Metrics, Piece, Worker
 
 MAX_BODY = 1 << 20  # bytes of a request body: 413 beyond (a full context of token ids is under 10 kB)
-
-
-class Metrics:
-    """What /metrics shows, in a registry of its own (one per server)."""
-
-    def __init__(self):
-        r = self.registry = CollectorRegistry()
-        self.running = Gauge("picogpt_requests_running", "Requests with a sequence being decoded", registry=r)
-        self.waiting = Gauge("picogpt_requests_waiting", "Requests waiting for a free row of the batch", registry=r)
-        self.sequences = Gauge("picogpt_sequences_running", "Sequences in the batch (rows of the KV cache in use)", registry=r)
-        self.reserved = Gauge("picogpt_sequences_reserved", "Sequences admitted and not yet retired (running, waiting or being set up)", registry=r)
-        self.prompt_tokens = Counter("picogpt_prompt_tokens", "Prompt tokens received", registry=r)
-        self.generated = Counter("picogpt_generation_tokens", "Tokens generated", registry=r)
-        self.requests = Counter("picogpt_requests", "HTTP requests answered, by status code", ["status"], registry=r)
-        self.ttft = Histogram("picogpt_time_to_first_token_seconds", "From a completion request's arrival to its first new token", registry=r,
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # fmt: skip
-        self.tbt = Histogram("picogpt_time_between_tokens_seconds", "Between two new tokens of one sequence", registry=r,
-                             buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56))  # fmt: skip
-        self.latency = Histogram("picogpt_request_latency_seconds", "From a completion request's arrival to its last byte", registry=r,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))  # fmt: skip
-
-
-# ---- the engine thread -------------------------------------------------------------------------------
-
-
-class Piece(NamedTuple):
-    """New text of choice `index` (maybe "" with log-probabilities only); tokens: the choice's new tokens so far."""
-
-    index: int
-    text: str
-    entries: list
-    tokens: int
-
-
-class Done(NamedTuple):
-    """Choice `index` ended: "stop" or "length", after `tokens` new tokens."""
-
-    index: int
-    reason: str
-    tokens: int
-
-
-class Error(NamedTuple):
-    """The engine failed the job (a 500)."""
-
-    message: str
-
-
-class Busy(Exception):
-    """Every row of the batch and the queue are taken (a 429)."""
-
-
-class Reservation:
-    """Room for n sequences in the worker's batch and queue, taken at admission. Everything a handler
-    does before the engine thread owns the job runs inside `with worker.reserve(n)`: whatever fails
-    there (a bad value, an exception in a constructor, a cancelled handler), the room goes back on
-    exit. `Worker.submit` hands it to the engine thread, which gives it back sequence by sequence as
-    they retire."""
-
-    def __init__(self, worker, n):
-        self.worker, self.n, self.handed = worker, n, False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if not self.handed:
-            self.worker.release(self.n)
-
-
-class Job:
-    """One completions request in flight: its choices and the asyncio queue its events go to."""
-
-    def __init__(self, loop, arrived):
-        self.loop, self.events, self.arrived = loop, asyncio.Queue(), arrived
-        self.choices, self.first = [], None
-
-    def put(self, event):  # from the engine thread
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (shutting down): nobody is listening
-            pass
-
-
-class Choice:
-    """One sequence of a job: its picker, its text so far (cut at stop strings) and its log-probabilities;
-    sends the job Piece and Done events."""
-
-    def __init__(self, job, index, ids, o, tokenizer, n_vocab, seed, prompt_scores):
-        self.job, self.index, self.ids, self.tokenizer = job, index, ids, tokenizer
-        self.max_new_tokens, self.eot = o.params.max_new_tokens, tokenizer.eot_token
-        self.prompt_scores = prompt_scores  # a Logprobs of the prompt, shared by the choices of one prompt
-        if o.logprobs is None:
-            self.logprobs = None
-        else:  # with echo, offsets run on after the prompt
-            self.logprobs = Logprobs(tokenizer, o.logprobs, tokenizer.decode_bytes(ids) if o.echo else b"")
-        self.pick = sampling.picker(ids, o.params, seed, n_vocab, self.logprobs and self.logprobs.chosen)
-        self.score = None
-        if prompt_scores is not None and not prompt_scores.entries:  # the first choice of the prompt scores it
-            prompt_scores.add(ids[0], None, None)
-            self.score = self.scored
-        self.push, self.sent, self.n_tokens = detokenizer(tokenizer, o.params.stop), 0, 0
-        self.seq, self.reason, self.last = None, None, None
-
-    def scored(self, logits, targets):  # Engine's score callback: the prompt's log-probabilities
-        for row, target in zip(logits, targets):
-            logp, best = top_logprobs(row, self.prompt_scores.k)
-            self.prompt_scores.add(target, float(logp[target]), dict(best) | {target: float(logp[target])})
-
-    def token(self, token, now, metrics):
-        """A new token: emit its text. True if it completed a stop string (the sequence must end)."""
-        if self.job.first is None:
-            self.job.first = now
-            metrics.ttft.observe(now - self.job.arrived)
-        if self.last is not None:
-            metrics.tbt.observe(now - self.last)
-        self.last = now
-        metrics.generated.inc()
-        self.n_tokens += token != self.eot
-        piece, finished = self.push(token)
-        if finished:
-            self.reason = "stop"  # end of text, or a stop string
-            self.emit(piece, drop_last=True)
-            return token != self.eot
-        self.emit(piece)
-        return False
-
-    def emit(self, piece, drop_last=False):
-        entries = None
-        if self.logprobs is not None:
-            end = len(self.logprobs.entries) - drop_last  # the token that ended the text is not in it
-            entries, self.sent = self.logprobs.entries[self.sent : end], max(self.sent, end)
-        if piece or entries:
-            self.job.put(Piece(self.index, piece, entries or [], self.n_tokens))
-
-    def done(self):
-        if self.reason is None:  # max_tokens, the context's end, or the server stopping
-            self.reason = "length"
-            self.emit(self.push(None)[0])
-        self.job.put(Done(self.index, self.reason, self.n_tokens))
-
-
-class Worker:
-    """The one thread that owns the model: runs the engine, takes work from its inbox."""
-
-    def __init__(self, model, parallel, queue_size, chunk, metrics):
-        self.model, self.metrics, self.capacity = model, metrics, parallel + queue_size
-        self.engine = Engine(model.forward_rows, model.params, model.config, parallel, chunk=chunk, eot=model.tokenizer.eot_token)
-        for k, v in self.engine.cache:  # touch every page now: faulting them in mid-request stalled its first steps
-            k.fill(0), v.fill(0)
-        self.inbox, self.live, self.lock, self.outstanding = queue.SimpleQueue(), {}, threading.Lock(), 0
-        self.thread = threading.Thread(target=self.run, name="picogpt-engine", daemon=True)
-
-    def reserve(self, n):
-        """A Reservation of room for n more sequences (running, or waiting within --queue), or Busy."""
-        with self.lock:
-            if self.outstanding + n > self.capacity:
-                raise Busy()
-            self.outstanding += n
-            self.metrics.reserved.set(self.outstanding)
-        return Reservation(self, n)
-
-    def release(self, n):
-        with self.lock:
-            self.outstanding -= n
-            self.metrics.reserved.set(self.outstanding)
-
-    def submit(self, job, reservation):
-        """Hand the job, and the room reserved for its choices, to the engine thread."""
-        assert reservation.n == len(job.choices) and not reservation.handed
-        reservation.handed = True
-        self.inbox.put(("add", job))
-
-    def cancel(self, job):
-        self.inbox.put(("cancel", job))
-
-    def stop(self):
-        self.inbox.put(("stop", None))
-
-    def run(self):
-        while True:
-            items = [] if self.engine.busy else [self.inbox.get()]
-            while True:
-                try:
-                    items.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for op, job in items:
-                if op == "stop":  # running requests end with what they have
-                    for choice in list(self.live.values()):
-                        self.engine.cancel(choice.seq)
-                    self.retire()
-                    return
-                if op == "add":
-                    self.add(job)
-                    continue
-                for choice in job.choices:  # cancel: the client is gone
-                    if choice.seq is not None and choice.seq.finish is None:
-                        self.engine.cancel(choice.seq)
-            try:
-                step = self.engine.step()
-            except Exception as e:  # the requests in the batch fail; the server goes on
-                warn(f"internal error in a decoding step: {type(e).__name__}: {e}")
-                traceback.print_exc()
-                for choice in self.live.values():
-                    self.engine.cancel(choice.seq)
-                    choice.job.put(Error(f"{type(e).__name__}: {e}"))
-                self.retire(quiet=True)
-                continue
-            now = time.perf_counter()
-            for seq, token in step:
-                if self.live[seq.id].token(token, now, self.metrics):
-                    self.engine.cancel(seq)
-            self.retire()
-
-    def add(self, job):
-        """Queue the job's choices in the engine; if one cannot be (a bug past protocol's checks), the
-        job fails alone: the choices already queued are cancelled and the others' room goes back."""
-        try:
-            for choice in job.choices:
-                choice.seq = self.engine.add(choice.ids, choice.max_new_tokens, choice.pick, choice.score)
-                self.live[choice.seq.id] = choice
-        except Exception as e:
-            warn(f"internal error queueing a request: {type(e).__name__}: {e}")
-            traceback.print_exc()
-            for choice in job.choices:
-                if choice.seq is not None:
-                    del self.live[choice.seq.id]
-                    self.engine.cancel(choice.seq)
-            self.release(len(job.choices))
-            job.put(Error(f"{type(e).__name__}: {e}"))
-
-    def retire(self, quiet=False):
-        """Hand back the choices whose sequences ended, and their rows' reservations; update the gauges."""
-        for sid, choice in list(self.live.items()):
-            if choice.seq.finish is not None:
-                del self.live[sid]
-                if not quiet:
-                    choice.done()
-                self.release(1)
-        jobs = {c.job for c in self.live.values()}
-        running = {c.job for c in self.live.values() if c.seq.row is not None}
-        self.metrics.running.set(len(running))
-        self.metrics.waiting.set(len(jobs - running))
-        self.metrics.sequences.set(len(self.engine.running))
-
-
-# ---- HTTP ----------------------------------------------------------------------------------------------
 
 
 def error(status, message, kind="invalid_request_error", param=None, code=None, headers=None):
@@ -304,7 +50,7 @@ async def body_of(request):
         raise BadRequest("the request body nests JSON too deeply") from None
 
 
-def handled(endpoint):
+def handled(endpoint, needs_model=True, logged=True):
     """An endpoint that answers BadRequest with OpenAI's error body, and any other failure with a 500
     and a one-line message (the traceback goes to the server's log, never to the client)."""
 
@@ -312,7 +58,7 @@ def handled(endpoint):
         state = request.app.state
         start = time.perf_counter()
         try:
-            if endpoint.__name__ != "health" and state.worker is None:
+            if needs_model and state.worker is None:
                 response = error(503, "the model is still loading: retry in a few seconds" if not state.stopping else "the server is shutting down",
                                  "server_error", headers={"Retry-After": "5"})  # fmt: skip
             elif state.stopping and request.method == "POST":
@@ -331,12 +77,11 @@ def handled(endpoint):
             traceback.print_exc()
             response = error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
         state.metrics.requests.labels(str(response.status_code)).inc()
-        if not isinstance(response, StreamingResponse) and request.url.path != "/metrics" and endpoint.__name__ != "health":
+        if logged and not isinstance(response, StreamingResponse):  # a stream is logged when it ends (sse)
             tokens = getattr(request.state, "tokens", "")
             warn(f"{request.method} {request.url.path} {response.status_code}{tokens} in {time.perf_counter() - start:.2f} s")
         return response
 
-    run.__name__ = endpoint.__name__
     return run
 
 
@@ -529,10 +274,10 @@ def app(name, metrics=None):
         Route("/v1/completions", handled(completions), methods=["POST"]),
         Route("/v1/chat/completions", handled(chat), methods=["POST"]),
         Route("/v1/models", handled(models), methods=["GET"]),
-        Route("/health", handled(health), methods=["GET"]),
+        Route("/health", handled(health, needs_model=False, logged=False), methods=["GET"]),
         Route("/tokenize", handled(tokenize), methods=["POST"]),
         Route("/detokenize", handled(detokenize), methods=["POST"]),
-        Route("/metrics", handled(prometheus), methods=["GET"]),
+        Route("/metrics", handled(prometheus, logged=False), methods=["GET"]),
     ]
     web = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, HTTPException: not_found})
     web.state.name, web.state.metrics, web.state.worker, web.state.stopping, web.state.created = name, metrics or Metrics(), None, False, int(time.time())
