@@ -50,7 +50,9 @@ def picogpt_engine(folder, dtype):
 
     def generate(prompts, n):
         start = time.perf_counter()
-        for i, _ in enumerate(decode_rows(model.forward_rows, model.params, model.config, prompts, n, [greedy] * len(prompts), eot=None)):
+        for i, _ in enumerate(
+            decode_rows(model.forward_rows, model.params, model.config, prompts, n, [greedy] * len(prompts), eot=None)
+        ):
             if i == 0:
                 first = time.perf_counter()
         return first - start, time.perf_counter() - first
@@ -81,7 +83,15 @@ def torch_engine(folder):
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         clock, start = Clock(), time.perf_counter()
         with torch.no_grad():
-            hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, streamer=clock)
+            hf.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                streamer=clock,
+            )
         return clock.times[1] - start, clock.times[-1] - clock.times[1]
 
     return generate
@@ -104,7 +114,11 @@ def llama_engine(path):
 def worker(spec):
     """Serve requests on stdin: `B n` -> one timed run of B prompts, n new tokens each, as JSON."""
     kind, arg, folder = spec.split(":", 2)
-    generate = {"picogpt": lambda: picogpt_engine(folder, arg), "torch": lambda: torch_engine(folder), "llama.cpp": lambda: llama_engine(arg)}[kind]()
+    generate = {
+        "picogpt": lambda: picogpt_engine(folder, arg),
+        "torch": lambda: torch_engine(folder),
+        "llama.cpp": lambda: llama_engine(arg),
+    }[kind]()
     print("ready", flush=True)
     for line in sys.stdin:
         batch, n = map(int, line.split())
@@ -118,7 +132,13 @@ def worker(spec):
 class Engine:
     def __init__(self, name, spec):
         self.name = name
-        self.process = subprocess.Popen([sys.executable, __file__, "--worker", spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE)
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", spec],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=HERE,
+        )
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{name}: the worker did not start")
 
@@ -157,11 +177,15 @@ def main():
     import picogpt
 
     has_llama = available()
-    print(f"{os.cpu_count()} cores; picogpt {picogpt.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
-          f"{', llama-cpp-python ' + __import__('llama_cpp').__version__ if has_llama else ' (llama.cpp: llama-cpp-python not installed)'}; "
-          f"greedy, prompts of 13-16 tokens, {args.new_tokens} new tokens per row; each engine in its own process; best of {args.repeats}")  # fmt: skip
+    print(
+        f"{os.cpu_count()} cores; picogpt {picogpt.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+        f"{', llama-cpp-python ' + __import__('llama_cpp').__version__ if has_llama else ' (llama.cpp: llama-cpp-python not installed)'}; "
+        f"greedy, prompts of 13-16 tokens, {args.new_tokens} new tokens per row; each engine in its own process; best of {args.repeats}"
+    )
     print()
-    print("| model | engine | batch | decode tok/s (all rows) | vs batch 1 | vs torch | vs llama.cpp (same format) | time to first token ms |")
+    print(
+        "| model | engine | batch | decode tok/s (all rows) | vs batch 1 | vs torch | vs llama.cpp (same format) | time to first token ms |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as folder:
@@ -170,7 +194,9 @@ def main():
             if not args.no_torch:
                 specs["torch float32"] = f"torch::{folder}"
             if has_llama:
-                paths = gguf_files(folder, types=[GGUF_TYPE[d] for d in args.dtypes], out_dir=os.path.join(folder, "gguf"))
+                paths = gguf_files(
+                    folder, types=[GGUF_TYPE[d] for d in args.dtypes], out_dir=os.path.join(folder, "gguf")
+                )
                 specs |= {f"llama.cpp {GGUF_TYPE[d]}": f"llama.cpp:{paths[GGUF_TYPE[d]]}:{folder}" for d in args.dtypes}
             engines = {name: Engine(name, spec) for name, spec in specs.items()}
             single = {}
@@ -189,7 +215,10 @@ def main():
                         torch_ratio = f"{rate[e] / rate['torch float32']:.2f}x" if "torch float32" in rate else ""
                         peer = f"llama.cpp {GGUF_TYPE[e.split()[1]]}" if e.startswith("picogpt") else None
                         llama_ratio = f"{rate[e] / rate[peer]:.2f}x" if peer in rate else ""
-                        print(f"| {size} | {e} | {batch} | {rate[e]:.1f} | {rate[e] / single[e]:.2f}x | {torch_ratio} | {llama_ratio} | {1000 * first[e]:.0f} |", flush=True)
+                        print(
+                            f"| {size} | {e} | {batch} | {rate[e]:.1f} | {rate[e] / single[e]:.2f}x | {torch_ratio} | {llama_ratio} | {1000 * first[e]:.0f} |",
+                            flush=True,
+                        )
             finally:
                 for engine in engines.values():
                     engine.close()

@@ -26,12 +26,12 @@ import sys
 import tempfile
 import time
 
+import llama_cpp_engine
 import numpy as np
 import torch
 import transformers
 from compare_torch import SHAPES, best_of, measure, picogpt_generate, random_checkpoint, torch_generate
 
-import llama_cpp_engine
 import picogpt
 from picogpt import formats
 from picogpt.checkpoint.params import save_params
@@ -76,6 +76,7 @@ def child_peak_rss_mb(code, *args):
 
 def families(name, folder, tmp, dtypes, with_llama):
     """{family: {engine name: () -> generate}}: the engines of one size, built on first use."""
+
     def picogpt_engines():
         engines = {}
         for dtype in dtypes:
@@ -87,7 +88,11 @@ def families(name, folder, tmp, dtypes, with_llama):
         return engines
 
     def torch_engines():
-        return {"torch float32": torch_generate(transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval())}
+        return {
+            "torch float32": torch_generate(
+                transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+            )
+        }
 
     def llama_engines():
         paths = llama_cpp_engine.gguf_files(folder, [LLAMA_TYPES[d] for d in dtypes if d in LLAMA_TYPES], out_dir=tmp)
@@ -115,7 +120,12 @@ def bench_size(name, args, bandwidth):
             gc.collect()
         per_token = {d: bytes_per_token(picogpt.load(folder, dtype=d).params) for d in args.dtypes}
         n = str(args.new_tokens)
-        rss = {f"picogpt {d}": child_peak_rss_mb(PICOGPT_CHILD, "generate", "x" * 16, "--model", os.path.join(tmp, d), "-n", n, "-t", "0") for d in args.dtypes}
+        rss = {
+            f"picogpt {d}": child_peak_rss_mb(
+                PICOGPT_CHILD, "generate", "x" * 16, "--model", os.path.join(tmp, d), "-n", n, "-t", "0"
+            )
+            for d in args.dtypes
+        }
         rss["torch float32"] = child_peak_rss_mb(TORCH_CHILD, folder, n)
         weight_mb = {d: os.path.getsize(os.path.join(tmp, d, "model.safetensors")) / 1e6 for d in args.dtypes}
     f32 = results.get("picogpt float32")
@@ -141,8 +151,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["gpt2", "gpt2-medium"], choices=SHAPES)
     p.add_argument("--dtypes", nargs="+", default=list(formats.DTYPES), choices=formats.DTYPES)
-    p.add_argument("--llama", action=argparse.BooleanOptionalAction, default=llama_cpp_engine.available(),
-                   help="put llama.cpp beside them (default: when llama_cpp is importable)")  # fmt: skip
+    p.add_argument(
+        "--llama",
+        action=argparse.BooleanOptionalAction,
+        default=llama_cpp_engine.available(),
+        help="put llama.cpp beside them (default: when llama_cpp is importable)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-tokens", type=int, default=512)
@@ -153,30 +167,57 @@ def main():
     import numba
 
     bandwidth = bandwidth_gb_s()
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__, "numba": numba.__version__}
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+    }
     if args.llama:
         import llama_cpp
 
         versions["llama_cpp_python"] = llama_cpp.__version__
     report = {
-        "machine": {"cores": os.cpu_count(), "bandwidth_gb_s": bandwidth, "numba_threads": numba.get_num_threads(), "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "cores": os.cpu_count(),
+            "bandwidth_gb_s": bandwidth,
+            "numba_threads": numba.get_num_threads(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "versions": versions,
         "setup": vars(args) | {"when": time.strftime("%Y-%m-%d %H:%M")},
         "sizes": {},
     }
-    print(f"{os.cpu_count()} cores, sgemv bandwidth {bandwidth:.1f} GB/s; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"greedy, batch 1: {args.prompt_tokens}-token prompt + {args.new_tokens} new tokens; prefill = time to first token after {args.prefill_tokens} tokens; best of {args.repeats}")
+    print(
+        f"{os.cpu_count()} cores, sgemv bandwidth {bandwidth:.1f} GB/s; "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+    )
+    print(
+        f"greedy, batch 1: {args.prompt_tokens}-token prompt + {args.new_tokens} new tokens; prefill = time to first token after {args.prefill_tokens} tokens; best of {args.repeats}"
+    )
     print()
-    print("| model | engine | decode tok/s | vs picogpt f32 | vs torch | vs ceiling | prefill tok/s | vs picogpt f32 | peak RSS MB | weights MB |")
+    print(
+        "| model | engine | decode tok/s | vs picogpt f32 | vs torch | vs ceiling | prefill tok/s | vs picogpt f32 | peak RSS MB | weights MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.sizes:
         results = report["sizes"][name] = bench_size(name, args, bandwidth)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         for engine, r in results.items():
-            ceiling = f"{100 * r['decode_vs_ceiling']:.0f}% of {r['ceiling_tok_s']:.0f}" if "decode_vs_ceiling" in r else ""
-            cells = [f"{r['decode_tok_s']:.1f}", cell(r, "decode_vs_picogpt_float32", "{:.2f}x"), f"{r['decode_vs_torch']:.2f}x", ceiling,
-                     f"{r['prefill_tok_s']:.0f}", cell(r, "prefill_vs_picogpt_float32", "{:.2f}x"), cell(r, "peak_rss_mb", "{:.0f}"), cell(r, "weights_mb", "{:.0f}")]  # fmt: skip
+            ceiling = (
+                f"{100 * r['decode_vs_ceiling']:.0f}% of {r['ceiling_tok_s']:.0f}" if "decode_vs_ceiling" in r else ""
+            )
+            cells = [
+                f"{r['decode_tok_s']:.1f}",
+                cell(r, "decode_vs_picogpt_float32", "{:.2f}x"),
+                f"{r['decode_vs_torch']:.2f}x",
+                ceiling,
+                f"{r['prefill_tok_s']:.0f}",
+                cell(r, "prefill_vs_picogpt_float32", "{:.2f}x"),
+                cell(r, "peak_rss_mb", "{:.0f}"),
+                cell(r, "weights_mb", "{:.0f}"),
+            ]
             print(f"| {name} | {engine} | " + " | ".join(cells) + " |", flush=True)
     print(f"\nwritten to {args.json}")
 

@@ -24,7 +24,12 @@ from numba import njit, prange
 from picogpt import formats
 from picogpt.kernels import microkernel
 
-SHAPES = {"gpt2": (12, 768), "gpt2-medium": (24, 1024), "gpt2-large": (36, 1280), "gpt2-xl": (48, 1600)}  # n_layer, n_embd
+SHAPES = {
+    "gpt2": (12, 768),
+    "gpt2-medium": (24, 1024),
+    "gpt2-large": (36, 1280),
+    "gpt2-xl": (48, 1600),
+}  # n_layer, n_embd
 
 
 def matrices(n_layer, n_embd, rng):
@@ -68,8 +73,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     threads, rng = numba.get_num_threads(), np.random.default_rng(0)
-    print(f"{threads} threads; numpy {np.__version__}, numba {numba.__version__}; best of {args.repeats}; all block linears of each model per pass")
-    print(f"microkernel: tiles of {microkernel.R} rows x {microkernel.C} vectors of {microkernel.LANES} float32, panels of {microkernel.P} outputs")
+    print(
+        f"{threads} threads; numpy {np.__version__}, numba {numba.__version__}; best of {args.repeats}; all block linears of each model per pass"
+    )
+    print(
+        f"microkernel: tiles of {microkernel.R} rows x {microkernel.C} vectors of {microkernel.LANES} float32, panels of {microkernel.P} outputs"
+    )
     print("| model | weights | rows | GFLOP/s | GB/s | vs sgemm GFLOP/s | vs plain read GB/s |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
@@ -87,9 +96,14 @@ def main():
                 none = np.empty((0, 0), np.float32)
                 sgemm = 2 * rows * n_weights / best(lambda: [x @ w for x, w in zip(xs, wide)], args.repeats) / 1e9
                 time.sleep(0.5)  # OpenBLAS's threads spin for a while after a call, taking a core from the next
-                seconds = best(lambda: [microkernel.linear(x, *layer, none, threads) for x, layer in zip(xs, layers)], args.repeats)
+                seconds = best(
+                    lambda: [microkernel.linear(x, *layer, none, threads) for x, layer in zip(xs, layers)], args.repeats
+                )
                 flops, gbs = 2 * rows * n_weights / seconds / 1e9, n_bytes / seconds / 1e9
-                print(f"| {size} | {dtype} | {rows} | {flops:.1f} | {gbs:.1f} | {flops / sgemm:.2f}x of {sgemm:.0f} | {gbs / read:.2f}x of {read:.1f} |", flush=True)
+                print(
+                    f"| {size} | {dtype} | {rows} | {flops:.1f} | {gbs:.1f} | {flops / sgemm:.2f}x of {sgemm:.0f} | {gbs / read:.2f}x of {read:.1f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

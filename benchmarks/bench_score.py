@@ -27,7 +27,9 @@ def torch_logprobs(hf, ids, stride):
         with torch.no_grad():
             logp = torch.log_softmax(hf(torch.tensor([ids[begin:end]])).logits[0], dim=-1)
         first = max(prev_end, begin + 1)
-        out[first:end] = logp[first - 1 - begin : end - 1 - begin].gather(1, torch.tensor(ids[first:end])[:, None])[:, 0].numpy()
+        out[first:end] = (
+            logp[first - 1 - begin : end - 1 - begin].gather(1, torch.tensor(ids[first:end])[:, None])[:, 0].numpy()
+        )
         prev_end = end
         if end == len(ids):
             break
@@ -51,8 +53,10 @@ def main():
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
-    print(f"{torch.get_num_threads()} threads; torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"{args.tokens} tokens, windows of 1024, stride {args.stride}; best of {args.repeats}\n")
+    print(
+        f"{torch.get_num_threads()} threads; torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{args.tokens} tokens, windows of 1024, stride {args.stride}; best of {args.repeats}\n"
+    )
     print("| model | engine | score tok/s | vs torch | mean nll | max abs logprob diff vs torch |")
     print("|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
@@ -71,7 +75,10 @@ def main():
                 rows.append((f"picogpt {dtype}", t, lp))
             for name, t, lp in rows:
                 diff = np.nanmax(np.abs(lp - ref))
-                print(f"| {size} | {name} | {(len(ids) - 1) / t:.0f} | {t_torch / t:.2f}x | {-np.nanmean(lp):.4f} | {diff:.1e} |", flush=True)
+                print(
+                    f"| {size} | {name} | {(len(ids) - 1) / t:.0f} | {t_torch / t:.2f}x | {-np.nanmean(lp):.4f} | {diff:.1e} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,13 @@ def prompt(rng, tokenizer):
 def plan(concurrency, n_requests, think, tokenizer):
     """For each client, its requests: (wait before, ids, text, max_tokens); the same for every server."""
     rng = np.random.default_rng([0, concurrency])
-    return [[(float(rng.exponential(think)), *prompt(rng, tokenizer), int(rng.integers(64, 129))) for _ in range(n_requests)] for _ in range(concurrency)]
+    return [
+        [
+            (float(rng.exponential(think)), *prompt(rng, tokenizer), int(rng.integers(64, 129)))
+            for _ in range(n_requests)
+        ]
+        for _ in range(concurrency)
+    ]
 
 
 async def stream(client, url, body):
@@ -98,7 +104,12 @@ async def stream(client, url, body):
                 times.append(time.perf_counter())
     if not times:
         raise RuntimeError("no text in the stream")
-    return dict(ttft=times[0] - start, gaps=np.diff(times).tolist(), latency=time.perf_counter() - start, tokens=len(times) if usage is None else usage)
+    return dict(
+        ttft=times[0] - start,
+        gaps=np.diff(times).tolist(),
+        latency=time.perf_counter() - start,
+        tokens=len(times) if usage is None else usage,
+    )
 
 
 async def level(url, clients, use_ids, timeout, level_timeout):
@@ -141,13 +152,23 @@ def engine_alone(folder, dtype, clients, parallel):
     run = engine.Engine(model.forward_rows, model.params, model.config, parallel, chunk=chunk, eot=eot)
     for k, v in run.cache:  # the pages touched before timing, as the server does
         k.fill(0), v.fill(0)
-    queue = [(ids, max_tokens) for requests in zip(*clients) for _, ids, _, max_tokens in requests]  # the clients' requests in turn
+    queue = [
+        (ids, max_tokens) for requests in zip(*clients) for _, ids, _, max_tokens in requests
+    ]  # the clients' requests in turn
     times, results = {}, []
     start = time.perf_counter()
     while queue or run.busy:
         while queue and len(run.running) + len(run.waiting) < parallel:
             ids, max_tokens = queue.pop(0)
-            seq = run.add(ids, max_tokens, sampling.picker(ids, options.SamplingParams(temperature=0, logit_bias={EOT: -100.0}), n_vocab=model.config["vocab_size"]))
+            seq = run.add(
+                ids,
+                max_tokens,
+                sampling.picker(
+                    ids,
+                    options.SamplingParams(temperature=0, logit_bias={EOT: -100.0}),
+                    n_vocab=model.config["vocab_size"],
+                ),
+            )
             times[seq.id] = (max_tokens, [time.perf_counter()])
         step = run.step()
         now = time.perf_counter()
@@ -155,7 +176,15 @@ def engine_alone(folder, dtype, clients, parallel):
             times[seq.id][1].append(now)
             if seq.finish is not None:
                 asked, (added, *stamps) = times.pop(seq.id)
-                results.append(dict(ttft=stamps[0] - added, gaps=np.diff(stamps).tolist(), latency=now - added, tokens=len(stamps), asked=asked))
+                results.append(
+                    dict(
+                        ttft=stamps[0] - added,
+                        gaps=np.diff(stamps).tolist(),
+                        latency=now - added,
+                        tokens=len(stamps),
+                        asked=asked,
+                    )
+                )
     return results, [], time.perf_counter() - start
 
 
@@ -178,7 +207,9 @@ def running(command, ready_url, log_path, start_timeout=600):
             deadline = time.monotonic() + start_timeout
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError(f"the server exited ({process.returncode}) before it was ready:\n{tail(log_path)}")
+                    raise RuntimeError(
+                        f"the server exited ({process.returncode}) before it was ready:\n{tail(log_path)}"
+                    )
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the server was not ready after {start_timeout} s:\n{tail(log_path)}")
                 with contextlib.suppress(httpx.HTTPError):
@@ -187,7 +218,11 @@ def running(command, ready_url, log_path, start_timeout=600):
                 time.sleep(0.5)
             yield process
         finally:
-            for stop, wait in [(lambda: process.send_signal(signal.SIGINT), 30), (process.terminate, 10), (process.kill, 10)]:
+            for stop, wait in [
+                (lambda: process.send_signal(signal.SIGINT), 30),
+                (process.terminate, 10),
+                (process.kill, 10),
+            ]:
                 if process.poll() is not None:
                     break
                 stop()
@@ -202,9 +237,37 @@ def tail(path, n=20):
 
 def server_command(server, size_folder, dtype, gguf, port, parallel):
     if server == "picogpt":
-        return [sys.executable, "-m", "picogpt", "serve", "--model", size_folder, "--dtype", dtype, "--port", str(port), "--parallel", str(parallel)], "/health"
-    return [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024", "--n_threads", "2",
-            "--interrupt_requests", "False"], "/v1/models"  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "picogpt",
+            "serve",
+            "--model",
+            size_folder,
+            "--dtype",
+            dtype,
+            "--port",
+            str(port),
+            "--parallel",
+            str(parallel),
+        ], "/health"
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        gguf,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "1024",
+        "--n_threads",
+        "2",
+        "--interrupt_requests",
+        "False",
+    ], "/v1/models"
 
 
 def llama_tokens_differ(gguf, prompts):
@@ -235,7 +298,10 @@ def row(size, name, concurrency, results, errors, wall, single, peer):
     vs_one = f"{rate / single:.2f}x" if single else ""
     vs_peer = f"{rate / peer:.2f}x" if peer else ""
     latency = f"{np.median([r['latency'] for r in results]):.2f}" if results else ""
-    print(f"| {size} | {name} | {concurrency} | {done} | {rate:.1f} | {vs_one} | {vs_peer} | {ms(ttft, 50)} | {ms(ttft, 99)} | {ms(gaps, 50)} | {ms(gaps, 99)} | {latency} |", flush=True)
+    print(
+        f"| {size} | {name} | {concurrency} | {done} | {rate:.1f} | {vs_one} | {vs_peer} | {ms(ttft, 50)} | {ms(ttft, 99)} | {ms(gaps, 50)} | {ms(gaps, 99)} | {latency} |",
+        flush=True,
+    )
     return rate
 
 
@@ -244,8 +310,15 @@ def main():
     p.add_argument("--sizes", nargs="+", default=["gpt2"], choices=["gpt2", "gpt2-medium"])
     p.add_argument("--dtypes", nargs="+", default=["float32", "int8"], choices=list(GGUF_TYPE))
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 8, 16])
-    p.add_argument("--requests", type=int, default=None, help="requests per client (default: 8 at concurrency 1, 3 up to 8, 2 beyond)")
-    p.add_argument("--think", type=float, default=0.5, help="mean seconds a client waits before each request (exponential)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests per client (default: 8 at concurrency 1, 3 up to 8, 2 beyond)",
+    )
+    p.add_argument(
+        "--think", type=float, default=0.5, help="mean seconds a client waits before each request (exponential)"
+    )
     p.add_argument("--servers", nargs="+", default=["picogpt", "llama.cpp"], choices=["picogpt", "llama.cpp", "engine"])
     p.add_argument("--timeout", type=float, default=300, help="seconds per request")
     p.add_argument("--level-timeout", type=float, default=1800, help="seconds per concurrency level of one server")
@@ -256,17 +329,25 @@ def main():
 
     import picogpt
 
-    servers = [s for s in ["llama.cpp", "picogpt", "engine"] if s in args.servers]  # llama.cpp first: picogpt's rows compare with it
+    servers = [
+        s for s in ["llama.cpp", "picogpt", "engine"] if s in args.servers
+    ]  # llama.cpp first: picogpt's rows compare with it
     notes = []
     if "llama.cpp" in servers and not available():
         servers.remove("llama.cpp")
         notes.append("llama.cpp left out: llama-cpp-python is not installed (or its library does not load)")
-    versions = f"picogpt {picogpt.__version__}" + (f", llama-cpp-python {__import__('llama_cpp').__version__}" if "llama.cpp" in servers else "")
-    print(f"{os.cpu_count()} cores; {versions}, httpx {httpx.__version__}; each server alone on 127.0.0.1; prompts of 16-512 random tokens, "
-          f"64-128 new tokens (temperature 0, end-of-text banned), streamed; Poisson waits of mean {args.think} s before each request")  # fmt: skip
+    versions = f"picogpt {picogpt.__version__}" + (
+        f", llama-cpp-python {__import__('llama_cpp').__version__}" if "llama.cpp" in servers else ""
+    )
+    print(
+        f"{os.cpu_count()} cores; {versions}, httpx {httpx.__version__}; each server alone on 127.0.0.1; prompts of 16-512 random tokens, "
+        f"64-128 new tokens (temperature 0, end-of-text banned), streamed; Poisson waits of mean {args.think} s before each request"
+    )
     print()
-    print("| model | server | concurrency | requests done/sent | output tok/s | vs concurrency 1 | vs llama.cpp (same format) "
-          "| TTFT median ms | TTFT p99 ms | TBT median ms | TBT p99 ms | latency median s |")  # fmt: skip
+    print(
+        "| model | server | concurrency | requests done/sent | output tok/s | vs concurrency 1 | vs llama.cpp (same format) "
+        "| TTFT median ms | TTFT p99 ms | TBT median ms | TBT p99 ms | latency median s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -276,33 +357,63 @@ def main():
             ggufs = {}
             if "llama.cpp" in servers:
                 ggufs = gguf_files(folder, types=[GGUF_TYPE[d] for d in args.dtypes], out_dir=os.path.join(tmp, "gguf"))
-                differ = llama_tokens_differ(next(iter(ggufs.values())), [(ids, text) for c in plans.values() for client in c for _, ids, text, _ in client])
+                differ = llama_tokens_differ(
+                    next(iter(ggufs.values())),
+                    [(ids, text) for c in plans.values() for client in c for _, ids, text, _ in client],
+                )
                 if differ:
-                    notes.append(f"{size}: llama.cpp's tokenizer reads {differ} of the prompt texts differently from picogpt's ids")
+                    notes.append(
+                        f"{size}: llama.cpp's tokenizer reads {differ} of the prompt texts differently from picogpt's ids"
+                    )
             for dtype in args.dtypes:
                 rates = {}  # (server, concurrency) -> output tok/s
                 for server in servers:
                     if server == "engine":  # the ceiling: no HTTP, no waits
                         for c in args.concurrency:
                             results, errors, wall = engine_alone(folder, dtype, plans[c], c)
-                            rates[server, c] = row(size, f"picogpt {dtype}, engine alone", c, results, errors, wall, rates.get((server, 1)), rates.get(("llama.cpp", c)))
+                            rates[server, c] = row(
+                                size,
+                                f"picogpt {dtype}, engine alone",
+                                c,
+                                results,
+                                errors,
+                                wall,
+                                rates.get((server, 1)),
+                                rates.get(("llama.cpp", c)),
+                            )
                         continue
                     name = f"picogpt {dtype}" if server == "picogpt" else f"llama.cpp {GGUF_TYPE[dtype]}"
                     port = free_port()
-                    command, ready = server_command(server, folder, dtype, ggufs.get(GGUF_TYPE[dtype]), port, max(args.concurrency))
+                    command, ready = server_command(
+                        server, folder, dtype, ggufs.get(GGUF_TYPE[dtype]), port, max(args.concurrency)
+                    )
                     url = f"http://127.0.0.1:{port}"
                     log_path = os.path.join(tmp, f"{server}-{dtype}.log")
                     with running(command, url + ready, log_path):
-                        warm = [[(0.0, *prompt(np.random.default_rng(1), tokenizer), 8)]]  # first-request costs, not measured
-                        _, errors, _ = asyncio.run(level(url + "/v1/completions", warm, server == "picogpt", args.timeout, args.level_timeout))
+                        warm = [
+                            [(0.0, *prompt(np.random.default_rng(1), tokenizer), 8)]
+                        ]  # first-request costs, not measured
+                        _, errors, _ = asyncio.run(
+                            level(url + "/v1/completions", warm, server == "picogpt", args.timeout, args.level_timeout)
+                        )
                         if errors:
                             notes.append(f"{size} {name}: the warm-up request failed: {errors[0][:300]}")
                         for c in args.concurrency:
-                            results, errors, wall = asyncio.run(level(url + "/v1/completions", plans[c], server == "picogpt", args.timeout, args.level_timeout))
+                            results, errors, wall = asyncio.run(
+                                level(
+                                    url + "/v1/completions",
+                                    plans[c],
+                                    server == "picogpt",
+                                    args.timeout,
+                                    args.level_timeout,
+                                )
+                            )
                             peer = rates.get(("llama.cpp", c)) if server == "picogpt" else None
                             rates[server, c] = row(size, name, c, results, errors, wall, rates.get((server, 1)), peer)
                             if errors:
-                                notes.append(f"{size} {name} concurrency {c}: {len(errors)} failed, first: {errors[0][:300]}")
+                                notes.append(
+                                    f"{size} {name} concurrency {c}: {len(errors)} failed, first: {errors[0][:300]}"
+                                )
     for note in notes:
         print(f"\nNote: {note}", flush=True)
 

@@ -82,7 +82,11 @@ def measure(engines, prompt, long_prompt, new_tokens, repeats):
     results = {}
     for name, t in times.items():
         decode = (min(t["all"]) - min(t["one"])) / (new_tokens - 1)
-        results[name] = {"prefill_tok_s": len(long_prompt) / min(t["prefill"]), "decode_tok_s": 1 / decode, "decode_ms_per_token": 1000 * decode}
+        results[name] = {
+            "prefill_tok_s": len(long_prompt) / min(t["prefill"]),
+            "decode_tok_s": 1 / decode,
+            "decode_ms_per_token": 1000 * decode,
+        }
     return results
 
 
@@ -101,7 +105,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_checkpoint(args.random, tmp) if args.random else picogpt.checkpoint.hub.resolve(args.model)
         model = picogpt.load(folder, backend=args.backend)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()  # default attention (sdpa)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(
+            folder, dtype=torch.float32
+        ).eval()  # default attention (sdpa)
         rng = np.random.default_rng(0)
         prompt = rng.integers(0, 50000, args.prompt_tokens).tolist()
         long_prompt = rng.integers(0, 50000, args.prefill_tokens).tolist()
@@ -115,13 +121,19 @@ def main():
         results = measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
 
     name = args.random and f"random {args.random}" or args.model
-    print(f"{name}: max |logit diff| vs torch = {diff:.2e}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"| engine | prefill {args.prefill_tokens} tok/s | decode tok/s ({args.prompt_tokens}-token prompt, {args.new_tokens} new) |")
+    print(
+        f"{name}: max |logit diff| vs torch = {diff:.2e}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"| engine | prefill {args.prefill_tokens} tok/s | decode tok/s ({args.prompt_tokens}-token prompt, {args.new_tokens} new) |"
+    )
     print("|---|---|---|")
     for engine, r in results.items():
         print(f"| {engine} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
     ours, torch_ = results[f"picogpt {args.backend}"], results["torch"]
-    print(f"picogpt / torch: decode {ours['decode_tok_s'] / torch_['decode_tok_s']:.2f}x, prefill {ours['prefill_tok_s'] / torch_['prefill_tok_s']:.2f}x")
+    print(
+        f"picogpt / torch: decode {ours['decode_tok_s'] / torch_['decode_tok_s']:.2f}x, prefill {ours['prefill_tok_s'] / torch_['prefill_tok_s']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

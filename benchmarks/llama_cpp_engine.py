@@ -93,13 +93,26 @@ def gguf_files(folder, types=("f32", "f16", "q8_0"), out_dir=None):
     source = llama_cpp_source()
     out_dir = out_dir or folder
     os.makedirs(out_dir, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(source, "gguf-py"), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(source, "gguf-py"), os.environ.get("PYTHONPATH")])),
+    )
     paths = {}
     with tempfile.TemporaryDirectory() as staging:
         model_dir = _gpt2_config(folder, staging)
         for outtype in types:
             path = os.path.join(out_dir, f"model-{outtype}.gguf")
-            command = [sys.executable, "-c", CONVERT, os.path.join(source, "convert_hf_to_gguf.py"), model_dir, "--outtype", outtype, "--outfile", path]
+            command = [
+                sys.executable,
+                "-c",
+                CONVERT,
+                os.path.join(source, "convert_hf_to_gguf.py"),
+                model_dir,
+                "--outtype",
+                outtype,
+                "--outfile",
+                path,
+            ]
             command += ["--model-name", os.path.basename(os.path.normpath(folder))]  # not the staging folder's name
             result = subprocess.run(command, env=env, capture_output=True, text=True)
             if result.returncode != 0:
@@ -117,7 +130,14 @@ def llama_generate(path, n_threads=None, n_ctx=1024, **llama_kwargs):
 
     n_threads = n_threads or os.cpu_count()
     llm = llama_cpp.Llama(
-        model_path=path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, n_batch=512, verbose=False, logits_all=False, **llama_kwargs
+        model_path=path,
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        n_batch=512,
+        verbose=False,
+        logits_all=False,
+        **llama_kwargs,
     )
     n_vocab = llm.n_vocab()
 
@@ -185,7 +205,13 @@ def llama_batch_generate(path, n_seq, n_threads=None, n_ctx=1024):
         for i, item in enumerate(items):
             if item[3]:
                 pointer = llama_cpp.llama_get_logits_ith(ctx, i)
-                picks.append(int(np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).argmax()))
+                picks.append(
+                    int(
+                        np.ctypeslib.as_array(
+                            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)
+                        ).argmax()
+                    )
+                )
         return picks
 
     def generate(prompts, n):
@@ -206,7 +232,14 @@ def prompt_logits(path, ids, **llama_kwargs):
     """llama.cpp's logits at every position of `ids`, from a separate logits_all instance."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=max(64, len(ids)), n_threads=os.cpu_count(), verbose=False, logits_all=True, **llama_kwargs)
+    llm = llama_cpp.Llama(
+        model_path=path,
+        n_ctx=max(64, len(ids)),
+        n_threads=os.cpu_count(),
+        verbose=False,
+        logits_all=True,
+        **llama_kwargs,
+    )
     llm.eval(ids)
     logits = llm.scores[: len(ids)].copy()
     llm.close()
@@ -232,7 +265,11 @@ def main():
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = random_checkpoint(args.random, os.path.join(tmp, args.random)) if args.random else picogpt.checkpoint.hub.resolve(args.model)
+        folder = (
+            random_checkpoint(args.random, os.path.join(tmp, args.random))
+            if args.random
+            else picogpt.checkpoint.hub.resolve(args.model)
+        )
         paths = gguf_files(folder, out_dir=os.path.join(tmp, "gguf"))
         for outtype, path in paths.items():
             print(f"{outtype}: {os.path.getsize(path) / 1e6:.0f} MB")
@@ -245,7 +282,10 @@ def main():
         prompt = np.random.default_rng(0).integers(0, 50000, 16).tolist()
 
         expected = model.forward(prompt, **model.params, n_head=model.config["n_head"])
-        for name, kv in [("f16 KV cache (llama.cpp's default)", {}), ("f32 KV cache", dict(type_k=0, type_v=0))]:  # 0 = GGML_TYPE_F32
+        for name, kv in [
+            ("f16 KV cache (llama.cpp's default)", {}),
+            ("f32 KV cache", dict(type_k=0, type_v=0)),
+        ]:  # 0 = GGML_TYPE_F32
             diff = np.abs(prompt_logits(paths["f32"], prompt, **kv) - expected).max()
             print(f"f32 GGUF, {name}: max |logit diff| vs picogpt on the prompt = {diff:.2e}")
 
@@ -254,14 +294,20 @@ def main():
         engines = {t: llama_generate(path, args.threads, n_ctx) for t, path in paths.items()}
         theirs = engines["f32"](prompt, args.check_tokens)
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-        print(f"greedy, {args.check_tokens} tokens after a 16-token prompt: f32 GGUF {'matches picogpt' if same is None else f'differs from picogpt from token {same}'}")
+        print(
+            f"greedy, {args.check_tokens} tokens after a 16-token prompt: f32 GGUF {'matches picogpt' if same is None else f'differs from picogpt from token {same}'}"
+        )
         if same is not None:
             print(f"  picogpt:   {ours}\n  llama.cpp: {theirs}")
 
         long_prompt = np.random.default_rng(1).integers(0, 50000, min(512, n_ctx - 1)).tolist()
-        engines = {f"llama.cpp {t}": engine for t, engine in engines.items()} | {"picogpt numba": picogpt_generate(model)}
+        engines = {f"llama.cpp {t}": engine for t, engine in engines.items()} | {
+            "picogpt numba": picogpt_generate(model)
+        }
         results = measure(engines, prompt, long_prompt, min(args.new_tokens, n_ctx - len(prompt)), args.repeats)
-    print(f"quick speeds (best of {args.repeats}, noisy): 16-token prompt + {args.new_tokens} new; prefill {len(long_prompt)} tokens")
+    print(
+        f"quick speeds (best of {args.repeats}, noisy): 16-token prompt + {args.new_tokens} new; prefill {len(long_prompt)} tokens"
+    )
     for engine, r in results.items():
         print(f"  {engine:14} decode {r['decode_tok_s']:7.1f} tok/s   prefill {r['prefill_tok_s']:7.0f} tok/s")
 

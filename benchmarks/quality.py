@@ -3,7 +3,7 @@
     python benchmarks/quality.py --model tiny             # the trained model that ships with picogpt
     python benchmarks/quality.py --random gpt2            # random weights of gpt2's real shapes
 
-For each dtype, on the held-out tenth of the tiny model's corpus (benchmarks/tiny_corpus.py: Python's
+For each dtype, on the held-out tenth of the tiny model's corpus (tools/tiny/tiny_corpus.py: Python's
 help topics and standard-library docstrings), tokenized with the model's own tokenizer:
 
 - perplexity: exp of the mean negative log-likelihood of every token after the first, in
@@ -27,7 +27,7 @@ from picogpt import formats, tokenizer
 from picogpt.checkpoint import hub
 from picogpt.engine import decode_tokens
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools", "tiny"))
 from tiny_corpus import heldout_text  # noqa: E402
 
 
@@ -113,7 +113,9 @@ def main():
 
     base = results["float32"]["perplexity"] if "float32" in results else None
     name = f"random {args.random}" if args.random else args.model
-    print(f"{name}: held-out text of benchmarks/tiny_corpus.py, {results[args.dtypes[0]]['tokens']} tokens scored; greedy: {args.new_tokens} tokens after a 32-token prompt")
+    print(
+        f"{name}: held-out text of tools/tiny/tiny_corpus.py, {results[args.dtypes[0]]['tokens']} tokens scored; greedy: {args.new_tokens} tokens after a 32-token prompt"
+    )
     print("| dtype | perplexity | vs float32 | relative RMS logit error | greedy agreement | identical greedy prefix |")
     print("|---|---|---|---|---|---|")
     for dtype, r in results.items():

@@ -19,9 +19,25 @@ _WHERE = {
     "Model": "api",
     "SamplingParams": "sampling",
     "load_tokenizer": "tokenizer",
-    **{name: "model" for name in ["gpt2", "kv_cache", "gelu", "softmax", "layer_norm", "linear", "ffn", "attention", "mha", "transformer_block"]},
+    **{
+        name: "model"
+        for name in [
+            "gpt2",
+            "kv_cache",
+            "gelu",
+            "softmax",
+            "layer_norm",
+            "linear",
+            "ffn",
+            "attention",
+            "mha",
+            "transformer_block",
+        ]
+    },
 }
-SUBMODULES = tuple(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))  # modules and subpackages
+SUBMODULES = tuple(
+    m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")
+)  # modules and subpackages
 __all__ = list(_WHERE)
 
 

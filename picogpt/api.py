@@ -5,11 +5,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checkpoint import converted, hub, params as weights
-from . import formats, model, sampling, scoring, tokenizer as tok, warmup
-from .options import SamplingParams
+from . import formats, model, sampling, scoring, warmup
+from . import tokenizer as tok
+from .checkpoint import converted, hub
+from .checkpoint import params as weights
 from .engine import decode_rows, rows_one_by_one
 from .log import warn
+from .options import SamplingParams
 from .text import detokenizer
 
 
@@ -46,8 +48,10 @@ class Model:
         c = self.config
         n = sum(int(np.prod(shape)) for shape in weights.expected_shapes(c).values())
         backend = "numpy" if self.forward is model.gpt2 else "numba"
-        return (f"<picogpt.Model {self.name or self.folder}: {self.dtype}, {c['n_layer']} layers, {c['n_head']} heads, "
-                f"width {c['n_embd']}, context {c['n_positions']}, {n / 1e6:.1f}M parameters, {backend} backend>")  # fmt: skip
+        return (
+            f"<picogpt.Model {self.name or self.folder}: {self.dtype}, {c['n_layer']} layers, {c['n_head']} heads, "
+            f"width {c['n_embd']}, context {c['n_positions']}, {n / 1e6:.1f}M parameters, {backend} backend>"
+        )
 
     @property
     def dtype(self):
@@ -63,7 +67,9 @@ class Model:
         (i, piece) pairs, i the prompt's index, and prompt i samples with its own random stream, seed + i,
         so it gets the text a single run with seed + i gives."""
         batch = not isinstance(prompt, str)
-        for row, _, piece, _ in self._decode(prompt if batch else [prompt], sampling_params(params, options), stats=stats):
+        for row, _, piece, _ in self._decode(
+            prompt if batch else [prompt], sampling_params(params, options), stats=stats
+        ):
             if piece:
                 yield (row, piece) if batch else piece
 
@@ -88,8 +94,12 @@ class Model:
         prompt string gets a list of one."""
         prompts = prompt_list(prompts)
         stats, chosen = {}, [[] for _ in prompts] if logprobs else None
-        out = [dict(text="", token_ids=[], finish_reason="length", prompt_tokens=0, generated_tokens=0) for _ in prompts]
-        for row, token, piece, finish in self._decode(prompts, sampling_params(params, options), stats=stats, logprobs=chosen):
+        out = [
+            dict(text="", token_ids=[], finish_reason="length", prompt_tokens=0, generated_tokens=0) for _ in prompts
+        ]
+        for row, token, piece, finish in self._decode(
+            prompts, sampling_params(params, options), stats=stats, logprobs=chosen
+        ):
             out[row]["text"] += piece
             if token is not None:
                 out[row]["generated_tokens"] += 1
@@ -116,8 +126,14 @@ class Model:
             stats["row_prompt_tokens"] = [len(i) for i in ids]
 
         def picker(row):
-            chosen = None if logprobs is None else lambda logits, token: logprobs[row].append(float(scoring.log_softmax_at(logits[None], [token])[0]))
-            return sampling.picker(ids[row], params, None if params.seed is None else params.seed + row, n_vocab, chosen)
+            chosen = (
+                None
+                if logprobs is None
+                else lambda logits, token: logprobs[row].append(float(scoring.log_softmax_at(logits[None], [token])[0]))
+            )
+            return sampling.picker(
+                ids[row], params, None if params.seed is None else params.seed + row, n_vocab, chosen
+            )
 
         texts = [detokenizer(self.tokenizer, params.stop) for _ in prompts]
         stopped = set()  # rows at end of text or a stop string: decode_rows drops them
@@ -128,7 +144,9 @@ class Model:
             if stats is not None:
                 stats["compile_seconds"] = compiled
         picks = [picker(row) for row in range(len(prompts))]
-        for step in decode_rows(forward_rows, self.params, self.config, ids, max_new_tokens, picks, eot, stopped, stats):
+        for step in decode_rows(
+            forward_rows, self.params, self.config, ids, max_new_tokens, picks, eot, stopped, stats
+        ):
             for row, token in step:
                 piece, finished = texts[row](token)
                 if finished:

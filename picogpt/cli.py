@@ -1,6 +1,7 @@
 """The command line: `picogpt generate "hello world" --model gpt2-medium`."""
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -8,7 +9,6 @@ import sys
 
 from . import __version__
 from .options import FIELDS, FLAGS, SERVE, SamplingParams
-
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")  # formats.DTYPES, without importing NumPy before --threads
 DTYPE_HELP = "weight format: float32, float16 (half the bytes, the fast 16-bit one), bfloat16 or int8 (blocks of 32 with a scale each)"
@@ -19,15 +19,33 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"picogpt: error: {message} (see {self.prog} --help)\n")
 
 
-
-
 def model_options(p, run=True):
-    p.add_argument("--model", "-m", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny (ships with picogpt), a hub repo id (org/name) or a local folder (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        "-m",
+        default="gpt2",
+        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny (ships with picogpt), a hub repo id (org/name) or a local folder (default: %(default)s)",
+    )
     p.add_argument("--revision", default=None, help="a branch, tag or commit of a hub model (default: main)")
     if run:
-        p.add_argument("--dtype", choices=DTYPES, default=None, help=f"{DTYPE_HELP} (default: as the checkpoint holds it, float32 for ordinary checkpoints)")
-        p.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels and BLAS (default: all cores, or NUMBA_NUM_THREADS)")
-        p.add_argument("--backend", choices=["numba", "numpy"], default="numba", help="numba kernels, or the pure NumPy reference (default: %(default)s)")
+        p.add_argument(
+            "--dtype",
+            choices=DTYPES,
+            default=None,
+            help=f"{DTYPE_HELP} (default: as the checkpoint holds it, float32 for ordinary checkpoints)",
+        )
+        p.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="CPU threads for the kernels and BLAS (default: all cores, or NUMBA_NUM_THREADS)",
+        )
+        p.add_argument(
+            "--backend",
+            choices=["numba", "numpy"],
+            default="numba",
+            help="numba kernels, or the pure NumPy reference (default: %(default)s)",
+        )
 
 
 class Failed(Exception):
@@ -39,14 +57,12 @@ class BadOption(Failed):
 
 
 def parser():
+    # One option a line, as --help lists them:
+    # fmt: off
     p = Parser(prog="picogpt", description="GPT-2 inference in NumPy.")
     p.add_argument("--version", action="version", version=f"picogpt {__version__}")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    g = commands.add_parser(
-        "generate",
-        help="continue a prompt and stream the text to stdout",
-        description="Continue PROMPT with a GPT-2 model, streaming the new text to stdout as it is decoded.",
-    )
+    g = commands.add_parser("generate", help="continue a prompt and stream the text to stdout", description="Continue PROMPT with a GPT-2 model, streaming the new text to stdout as it is decoded.")
     g.add_argument("prompt", help='the text to continue; "" starts a new text from <|endoftext|>, - reads it from stdin')
     model_options(g)
     g.add_argument("--max-new-tokens", "-n", type=int, default=FIELDS["max_new_tokens"].default, help="generate at most this many tokens (default: %(default)s)")
@@ -60,53 +76,30 @@ def parser():
     g.add_argument("--json", action="store_true", help="print one JSON object per sample (text, token ids, finish reason, counts, timings) and nothing else")
     g.add_argument("--logprobs", action="store_true", help="with --json: each new token's log-probability under the model")
     g.add_argument("--verbose", "-v", action="store_true", help="print prompt and generation speed (tokens/s) to stderr (default: off)")
-    s = commands.add_parser(
-        "score",
-        help="perplexity of a text file",
-        description="Score FILE's text: token count, mean negative log-likelihood, perplexity, bits per byte. "
-        "Texts longer than the context slide a window of the context length by --stride tokens.",
-    )
+    s = commands.add_parser("score", help="perplexity of a text file", description="Score FILE's text: token count, mean negative log-likelihood, perplexity, bits per byte. Texts longer than the context slide a window of the context length by --stride tokens.")
     s.add_argument("file", help="a UTF-8 text file, or - for standard input")
     model_options(s)
     s.add_argument("--stride", type=int, default=None, help="tokens between the starts of windows (default: half the context)")
     s.add_argument("--json", action="store_true", help="print the totals and every token's id, text and log-probability as JSON")
-    i = commands.add_parser(
-        "info",
-        help="a model's config, size, files and memory needs",
-        description="Print MODEL's config, parameter count, files (where they are cached) and the memory its weights need in each dtype.",
-    )
+    i = commands.add_parser("info", help="a model's config, size, files and memory needs", description="Print MODEL's config, parameter count, files (where they are cached) and the memory its weights need in each dtype.")
     model_options(i, run=False)
     i.add_argument("--check", action="store_true", help="also scan every tensor for NaN and infinite values and name the bad ones")
     i.add_argument("--json", action="store_true", help="print it as JSON")
-    v = commands.add_parser(
-        "serve",
-        help="serve a model over HTTP with OpenAI's completions API",
-        description="Serve MODEL over HTTP with OpenAI's completions API (/v1/completions, streaming included), "
-        "decoding the requests together (continuous batching). Ctrl-C or SIGTERM stops it; running requests end with what they have.",
-    )
+    v = commands.add_parser("serve", help="serve a model over HTTP with OpenAI's completions API", description="Serve MODEL over HTTP with OpenAI's completions API (/v1/completions, streaming included), decoding the requests together (continuous batching). Ctrl-C or SIGTERM stops it; running requests end with what they have.")
     model_options(v)
     v.add_argument("--host", default=SERVE["host"], help="the address to listen on (default: %(default)s; 0.0.0.0 for every interface)")
     v.add_argument("--port", type=int, default=SERVE["port"], help="the port to listen on (default: %(default)s)")
     v.add_argument("--parallel", type=int, default=SERVE["parallel"], help="the most sequences decoded together: rows of the KV cache (default: %(default)s)")
     v.add_argument("--queue", type=int, default=SERVE["queue"], help="the most sequences waiting beyond --parallel; more get 429 (default: %(default)s)")
     v.add_argument("--chunk", type=int, default=SERVE["chunk"], help="prompt tokens prefilled per decoding step, so long prompts do not stall running streams (default: %(default)s)")
-    d = commands.add_parser(
-        "download",
-        help="fetch and check a hub model ahead of time, so later runs work offline",
-        description="Fetch NAME from the Hugging Face hub into its cache (or refresh it there), read every "
-        "safetensors header and check the shapes against config.json.",
-    )
+    d = commands.add_parser("download", help="fetch and check a hub model ahead of time, so later runs work offline", description="Fetch NAME from the Hugging Face hub into its cache (or refresh it there), read every safetensors header and check the shapes against config.json.")
     d.add_argument("name", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 or a hub repo id (org/name)")
     d.add_argument("--revision", default=None, help="a branch, tag or commit (default: main)")
-    c = commands.add_parser(
-        "convert",
-        help="convert a model's weights once and save them in a folder",
-        description="Convert MODEL's weights to --dtype and write a checkpoint folder that `--model OUT_FOLDER` "
-        "loads memory-mapped, with nothing to convert at load time.",
-    )
+    c = commands.add_parser("convert", help="convert a model's weights once and save them in a folder", description="Convert MODEL's weights to --dtype and write a checkpoint folder that `--model OUT_FOLDER` loads memory-mapped, with nothing to convert at load time.")
     c.add_argument("model", help="gpt2, gpt2-medium, ..., tiny, a hub repo id (org/name) or a local folder")
     c.add_argument("out_folder", help="the folder to write (config.json, model.safetensors, vocab.json, merges.txt)")
     c.add_argument("--dtype", choices=DTYPES, required=True, help=DTYPE_HELP)
+    # fmt: on
     return p
 
 
@@ -126,10 +119,18 @@ def check(args):
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if getattr(args, "threads", None) is not None and args.threads > cores():
-        print(f"picogpt: --threads {args.threads} is more than the {plural(cores(), 'core')} here: using {cores()}", file=sys.stderr)
+        print(
+            f"picogpt: --threads {args.threads} is more than the {plural(cores(), 'core')} here: using {cores()}",
+            file=sys.stderr,
+        )
         args.threads = cores()
     if args.command == "serve":
-        for flag, value, low, high in [("--port", args.port, 0, 65535), ("--parallel", args.parallel, 1, 256), ("--queue", args.queue, 0, 100000), ("--chunk", args.chunk, 1, 256)]:
+        for flag, value, low, high in [
+            ("--port", args.port, 0, 65535),
+            ("--parallel", args.parallel, 1, 256),
+            ("--queue", args.queue, 0, 100000),
+            ("--chunk", args.chunk, 1, 256),
+        ]:
             if not low <= value <= high:
                 raise ValueError(f"{flag} must be from {low} to {high}, got {value}")
         return
@@ -156,7 +157,9 @@ def generate(args):
     if args.json:  # one JSON object per sample, when the batch is done, and nothing else on stdout
         for i, sample in enumerate(model.complete([prompt] * args.num_samples, logprobs=args.logprobs, params=params)):
             seed = None if args.seed is None else args.seed + i
-            print(json.dumps({"sample": i, "seed": seed, **sample, "model": args.model, "dtype": model.dtype}), flush=True)
+            print(
+                json.dumps({"sample": i, "seed": seed, **sample, "model": args.model, "dtype": model.dtype}), flush=True
+            )
         return
     stats, later = {}, [""] * args.num_samples
     # --num-samples N: one batch of N rows, row i sampled with seed + i. Row 0 streams as it is decoded,
@@ -176,7 +179,9 @@ def generate(args):
     if args.verbose and stats:
         prompt_rate = stats["prompt_tokens"] / max(stats["prefill_seconds"], 1e-9)
         decode_rate = stats["new_tokens"] / max(stats.get("decode_seconds", 0), 1e-9)
-        compiled = f"kernels compiled in {stats['compile_seconds']:.1f} s (once); " if stats.get("compile_seconds") else ""
+        compiled = (
+            f"kernels compiled in {stats['compile_seconds']:.1f} s (once); " if stats.get("compile_seconds") else ""
+        )
         warn(
             f"{compiled}prompt: {plural(stats['prompt_tokens'], 'token')} in {stats['prefill_seconds']:.2f} s ({prompt_rate:.1f} tokens/s); "
             f"generated: {plural(stats['new_tokens'], 'token')} in {stats.get('decode_seconds', 0):.2f} s ({decode_rate:.1f} tokens/s"
@@ -189,7 +194,9 @@ def convert(args):
     from .checkpoint import converted, hub
     from .log import warn
 
-    converted.write(hub.resolve(args.model), args.dtype, args.out_folder)  # tensor by tensor, the way --dtype keeps its copies
+    converted.write(
+        hub.resolve(args.model), args.dtype, args.out_folder
+    )  # tensor by tensor, the way --dtype keeps its copies
     size = os.path.getsize(os.path.join(args.out_folder, "model.safetensors"))
     warn(f"wrote {args.out_folder}: {args.dtype} weights, {size / 1e6:.1f} MB; load it with --model {args.out_folder}")
 
@@ -206,18 +213,37 @@ def score(args):
     n_ctx = model.config["n_positions"]
     stride = n_ctx // 2 if args.stride is None else args.stride
     if len(ids) < 2:
-        raise Failed(f"{'standard input' if args.file == '-' else args.file} holds {plural(len(ids), 'token')}; scoring needs at least 2")
+        raise Failed(
+            f"{'standard input' if args.file == '-' else args.file} holds {plural(len(ids), 'token')}; scoring needs at least 2"
+        )
     if stride >= n_ctx:
         raise BadOption(f"--stride must be less than the model's context of {n_ctx} tokens, got {stride}")
-    with tqdm(total=max(len(ids) - 1, 0), unit="tok", desc="scoring", file=sys.stderr, disable=True if len(ids) <= n_ctx else None) as bar:
+    with tqdm(
+        total=max(len(ids) - 1, 0),
+        unit="tok",
+        desc="scoring",
+        file=sys.stderr,
+        disable=True if len(ids) <= n_ctx else None,
+    ) as bar:
         logprobs = model.logprobs(ids, stride, progress=lambda n: (checkpoint(), bar.update(n)))
-    totals = {"model": args.model, "dtype": model.dtype, **summary(model.tokenizer, ids, logprobs), "n_ctx": n_ctx, "stride": stride}
+    totals = {
+        "model": args.model,
+        "dtype": model.dtype,
+        **summary(model.tokenizer, ids, logprobs),
+        "n_ctx": n_ctx,
+        "stride": stride,
+    }
     if args.json:
         pieces = [model.tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace") for t in ids]
-        tokens = [{"id": t, "text": p, "logprob": None if i == 0 else float(lp)} for i, (t, p, lp) in enumerate(zip(ids, pieces, logprobs))]
+        tokens = [
+            {"id": t, "text": p, "logprob": None if i == 0 else float(lp)}
+            for i, (t, p, lp) in enumerate(zip(ids, pieces, logprobs))
+        ]
         print(json.dumps({**totals, "token_logprobs": tokens}))
         return
-    print(f"tokens        {totals['tokens']} ({totals['scored_tokens']} scored, {totals['bytes']} bytes; windows of {n_ctx} tokens, stride {stride})")
+    print(
+        f"tokens        {totals['tokens']} ({totals['scored_tokens']} scored, {totals['bytes']} bytes; windows of {n_ctx} tokens, stride {stride})"
+    )
     print(f"nll           {totals['nll']:.4f} nats per token")
     print(f"perplexity    {totals['perplexity']:.3f}")
     print(f"bits per byte {totals['bits_per_byte']:.4f}")
@@ -238,7 +264,9 @@ def info(args):
     else:
         mb = lambda n: f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} kB"  # noqa: E731
         print(f"model       {args.model}" + (f" (revision {args.revision})" if args.revision else ""))
-        print(f"config      {about['n_layer']} layers, {about['n_head']} heads, width {about['n_embd']}, context {about['n_positions']}, vocabulary {about['vocab_size']}")
+        print(
+            f"config      {about['n_layer']} layers, {about['n_head']} heads, width {about['n_embd']}, context {about['n_positions']}, vocabulary {about['vocab_size']}"
+        )
         print(f"parameters  {about['parameters']:,}")
         print(f"stored as   {about['stored_as']}")
         print(f"folder      {about['folder']}")
@@ -248,10 +276,18 @@ def info(args):
         for i, (dtype, copy) in enumerate(about["converted"].items()):  # what --dtype has kept (converted.py)
             print(f"{'converted' if i == 0 else '':<12}{dtype:<9}{mb(copy['bytes']):>10}  {copy['folder']}")
         if args.check:
-            print("check       " + (", ".join(f"{name}: {n} NaN or infinite" for name, n in about["non_finite"].items()) or "every tensor is finite"))
+            print(
+                "check       "
+                + (
+                    ", ".join(f"{name}: {n} NaN or infinite" for name, n in about["non_finite"].items())
+                    or "every tensor is finite"
+                )
+            )
     if about.get("non_finite"):
         n = len(about["non_finite"])
-        raise Failed(f"{n} tensor{'s hold' if n > 1 else ' holds'} NaN or infinite values ({', '.join(about['non_finite'])}): the checkpoint is damaged; download or save it again")
+        raise Failed(
+            f"{n} tensor{'s hold' if n > 1 else ' holds'} NaN or infinite values ({', '.join(about['non_finite'])}): the checkpoint is damaged; download or save it again"
+        )
 
 
 def download(args):
@@ -260,7 +296,9 @@ def download(args):
 
     folder = manage.download(args.name, args.revision)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in manage.hub.checkpoint_files(folder))
-    warn(f"{args.name} is ready in {folder} ({size / 1e6:,.1f} MB, checked against its config): it now loads with no network")
+    warn(
+        f"{args.name} is ready in {folder} ({size / 1e6:,.1f} MB, checked against its config): it now loads with no network"
+    )
 
 
 def serve(args):
@@ -322,17 +360,26 @@ def main(argv=None):
             # chunk took 6x as long: README, Serving).
             for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 os.environ[name] = "1"
+        from .checkpoint.params import CheckpointError
         from .sampling import NonFiniteError
         from .tokenizer import TokenizerError
-        from .checkpoint.params import CheckpointError
 
         try:
-            {"generate": generate, "score": score, "info": info, "download": download, "convert": convert, "serve": serve}[args.command](args)
+            {
+                "generate": generate,
+                "score": score,
+                "info": info,
+                "download": download,
+                "convert": convert,
+                "serve": serve,
+            }[args.command](args)
         except BrokenPipeError:  # e.g. piped into `head`: not an error worth a message
             sys.stderr.close()
             return 1
         except (CheckpointError, TokenizerError, OSError, NonFiniteError, Failed) as e:
-            message = str(e).replace("--model MODEL", f"--model {getattr(args, 'model', 'MODEL')}")  # NaN logits: name the model
+            message = str(e).replace(
+                "--model MODEL", f"--model {getattr(args, 'model', 'MODEL')}"
+            )  # NaN logits: name the model
             print(f"picogpt: error: {message}", file=sys.stderr)
             return 2 if isinstance(e, BadOption) else 1
         checkpoint()  # a Ctrl-C that a C callback swallowed near the end
@@ -396,10 +443,8 @@ def entry():
     except KeyboardInterrupt:  # between main's last line and this one
         code = interrupted()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more to say
-            pass
     os._exit(code)
 
 

@@ -33,7 +33,13 @@ class Sequence:
 
     def __init__(self, ids, max_new_tokens, pick, score=None, slide=False):
         self.id = next(self._ids)
-        self.prompt, self.max_new_tokens, self.pick, self.score, self.slide = list(ids), max_new_tokens, pick, score, slide
+        self.prompt, self.max_new_tokens, self.pick, self.score, self.slide = (
+            list(ids),
+            max_new_tokens,
+            pick,
+            score,
+            slide,
+        )
         self.context = []  # tokens whose keys and values are in the cache row, from position 0
         self.todo = list(ids)  # tokens to feed: the prompt (in chunks), then each picked token
         self.row, self.finish, self.new_tokens = None, None, 0
@@ -101,9 +107,13 @@ class Engine:
             raise ValueError("an empty prompt: give at least one token")
         if len(ids) > self.n_cache:
             if not slide:
-                raise ValueError(f"the prompt has {len(ids)} tokens, more than the {self.n_cache} positions a row holds")
+                raise ValueError(
+                    f"the prompt has {len(ids)} tokens, more than the {self.n_cache} positions a row holds"
+                )
             if not self.cut:  # once, as the sliding window's note
-                self.say(f"a prompt has {len(ids)} tokens, more than the model's context of {self.n_cache}: keeping the last {self.n_cache}")
+                self.say(
+                    f"a prompt has {len(ids)} tokens, more than the model's context of {self.n_cache}: keeping the last {self.n_cache}"
+                )
                 self.cut = True
             ids = ids[-self.n_cache :]
         seq = Sequence(ids, max_new_tokens, pick, score, slide)
@@ -180,10 +190,18 @@ class Engine:
         """The forward pass: logits [rows, n_vocab], one row per sequence (its last token's), or one
         per token fed when a sequence's prompt is being scored (batch.every)."""
         fed = batch.fed
-        inputs, rows, past = [seq.todo[:n] for seq, n in fed], [seq.row for seq, _ in fed], [len(seq.context) for seq, _ in fed]
-        logits = self.forward_rows(inputs, **self.params, **self.hyper, cache=self.cache, rows=rows, past=past, last=not batch.every)
+        inputs, rows, past = (
+            [seq.todo[:n] for seq, n in fed],
+            [seq.row for seq, _ in fed],
+            [len(seq.context) for seq, _ in fed],
+        )
+        logits = self.forward_rows(
+            inputs, **self.params, **self.hyper, cache=self.cache, rows=rows, past=past, last=not batch.every
+        )
         newest = max(seq.new_tokens for seq, _ in fed)
-        sampling.check_finite(logits, f"the step choosing new token {newest + 1}" if newest else "the prompt, choosing new token 1")
+        sampling.check_finite(
+            logits, f"the step choosing new token {newest + 1}" if newest else "the prompt, choosing new token 1"
+        )
         return logits
 
     def update(self, batch, logits):
@@ -216,7 +234,9 @@ class Engine:
             elif seq.slide:  # GPT-2's positions are absolute: drop the oldest quarter, prefill the rest again
                 drop = max(1, self.n_ctx // 4)
                 if not self.slid:
-                    self.say(f"the context of {self.n_ctx} tokens is full: sliding the window, dropping the oldest {drop} tokens at a time")
+                    self.say(
+                        f"the context of {self.n_ctx} tokens is full: sliding the window, dropping the oldest {drop} tokens at a time"
+                    )
                     self.slid = True
                 seq.todo, seq.context = seq.context[drop:] + [token], []
             else:
@@ -257,7 +277,9 @@ def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eo
 def decode_tokens(forward, params, config, ids, max_new_tokens, pick, stats=None):
     """Yield up to max_new_tokens token ids following `ids`, one forward step per token: decode_rows
     for one row, which leaves stopping (at end of text too) to the caller."""
-    for [(_, token)] in decode_rows(rows_one_by_one(forward), params, config, [ids], max_new_tokens, [pick], None, stats=stats):
+    for [(_, token)] in decode_rows(
+        rows_one_by_one(forward), params, config, [ids], max_new_tokens, [pick], None, stats=stats
+    ):
         yield token
 
 
@@ -265,7 +287,10 @@ def rows_one_by_one(forward):
     """forward_rows for a one-sequence forward pass (model.gpt2): each row on its own, in turn."""
 
     def forward_rows(inputs, cache, rows, past, last=True, **params):
-        outs = [forward(ids, **params, cache=[(k[r], v[r]) for k, v in cache], past=p, last=last) for ids, r, p in zip(inputs, rows, past)]
+        outs = [
+            forward(ids, **params, cache=[(k[r], v[r]) for k, v in cache], past=p, last=last)
+            for ids, r, p in zip(inputs, rows, past)
+        ]
         return np.concatenate([o[-1:] if last else o for o in outs])
 
     return forward_rows

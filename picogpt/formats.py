@@ -38,25 +38,86 @@ class Q8(NamedTuple):
     scales: np.ndarray  # float32 [n_blocks(in), out]
 
 
+class FormatError(ValueError):
+    """A weight that cannot be stored in the asked-for format (for example beyond float16's range)."""
+
+
+# ---- each format's behaviour: float32 [in, out] <-> packed ------------------------------------------
+
+
+def _check_finite(w, dtype):
+    if not np.isfinite(w).all():
+        raise FormatError(f"it has NaN or infinite values, which {dtype} cannot scale or round meaningfully")
+
+
+def _pack_f16(w):
+    _check_finite(w, "float16")
+    if np.abs(w).max(initial=0) > F16_MAX:
+        raise FormatError(
+            f"it has values beyond float16's range (+-{F16_MAX:g}); use bfloat16, which has float32's range"
+        )
+    return F16(np.ascontiguousarray(w.astype(np.float16)).view(np.uint16))  # rounds to nearest even
+
+
+def _pack_bf16(w):
+    _check_finite(w, "bfloat16")
+    bits = np.ascontiguousarray(w).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)  # round to nearest even on the 16 dropped bits
+    return BF16((rounded >> 16).astype(np.uint16))
+
+
+def _pack_q8(w):
+    _check_finite(w, "int8")
+    blocks = _blocks(w)  # [n_blocks, 32, out], zero-padded rows
+    scales = np.abs(blocks).max(axis=1) / np.float32(127)  # [n_blocks, out]
+    safe = np.where(scales == 0, np.float32(1), scales)
+    q = np.rint(blocks / safe[:, None]).astype(np.int8)  # |q| <= 127: symmetric, no -128
+    return Q8(np.ascontiguousarray(q.reshape(-1, w.shape[1])[: w.shape[0]]), np.ascontiguousarray(scales, np.float32))
+
+
+def _blocks(w):
+    n_in, n_out = w.shape
+    pad = -n_in % BLOCK
+    if pad:
+        w = np.concatenate([w, np.zeros((pad, n_out), w.dtype)])
+    return w.reshape(-1, BLOCK, n_out)
+
+
+def _dequantize_f16(w):
+    return w.data.view(np.float16).astype(np.float32)  # exact: every float16 is a float32
+
+
+def _dequantize_bf16(w):
+    return (w.data.astype(np.uint32) << 16).view(np.float32)  # exact
+
+
+def _dequantize_q8(w):
+    return w.data * np.repeat(w.scales, BLOCK, axis=0)[: w.data.shape[0]]  # [in, out] float32
+
+
 class Format(NamedTuple):
-    """One weight format: everything the other modules need to know about it."""
+    """One weight format and its behaviour, as ggml's type traits: every module asks this table."""
 
     name: str  # as --dtype spells it
     cls: type  # what holds a weight: a float32 ndarray, or one of the named tuples above
     tag: str  # the safetensors dtype its data is stored as
     array: type  # the NumPy dtype its data is held in (float16 and bfloat16 as their uint16 bits)
     scales: bool  # a float32 scale per BLOCK input rows and output (int8)
+    bytes_per_weight: float  # what batch-1 decoding reads per weight (int8: 1 + 4 / BLOCK for its scales)
+    pack: object  # float32 [in, out] (C order, finite) -> a weight of this format
+    dequantize: object  # a weight of this format -> float32 [in, out]: the NumPy reference the kernels match
 
 
-# The one table of formats: weights.py, converted.py, manage.py and the kernels read it (cli.py keeps
-# the names in a copy, as it must not import NumPy before --threads is set; a test holds them equal).
+# The one table of formats: params.py, converted.py, manage.py, the kernels and the CLI read it (the
+# CLI keeps the names in a copy, as it must not import NumPy before --threads is set; a test holds
+# them equal). The microkernel widens each format in registers as its WIDEN table says, keyed by name.
 FORMATS = {
     f.name: f
     for f in (
-        Format("float32", np.ndarray, "F32", np.float32, False),
-        Format("float16", F16, "F16", np.uint16, False),
-        Format("bfloat16", BF16, "BF16", np.uint16, False),
-        Format("int8", Q8, "I8", np.int8, True),
+        Format("float32", np.ndarray, "F32", np.float32, False, 4, lambda w: w, lambda w: w),
+        Format("float16", F16, "F16", np.uint16, False, 2, _pack_f16, _dequantize_f16),
+        Format("bfloat16", BF16, "BF16", np.uint16, False, 2, _pack_bf16, _dequantize_bf16),
+        Format("int8", Q8, "I8", np.int8, True, 1 + 4 / BLOCK, _pack_q8, _dequantize_q8),
     )
 }
 DTYPES = tuple(FORMATS)
@@ -82,57 +143,24 @@ def nbytes_of(n_in, n_out, dtype):
     return sum(np.dtype(HELD[tag]).itemsize * n * m for _, tag, (n, m) in arrays(n_in, n_out, dtype))
 
 
-class FormatError(ValueError):
-    """A weight that cannot be stored in the asked-for format (for example beyond float16's range)."""
-
-
-# ---- packing: float32 [in, out] -> packed ----------------------------------------------------------
+def held_shape(name, shape, dtype):
+    """The shape a checkpoint tensor is held in, in `dtype`: as stored, but a packed wte holds wte.T,
+    [n_embd, n_vocab], so that the lm_head is an ordinary [in, out] linear (the one place this rule lives)."""
+    return tuple(shape[::-1]) if name == "wte.weight" and dtype != "float32" else tuple(shape)
 
 
 def pack(w, dtype):
     """Pack a float32 [in, out] matrix into `dtype` (float32 is returned as is)."""
-    w = np.ascontiguousarray(w, np.float32)  # C order in, C order out: the kernels are compiled for it
-    if dtype == "float32":
-        return w
-    if not np.isfinite(w).all():
-        raise FormatError(f"it has NaN or infinite values, which {dtype} cannot scale or round meaningfully")
-    if dtype == "float16":
-        if np.abs(w).max(initial=0) > F16_MAX:
-            raise FormatError(f"it has values beyond float16's range (+-{F16_MAX:g}); use bfloat16, which has float32's range")
-        return F16(np.ascontiguousarray(w.astype(np.float16)).view(np.uint16))  # rounds to nearest even
-    if dtype == "bfloat16":
-        bits = np.ascontiguousarray(w).view(np.uint32)
-        rounded = bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)  # round to nearest even on the 16 dropped bits
-        return BF16((rounded >> 16).astype(np.uint16))
-    if dtype == "int8":
-        blocks = _blocks(w)  # [n_blocks, 32, out], zero-padded rows
-        scales = np.abs(blocks).max(axis=1) / np.float32(127)  # [n_blocks, out]
-        safe = np.where(scales == 0, np.float32(1), scales)
-        q = np.rint(blocks / safe[:, None]).astype(np.int8)  # |q| <= 127: symmetric, no -128
-        return Q8(np.ascontiguousarray(q.reshape(-1, w.shape[1])[: w.shape[0]]), np.ascontiguousarray(scales, np.float32))
-    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-
-
-def _blocks(w):
-    n_in, n_out = w.shape
-    pad = -n_in % BLOCK
-    if pad:
-        w = np.concatenate([w, np.zeros((pad, n_out), w.dtype)])
-    return w.reshape(-1, BLOCK, n_out)
-
-
-# ---- the NumPy reference: packed -> float32 ------------------------------------------------------
+    if dtype not in FORMATS:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return FORMATS[dtype].pack(
+        np.ascontiguousarray(w, np.float32)
+    )  # C order in, C order out: the kernels are compiled for it
 
 
 def dequantize(w):
-    """The float32 [in, out] matrix a packed weight stands for (a float32 array is returned as is)."""
-    if isinstance(w, F16):
-        return w.data.view(np.float16).astype(np.float32)  # exact: every float16 is a float32
-    if isinstance(w, BF16):
-        return (w.data.astype(np.uint32) << 16).view(np.float32)  # exact
-    if isinstance(w, Q8):
-        return w.data * np.repeat(w.scales, BLOCK, axis=0)[: w.data.shape[0]]  # [in, out] float32
-    return w
+    """The float32 [in, out] matrix a weight stands for (a float32 array is returned as is)."""
+    return w if isinstance(w, np.ndarray) else FORMATS[DTYPE_OF[type(w)]].dequantize(w)
 
 
 def columns(w, ids):

@@ -94,9 +94,13 @@ def token_ids(inputs, wte, wpe, past=0):
     if ids.ndim != 1 or len(ids) == 0 or ids.dtype.kind not in "iu":
         raise ValueError(f"inputs must be a non-empty list of token ids (whole numbers), got {inputs!r}")
     if ids.min() < 0 or ids.max() >= n_vocab:
-        raise ValueError(f"inputs hold token id {ids.min() if ids.min() < 0 else ids.max()}, outside the vocabulary of {n_vocab}")
+        raise ValueError(
+            f"inputs hold token id {ids.min() if ids.min() < 0 else ids.max()}, outside the vocabulary of {n_vocab}"
+        )
     if past + len(ids) > len(wpe):
-        raise ValueError(f"inputs run to position {past + len(ids)}, past the model's context of {len(wpe)} (n_positions)")
+        raise ValueError(
+            f"inputs run to position {past + len(ids)}, past the model's context of {len(wpe)} (n_positions)"
+        )
     return ids.astype(np.int64)
 
 

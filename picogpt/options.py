@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-MAX_SEED = 2**64 - 1  # seeds are whole numbers from 0 to this: what NumPy's generators take (any non-negative int) and 64 bits hold
+MAX_SEED = (
+    2**64 - 1
+)  # seeds are whole numbers from 0 to this: what NumPy's generators take (any non-negative int) and 64 bits hold
 
 
 def _whole(v):
@@ -46,19 +48,56 @@ class Field(NamedTuple):
 
 
 FIELDS = {
-    "max_new_tokens": Field(50, lambda v: _whole(v) and v >= 0, "a whole number >= 0", "--max-new-tokens", "max_tokens", 16),
-    "temperature": Field(1.0, lambda v: _number(v) and v >= 0, "a number >= 0 (0 is greedy)", "--temperature", "temperature",
-                         openai_check=lambda v: _number(v) and 0 <= v <= 2, openai_wants="a number from 0 to 2"),
-    "top_k": Field(50, lambda v: v is None or (_whole(v) and v >= 1), "a whole number >= 1", "--top-k", "top_k", None, python=" (or None for no limit)",
-                   openai_check=lambda v: v is None or (_whole(v) and v >= 1), openai_wants="a whole number >= 1"),
+    "max_new_tokens": Field(
+        50, lambda v: _whole(v) and v >= 0, "a whole number >= 0", "--max-new-tokens", "max_tokens", 16
+    ),
+    "temperature": Field(
+        1.0,
+        lambda v: _number(v) and v >= 0,
+        "a number >= 0 (0 is greedy)",
+        "--temperature",
+        "temperature",
+        openai_check=lambda v: _number(v) and 0 <= v <= 2,
+        openai_wants="a number from 0 to 2",
+    ),
+    "top_k": Field(
+        50,
+        lambda v: v is None or (_whole(v) and v >= 1),
+        "a whole number >= 1",
+        "--top-k",
+        "top_k",
+        None,
+        python=" (or None for no limit)",
+        openai_check=lambda v: v is None or (_whole(v) and v >= 1),
+        openai_wants="a whole number >= 1",
+    ),
     "top_p": Field(1.0, lambda v: _number(v) and 0 < v <= 1, "in (0, 1]", "--top-p", "top_p"),
-    "repetition_penalty": Field(1.0, lambda v: _number(v) and v > 0, "a number > 0 (1 turns it off)", "--repetition-penalty", "repetition_penalty"),
-    "presence_penalty": Field(0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2", None, "presence_penalty"),
-    "frequency_penalty": Field(0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2", None, "frequency_penalty"),
-    "logit_bias": Field((), _bias, "token ids with biases", None, "logit_bias"),  # (token, bias) pairs: protocol reads OpenAI's object
+    "repetition_penalty": Field(
+        1.0,
+        lambda v: _number(v) and v > 0,
+        "a number > 0 (1 turns it off)",
+        "--repetition-penalty",
+        "repetition_penalty",
+    ),
+    "presence_penalty": Field(
+        0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2", None, "presence_penalty"
+    ),
+    "frequency_penalty": Field(
+        0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2", None, "frequency_penalty"
+    ),
+    "logit_bias": Field(
+        (), _bias, "token ids with biases", None, "logit_bias"
+    ),  # (token, bias) pairs: protocol reads OpenAI's object
     "stop": Field((), _stops, "non-empty strings", "--stop", "stop"),
-    "seed": Field(None, lambda v: v is None or is_seed(v), "a whole number from 0 to 2**64 - 1", "--seed", "seed", python=" or None"),
-}  # fmt: skip
+    "seed": Field(
+        None,
+        lambda v: v is None or is_seed(v),
+        "a whole number from 0 to 2**64 - 1",
+        "--seed",
+        "seed",
+        python=" or None",
+    ),
+}
 
 
 class BadValue(ValueError):

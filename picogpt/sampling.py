@@ -40,14 +40,20 @@ def picker(prompt, params, seed=None, n_vocab=None, chosen=None):
     log-probabilities)."""
     p = params
     rng, seen, counts = np.random.default_rng(p.seed if seed is None else seed), list(prompt), {}
-    bias = (np.fromiter((t for t, _ in p.logit_bias), np.int64), np.fromiter((b for _, b in p.logit_bias), np.float32)) if p.logit_bias else None
+    bias = (
+        (np.fromiter((t for t, _ in p.logit_bias), np.int64), np.fromiter((b for _, b in p.logit_bias), np.float32))
+        if p.logit_bias
+        else None
+    )
 
     def pick(logits):
         raw = logits = logits[:n_vocab]
         if bias is not None:
             logits = logits.copy()
             logits[bias[0]] += bias[1]
-        logits = presence_frequency(penalize(logits, seen, p.repetition_penalty), counts, p.presence_penalty, p.frequency_penalty)
+        logits = presence_frequency(
+            penalize(logits, seen, p.repetition_penalty), counts, p.presence_penalty, p.frequency_penalty
+        )
         token = sample(logits, rng, p.temperature, p.top_k, p.top_p)
         seen.append(token)
         counts[token] = counts.get(token, 0) + 1

@@ -38,14 +38,18 @@ def logprobs(forward, params, config, ids, stride=None, progress=None):
     n_ctx, n_head = config["n_positions"], config["n_head"]
     stride = n_ctx // 2 if stride is None else stride
     if not (isinstance(stride, int) and 1 <= stride < n_ctx):  # a window needs context before its first scored token
-        raise ValueError(f"stride must be a whole number from 1 to {n_ctx - 1} (the context length - 1), got {stride!r}")
+        raise ValueError(
+            f"stride must be a whole number from 1 to {n_ctx - 1} (the context length - 1), got {stride!r}"
+        )
     ids = np.asarray(ids)
     if ids.ndim != 1 or (len(ids) and ids.dtype.kind not in "iu"):
         raise ValueError(f"ids must be a list of token ids (whole numbers), got {ids!r}")
     if len(ids) < 2:
         raise ValueError(f"scoring needs a text of at least 2 tokens, got {len(ids)}")
     if ids.min() < 0 or ids.max() >= config["vocab_size"]:
-        raise ValueError(f"ids hold token id {ids.min() if ids.min() < 0 else ids.max()}, outside the vocabulary of {config['vocab_size']}")
+        raise ValueError(
+            f"ids hold token id {ids.min() if ids.min() < 0 else ids.max()}, outside the vocabulary of {config['vocab_size']}"
+        )
     ids = ids.astype(np.int64)
     run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
     cache = model.kv_cache(config["n_layer"], n_head, n_ctx, config["n_embd"])
@@ -57,7 +61,9 @@ def logprobs(forward, params, config, ids, stride=None, progress=None):
         check_finite(logits, f"token {first}")
         out[first] = log_softmax_at(logits, ids[first : first + 1])[0]
         if end - first > 1:
-            logits = forward(ids[first : end - 1], **params, **run, cache=cache, past=first - begin)  # [end-1-first, n_vocab]
+            logits = forward(
+                ids[first : end - 1], **params, **run, cache=cache, past=first - begin
+            )  # [end-1-first, n_vocab]
             check_finite(logits, f"tokens {first + 1} to {end - 1}")
             out[first + 1 : end] = log_softmax_at(logits, ids[first + 1 : end])
         if progress:

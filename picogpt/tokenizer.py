@@ -58,7 +58,9 @@ def load_tokenizer(folder):
         raise TokenizerError(f"{vocab_path} holds no tokens: download or save the checkpoint again")
     missing = [c for c in bytes_to_unicode().values() if c not in vocab]
     if missing:
-        raise TokenizerError(f"{vocab_path} lacks {len(missing)} of GPT-2's 256 single-byte tokens (such as {missing[0]!r}): it is not a GPT-2 byte-level vocabulary")
+        raise TokenizerError(
+            f"{vocab_path} lacks {len(missing)} of GPT-2's 256 single-byte tokens (such as {missing[0]!r}): it is not a GPT-2 byte-level vocabulary"
+        )
     try:
         ranks = {decode(c): vocab[c] for c in bytes_to_unicode().values()}
         if sorted(ranks.values()) != list(range(256)):

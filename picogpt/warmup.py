@@ -15,10 +15,11 @@ import numpy as np
 
 from . import formats
 
-COMPILE_SECONDS = "6 to 8"  # measured on this project's 2-core machine: README, "The first run compiles"
-N_CTX = 288  # the small model's context: a real prompt is mapped to at most SHORT + 1 tokens
+N_CTX = 288  # the small model's context: a real prompt is mapped to at most MICROKERNEL_ROWS + 1 tokens
 N_VOCAB = 64  # the small model's vocabulary
-SHORT = 256  # the most prompt tokens that the microkernel takes (kernels.ROWS_MAX) instead of BLAS
+MICROKERNEL_ROWS = (
+    256  # the most prompt tokens the microkernel takes instead of BLAS: kernels.ROWS_MAX, without importing Numba
+)
 
 
 def small_params(params, n_embd=64, n_vocab=N_VOCAB):
@@ -31,8 +32,18 @@ def small_params(params, n_embd=64, n_vocab=N_VOCAB):
         return np.full(n, 0.01, np.float32)
 
     block, n_inner = params["h"][0], 4 * n_embd  # (every block has the formats of the first)
-    shapes = {("attn", "c_attn"): (n_embd, 3 * n_embd), ("attn", "c_proj"): (n_embd, n_embd), ("mlp", "c_fc"): (n_embd, n_inner), ("mlp", "c_proj"): (n_inner, n_embd)}
-    small = {"ln_1": {"weight": vector(n_embd), "bias": vector(n_embd)}, "ln_2": {"weight": vector(n_embd), "bias": vector(n_embd)}, "attn": {}, "mlp": {}}
+    shapes = {
+        ("attn", "c_attn"): (n_embd, 3 * n_embd),
+        ("attn", "c_proj"): (n_embd, n_embd),
+        ("mlp", "c_fc"): (n_embd, n_inner),
+        ("mlp", "c_proj"): (n_inner, n_embd),
+    }
+    small = {
+        "ln_1": {"weight": vector(n_embd), "bias": vector(n_embd)},
+        "ln_2": {"weight": vector(n_embd), "bias": vector(n_embd)},
+        "attn": {},
+        "mlp": {},
+    }
     for (part, name), shape in shapes.items():
         small[part][name] = {"weight": weight(shape, block[part][name]["weight"]), "bias": vector(shape[1])}
     wte = params["wte"]["weight"]  # a packed wte holds wte.T
@@ -63,7 +74,7 @@ class Compiling:
                 if self.depth == 0:
                     if not Compiling.said and self.say:
                         Compiling.said = True
-                        self.say(f"compiling the kernels for this CPU, once: about {COMPILE_SECONDS} s (later runs load them from Numba's cache)")
+                        self.say("compiling the kernels for this CPU, once (later runs load them from Numba's cache)")
                     self.started = time.perf_counter()
                 self.depth += 1
 
@@ -95,9 +106,15 @@ def warm_up(model, prompts=(), max_new_tokens=1, score=False, say=None):
     distinct, small = {}, []
     for ids in prompts:
         k = distinct.setdefault(tuple(ids), len(distinct))
-        small.append([k % N_VOCAB] + [0] * (min(len(ids), SHORT + 1) - 1))
+        small.append([k % N_VOCAB] + [0] * (min(len(ids), MICROKERNEL_ROWS + 1) - 1))
     fills = bool(prompts) and max(map(len, prompts)) + max_new_tokens > model.config["n_positions"]  # the window slides
-    done = (model.forward, tuple(formats.dtype_of(w) for w in weights_of(model.params)), tuple(map(tuple, small)), fills, score)
+    done = (
+        model.forward,
+        tuple(formats.dtype_of(w) for w in weights_of(model.params)),
+        tuple(map(tuple, small)),
+        fills,
+        score,
+    )
     if done in _warm:
         return 0.0
     params, config = small_params(model.params)
@@ -106,7 +123,11 @@ def warm_up(model, prompts=(), max_new_tokens=1, score=False, say=None):
         if prompts:
             steps = N_CTX - max(map(len, small)) + 3 if fills else 3
             stopped = set()
-            for i, _ in enumerate(decode_rows(forward_rows, params, config, small, steps, [lambda logits: 0] * len(small), None, stopped, say=None)):
+            for i, _ in enumerate(
+                decode_rows(
+                    forward_rows, params, config, small, steps, [lambda logits: 0] * len(small), None, stopped, say=None
+                )
+            ):
                 if i == steps - 2:  # the others stop (at the end of their text): one row left, the batch-1 path
                     stopped.update(range(1, len(small)))
         if score:

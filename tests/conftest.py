@@ -43,7 +43,11 @@ def save_checkpoint(hf, folder, layout="pretrained", max_shard_size=None):
         os.makedirs(folder, exist_ok=True)
         hf.config.to_json_file(os.path.join(folder, "config.json"))
         n = hf.config.n_positions
-        tensors = {k.removeprefix("transformer."): v.detach().numpy().copy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        tensors = {
+            k.removeprefix("transformer."): v.detach().numpy().copy()
+            for k, v in hf.state_dict().items()
+            if k != "lm_head.weight"
+        }
         for i in range(hf.config.n_layer):
             tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((n, n), np.float32))[None, None]
             tensors[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)

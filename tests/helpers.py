@@ -22,7 +22,9 @@ def free_port():
 def start(*options, deadline=180):
     """A `picogpt serve --model tiny` process and its base URL, once /health says 200."""
     port = free_port()
-    process = subprocess.Popen([PICOGPT, "serve", "--model", "tiny", "--port", str(port), *options], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [PICOGPT, "serve", "--model", "tiny", "--port", str(port), *options], stderr=subprocess.PIPE, text=True
+    )
     url, end = f"http://127.0.0.1:{port}", time.monotonic() + deadline
     while time.monotonic() < end:
         if process.poll() is not None:

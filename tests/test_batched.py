@@ -11,9 +11,9 @@ from conftest import assert_close, random_gpt2
 
 import picogpt
 from picogpt import formats, kernels, model
-from picogpt.kernels import ops
-from picogpt.engine import decode_rows, decode_tokens, rows_one_by_one
 from picogpt.checkpoint.params import to_params
+from picogpt.engine import decode_rows, decode_tokens, rows_one_by_one
+from picogpt.kernels import ops
 
 rng = np.random.default_rng(7)
 
@@ -152,7 +152,9 @@ def test_generate_a_list_equals_each_prompt_alone_with_seed_plus_i(tiny):
 def test_numpy_backend_batches_one_row_at_a_time(tiny):
     forward_rows = rows_one_by_one(model.gpt2)
     m = picogpt.load(tiny[0], backend="numpy")
-    assert m.generate(["a", "bc"], max_new_tokens=8, seed=1) == picogpt.load(tiny[0]).generate(["a", "bc"], max_new_tokens=8, seed=1)
+    assert m.generate(["a", "bc"], max_new_tokens=8, seed=1) == picogpt.load(tiny[0]).generate(
+        ["a", "bc"], max_new_tokens=8, seed=1
+    )
     cache = model.kv_cache(2, 2, 64, 32, n_rows=2)
     got = forward_rows([[1, 2], [3]], **m.params, n_head=2, cache=cache, rows=[1, 0], past=[0, 0])
     assert_close(got[0], model.gpt2([1, 2], **m.params, n_head=2)[-1])

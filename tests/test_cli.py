@@ -51,7 +51,9 @@ def test_prompt_from_stdin(tiny):
     args = [PICOGPT, "generate", "-", "--model", tiny[0], "-n", "6", "--seed", "2"]
     from_stdin = subprocess.run(args, input="Once upon a time\n", capture_output=True, text=True, timeout=300)
     assert from_stdin.returncode == 0, from_stdin.stderr
-    assert from_stdin.stdout == run("generate", "Once upon a time\n", "--model", tiny[0], "-n", "6", "--seed", "2").stdout
+    assert (
+        from_stdin.stdout == run("generate", "Once upon a time\n", "--model", tiny[0], "-n", "6", "--seed", "2").stdout
+    )
 
 
 def test_verbose_reports_speed_on_stderr(tiny):
@@ -66,14 +68,31 @@ def test_long_prompt_is_cut_with_a_note(tiny):
 
 def test_help_documents_every_option():
     out = run("generate", "--help").stdout
-    for option in ["--model", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--stop", "--num-samples", "--verbose"]:
+    for option in [
+        "--model",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--seed",
+        "--stop",
+        "--num-samples",
+        "--verbose",
+    ]:
         assert option in out
     assert "default: 50" in out and run("--help").returncode == 0
 
 
 @pytest.mark.parametrize(
     "option,value,name",
-    [("--temperature", "-1", "--temperature"), ("--top-p", "1.5", "--top-p"), ("--top-k", "0", "--top-k"), ("--max-new-tokens", "-3", "--max-new-tokens"), ("--num-samples", "0", "--num-samples"), ("--repetition-penalty", "0", "--repetition-penalty")],
+    [
+        ("--temperature", "-1", "--temperature"),
+        ("--top-p", "1.5", "--top-p"),
+        ("--top-k", "0", "--top-k"),
+        ("--max-new-tokens", "-3", "--max-new-tokens"),
+        ("--num-samples", "0", "--num-samples"),
+        ("--repetition-penalty", "0", "--repetition-penalty"),
+    ],
 )
 def test_bad_sampling_values(tiny, option, value, name):
     assert_one_line_error(run("generate", "hi", "--model", tiny[0], option, value), name)
@@ -81,8 +100,16 @@ def test_bad_sampling_values(tiny, option, value, name):
 
 def test_unknown_model_without_network(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    assert_one_line_error(run("generate", "hi", "--model", "gpt2-medium", env=env), "openai-community/gpt2-medium", "HF_HUB_OFFLINE", "tiny", "local folder")
-    assert_one_line_error(run("generate", "hi", "--model", "nobody/nothing", env=env), "nobody/nothing", "the model tiny")
+    assert_one_line_error(
+        run("generate", "hi", "--model", "gpt2-medium", env=env),
+        "openai-community/gpt2-medium",
+        "HF_HUB_OFFLINE",
+        "tiny",
+        "local folder",
+    )
+    assert_one_line_error(
+        run("generate", "hi", "--model", "nobody/nothing", env=env), "nobody/nothing", "the model tiny"
+    )
     assert_one_line_error(run("generate", "hi", "--model", "not a valid/repo id!", env=env), "unknown model")
     assert_one_line_error(run("generate", "hi", "--model", "./no-such-folder", env=env), "no such folder")
 
@@ -118,10 +145,11 @@ def test_checkpoint_errors(broken):
 def test_ctrl_c_keeps_what_was_printed(tiny):
     proc = subprocess.Popen(
         [PICOGPT, "generate", "Hello", "--model", tiny[0], "-n", "100000", "--seed", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         # a shell starting pytest in the background ignores SIGINT in its children: as at a terminal
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    )
     first = os.read(proc.stdout.fileno(), 100)  # unbuffered: wait until text is streaming
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -165,14 +193,16 @@ def test_dtype_and_convert(tiny, tmp_path, dtype):
 def test_bad_dtype_values(tiny, tmp_path):
     assert_one_line_error(run("generate", "hi", "--model", tiny[0], "--dtype", "int4"), "--dtype", "int8")
     assert_one_line_error(run("convert", tiny[0], str(tmp_path / "x")), "--dtype")
-    from conftest import random_gpt2
     import torch
+    from conftest import random_gpt2
 
     hf = random_gpt2(seed=5)
     with torch.no_grad():
         hf.transformer.h[0].attn.c_attn.weight[1, 2] = -7e4  # beyond float16
     folder = save_checkpoint(hf, str(tmp_path / "big"))
-    assert_one_line_error(run("generate", "hi", "--model", folder, "--dtype", "float16"), "h.0.attn.c_attn.weight", "bfloat16")
+    assert_one_line_error(
+        run("generate", "hi", "--model", folder, "--dtype", "float16"), "h.0.attn.c_attn.weight", "bfloat16"
+    )
     assert_one_line_error(run("convert", folder, str(tmp_path / "y"), "--dtype", "float16"), "bfloat16")
 
 
@@ -196,6 +226,8 @@ def test_bad_dtype_values(tiny, tmp_path):
     ],
 )
 def test_every_bad_option_value_exits_2_with_one_line_naming_it(args, flag):
-    result = subprocess.run([PICOGPT, *args, "--model", "tiny"], input="some text to score", capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [PICOGPT, *args, "--model", "tiny"], input="some text to score", capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2, result.stderr
     assert_one_line_error(result, flag)

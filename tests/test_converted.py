@@ -13,7 +13,8 @@ from conftest import random_gpt2, save_checkpoint
 
 import picogpt
 from picogpt import cli, formats, model
-from picogpt.checkpoint import converted, params as weights
+from picogpt.checkpoint import converted
+from picogpt.checkpoint import params as weights
 
 PACKED = ["float16", "bfloat16", "int8"]
 IDS = [464, 1351, 286, 262, 2829, 13, 50256, 0, 318]
@@ -45,7 +46,7 @@ def assert_same_params(got, expected):
 
 
 def in_memory(folder, dtype):
-    return formats.convert(weights.load_params(folder)[0], dtype)
+    return formats.convert(weights.read_params(folder)[0], dtype)
 
 
 def mapped(array):
@@ -71,7 +72,7 @@ def test_first_load_writes_a_copy_equal_to_converting_in_memory(tiny, cache, cap
     assert capsys.readouterr().err == f"picogpt: converted {os.path.basename(folder)} to {dtype} once, kept in {copy}\n"
     assert loaded.dtype == dtype
     assert_same_params(loaded.params, in_memory(folder, dtype))
-    assert weights.load_params(copy)[2] == dtype  # an ordinary converted checkpoint folder
+    assert weights.read_params(copy)[2] == dtype  # an ordinary converted checkpoint folder
 
 
 def test_a_second_load_maps_the_copy_and_converts_nothing(tiny, cache, capsys, monkeypatch):
@@ -104,11 +105,15 @@ def test_chunked_conversion_is_exact_for_odd_shapes(tmp_path, cache, monkeypatch
     folder = save_checkpoint(hf, str(tmp_path / "odd"))
     if source_dtype != "float32":  # a checkpoint `picogpt convert` wrote, converted to the other formats
         folder = str(tmp_path / "odd-int8")
-        weights.save_params(in_memory(str(tmp_path / "odd"), "int8"), hf.config.to_dict(), folder, str(tmp_path / "odd"))
+        weights.save_params(
+            in_memory(str(tmp_path / "odd"), "int8"), hf.config.to_dict(), folder, str(tmp_path / "odd")
+        )
     monkeypatch.setattr(converted, "CHUNK_BYTES", 1024)
     for dtype in formats.DTYPES:
         if dtype != source_dtype:
-            assert_same_params(converted.load_params(folder, dtype)[0], in_memory(folder, dtype))  # vocab 1000: no tokenizer for it
+            assert_same_params(
+                converted.load_params(folder, dtype)[0], in_memory(folder, dtype)
+            )  # vocab 1000: no tokenizer for it
 
 
 def test_a_replaced_model_file_is_converted_again(tmp_path, cache, capsys):
@@ -170,7 +175,10 @@ def test_a_cache_that_cannot_be_written_falls_back_to_converting_in_memory(tiny,
     monkeypatch.setenv("PICOGPT_CACHE", str(blocker / "cache"))
     loaded = picogpt.load(tiny[0], backend="numpy", dtype="int8")
     where = os.path.join(str(blocker), "cache", "converted")
-    assert capsys.readouterr().err == f"picogpt: cannot keep a converted copy in {where} (Not a directory): converting in memory\n"
+    assert (
+        capsys.readouterr().err
+        == f"picogpt: cannot keep a converted copy in {where} (Not a directory): converting in memory\n"
+    )
     assert_same_params(loaded.params, in_memory(tiny[0], "int8"))
 
 
@@ -187,7 +195,10 @@ def test_a_copy_interrupted_halfway_leaves_nothing_behind(tiny, cache, monkeypat
     monkeypatch.setattr(converted, "convert_tensor", fail_at_the_fifth_tensor)
     if isinstance(error, OSError):  # a full disk: the copy is given up, the weights converted in memory
         loaded = picogpt.load(tiny[0], backend="numpy", dtype="int8")
-        assert capsys.readouterr().err.splitlines()[-1] == f"picogpt: cannot keep a converted copy in {cache} (No space left on device): converting in memory"
+        assert (
+            capsys.readouterr().err.splitlines()[-1]
+            == f"picogpt: cannot keep a converted copy in {cache} (No space left on device): converting in memory"
+        )
         assert_same_params(loaded.params, in_memory(tiny[0], "int8"))
     else:
         with pytest.raises(KeyboardInterrupt):
@@ -210,12 +221,16 @@ def test_info_lists_the_valid_copies(tmp_path, cache, capsys):
     assert sorted(copies) == ["float16", "int8"]
     for dtype, copy in copies.items():
         assert copy["folder"] == converted.folder(folder, dtype)
-        assert copy["bytes"] == sum(os.path.getsize(os.path.join(copy["folder"], f)) for f in os.listdir(copy["folder"]))
+        assert copy["bytes"] == sum(
+            os.path.getsize(os.path.join(copy["folder"], f)) for f in os.listdir(copy["folder"])
+        )
     assert cli.main(["info", "--model", folder]) == 0
     text = capsys.readouterr().out
     assert converted.folder(folder, "int8") in text and converted.folder(folder, "float16") in text
     path = os.path.join(folder, "model.safetensors")
-    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1))  # the source changed: no copy is valid
+    os.utime(
+        path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1)
+    )  # the source changed: no copy is valid
     assert info(folder, capsys) == {}
 
 
@@ -223,10 +238,16 @@ def test_info_lists_the_valid_copies(tmp_path, cache, capsys):
 def test_convert_writes_what_converting_in_memory_and_saving_wrote(tiny, tmp_path, cache, dtype):
     folder, out, before = tiny[0], str(tmp_path / "out"), str(tmp_path / "before")
     assert cli.main(["convert", folder, out, "--dtype", dtype]) == 0
-    weights.save_params(in_memory(folder, dtype), weights.read_config(folder), before, folder)  # how convert wrote it before
-    assert sorted(os.listdir(out)) == sorted(os.listdir(before)) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    weights.save_params(
+        in_memory(folder, dtype), weights.read_config(folder), before, folder
+    )  # how convert wrote it before
+    assert (
+        sorted(os.listdir(out))
+        == sorted(os.listdir(before))
+        == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    )
     for name in os.listdir(before):
         with open(os.path.join(out, name), "rb") as a, open(os.path.join(before, name), "rb") as b:
             assert a.read() == b.read(), name
-    assert weights.load_params(out)[2] == dtype
+    assert weights.read_params(out)[2] == dtype
     assert not os.path.exists(cache)  # convert writes where it is told, keeps no copy of its own

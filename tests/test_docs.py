@@ -24,8 +24,9 @@ import time
 
 import httpx
 import pytest
-
 from helpers import free_port
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
@@ -64,7 +65,13 @@ def runs_offline(command, made):
     words = shlex.split(command, comments=True)
     if "picogpt" not in words or "serve" in words or "download" in words:
         return False
-    model = words[words.index("--model") + 1] if "--model" in words else words[words.index("convert") + 1] if "convert" in words else None
+    model = (
+        words[words.index("--model") + 1]
+        if "--model" in words
+        else words[words.index("convert") + 1]
+        if "convert" in words
+        else None
+    )
     return model == "tiny" or model in made
 
 
@@ -90,13 +97,18 @@ def close(got, want, rtol=1e-4):
     pattern = ".*".join(re.escape(masked(part)) for part in want.split("..."))
     if not re.fullmatch(pattern, masked(got)):
         return False
-    return "..." in want or all(abs(float(a) - float(b)) <= rtol * max(1.0, abs(float(b))) for a, b in zip(NUMBER.findall(got), NUMBER.findall(want)))
+    return "..." in want or all(
+        abs(float(a) - float(b)) <= rtol * max(1.0, abs(float(b)))
+        for a, b in zip(NUMBER.findall(got), NUMBER.findall(want))
+    )
 
 
 def same(got, want, rtol):
     if isinstance(want, dict):
         keys = set(want) - set(VARIES)
-        return isinstance(got, dict) and set(got) - set(VARIES) == keys and all(same(got[k], want[k], rtol) for k in keys)
+        return (
+            isinstance(got, dict) and set(got) - set(VARIES) == keys and all(same(got[k], want[k], rtol) for k in keys)
+        )
     if isinstance(want, list):
         return isinstance(got, list) and len(got) == len(want) and all(same(a, b, rtol) for a, b in zip(got, want))
     if isinstance(want, float) and isinstance(got, (int, float)):
@@ -109,7 +121,11 @@ def cases():
         for language, lines in blocks(path):
             if language in ("", "console", "sh", "bash") and any(line.startswith("$ ") for line in lines):
                 yield pytest.param(path, "shell", lines, id=f"{os.path.basename(path)}:{lines[0][:50]}")
-            elif language == "python" and any(line.startswith("# ") for line in lines) and re.search(r'"tiny"', "\n".join(lines)):
+            elif (
+                language == "python"
+                and any(line.startswith("# ") for line in lines)
+                and re.search(r'"tiny"', "\n".join(lines))
+            ):
                 yield pytest.param(path, "python", lines, id=f"{os.path.basename(path)}:python:{lines[0][:40]}")
 
 
@@ -125,7 +141,9 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
-    process = subprocess.Popen([os.path.join(BIN, "picogpt"), "serve", "--model", "tiny", "--port", str(port)], stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [os.path.join(BIN, "picogpt"), "serve", "--model", "tiny", "--port", str(port)], stderr=subprocess.DEVNULL
+    )
     url, end = f"http://127.0.0.1:{port}", time.monotonic() + 180
     while time.monotonic() < end:
         try:
@@ -145,7 +163,9 @@ def same_json(got, want):
 
 
 def check_curl(command, output, port):
-    run = subprocess.run(command.replace("localhost:8000", f"127.0.0.1:{port}"), shell=True, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        command.replace("localhost:8000", f"127.0.0.1:{port}"), shell=True, capture_output=True, text=True, timeout=60
+    )
     got = [line for line in run.stdout.splitlines() if line.strip()]
     want = [line for line in output if line.strip()]
     i = 0
@@ -154,22 +174,32 @@ def check_curl(command, output, port):
             while i < len(got) and k + 1 < len(want) and not same_json(got[i], want[k + 1]):
                 i += 1
             continue
-        assert i < len(got) and same_json(got[i], line), f"{command}\nwant: {line}\ngot:  {got[i] if i < len(got) else '(nothing)'}"
+        assert i < len(got) and same_json(got[i], line), (
+            f"{command}\nwant: {line}\ngot:  {got[i] if i < len(got) else '(nothing)'}"
+        )
         i += 1
     assert i == len(got), f"{command}: more output than shown: {got[i:]}"
 
 
 @pytest.mark.parametrize("path, kind, lines", list(cases()))
 def test_shown_output_is_what_the_code_prints(path, kind, lines, workdir, request, tmp_path):
-    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "PICOGPT_CACHE": os.path.join(workdir, ".cache")}
+    env = {
+        **os.environ,
+        "PATH": BIN + os.pathsep + os.environ["PATH"],
+        "PICOGPT_CACHE": os.path.join(workdir, ".cache"),
+    }
     if kind == "python":
         code = "\n".join(lines)
         if "127.0.0.1:8000" in code:
             code = code.replace("127.0.0.1:8000", f"127.0.0.1:{request.getfixturevalue('server')}")
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=workdir, env=env, timeout=300)
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=workdir, env=env, timeout=300
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         printed, shown = run.stdout.splitlines(), [line[2:] for line in lines if line.startswith("# ")]
-        assert len(printed) == len(shown) and all(close(a, b) for a, b in zip(printed, shown)), f"shown:\n{shown}\nprinted:\n{printed}"
+        assert len(printed) == len(shown) and all(close(a, b) for a, b in zip(printed, shown)), (
+            f"shown:\n{shown}\nprinted:\n{printed}"
+        )
         return
     made = set(os.listdir(workdir))  # folders written by earlier commands
     for command, output in commands(lines):

@@ -98,7 +98,9 @@ def test_rows_are_reused_waiting_sequences_are_admitted_and_cancel_frees(m):
         if not engine.busy:
             break
         engine.step()
-    assert [s.finish for s in seqs] == ["cancelled", "length", "length", "cancelled"] and [s.new_tokens for s in seqs[1:3]] == [5, 5]
+    assert [s.finish for s in seqs] == ["cancelled", "length", "length", "cancelled"] and [
+        s.new_tokens for s in seqs[1:3]
+    ] == [5, 5]
     assert sorted(engine.free) == [0, 1]
 
 
@@ -107,7 +109,9 @@ def test_score_sees_every_prompt_logit_and_the_context_end_is_length(m):
     prompt = [int(t) for t in np.random.default_rng(2).integers(0, 50257, n_ctx - 2)]
     scored = []
     engine = Engine(m.forward_rows, m.params, m.config, n_rows=1, chunk=9)
-    seq = engine.add(prompt, 10, lambda logits: 7, score=lambda logits, targets: scored.append((logits.copy(), list(targets))))
+    seq = engine.add(
+        prompt, 10, lambda logits: 7, score=lambda logits, targets: scored.append((logits.copy(), list(targets)))
+    )
     for _ in range(20):
         if not engine.busy:
             break

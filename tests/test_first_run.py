@@ -10,13 +10,14 @@ import sys
 import time
 
 import pytest
-
-import picogpt
-from picogpt import cli, model as ref
-
 from conftest import random_gpt2, save_checkpoint
 from test_cli import assert_one_line_error, run
 
+import picogpt
+from picogpt import cli
+from picogpt import model as ref
+
+pytestmark = pytest.mark.slow
 PICOGPT = os.path.join(os.path.dirname(sys.executable), "picogpt")
 
 
@@ -87,9 +88,13 @@ def test_a_first_run_says_it_compiles_and_a_second_does_not(tmp_path):
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert first.stdout == second.stdout and first.stdout.strip()
     lines = first.stderr.splitlines()  # (the first may also say it keeps a bfloat16 copy of the model)
-    assert [line for line in lines if "compil" in line][0].startswith("picogpt: compiling the kernels for this CPU, once: about "), first.stderr
+    assert [line for line in lines if "compil" in line][0].startswith(
+        "picogpt: compiling the kernels for this CPU, once (later runs load them from Numba's cache)"
+    ), first.stderr
     assert "kernels compiled in " in lines[-1] and "prompt: 2 tokens in " in lines[-1], first.stderr
-    assert len(second.stderr.splitlines()) == 1 and "compil" not in second.stderr, second.stderr  # from Numba's cache, silently
+    assert len(second.stderr.splitlines()) == 1 and "compil" not in second.stderr, (
+        second.stderr
+    )  # from Numba's cache, silently
 
 
 def test_prompt_tokens_are_counted_once_for_samples_that_share_them(tiny):
@@ -118,15 +123,44 @@ def long_text(tmp_path_factory):
 @pytest.fixture(scope="module")
 def larger(tmp_path_factory):
     """A random GPT-2 of 120 MB: enough work that a scan or a conversion takes a while."""
-    return save_checkpoint(random_gpt2(n_embd=384, n_layer=6, n_head=6, n_positions=256), str(tmp_path_factory.mktemp("larger")))
+    return save_checkpoint(
+        random_gpt2(n_embd=384, n_layer=6, n_head=6, n_positions=256), str(tmp_path_factory.mktemp("larger"))
+    )
 
 
-@pytest.mark.parametrize("command", ["generate", "generate int8 rows", "generate --json", "score", "info --check", "convert"])
+@pytest.mark.parametrize(
+    "command", ["generate", "generate int8 rows", "generate --json", "score", "info --check", "convert"]
+)
 def test_ctrl_c_is_clean_at_any_moment(command, long_text, larger, tmp_path):
     args = {
         "generate": ["generate", "The list", "--model", "tiny", "-n", "1500", "-t", "0"],  # slides its window
-        "generate int8 rows": ["generate", "The list", "--model", "tiny", "-n", "600", "--dtype", "int8", "--num-samples", "2", "--seed", "3"],
-        "generate --json": ["generate", "The list", "--model", "tiny", "-n", "600", "--json", "--num-samples", "2", "--seed", "3"],
+        "generate int8 rows": [
+            "generate",
+            "The list",
+            "--model",
+            "tiny",
+            "-n",
+            "600",
+            "--dtype",
+            "int8",
+            "--num-samples",
+            "2",
+            "--seed",
+            "3",
+        ],
+        "generate --json": [
+            "generate",
+            "The list",
+            "--model",
+            "tiny",
+            "-n",
+            "600",
+            "--json",
+            "--num-samples",
+            "2",
+            "--seed",
+            "3",
+        ],
         "score": ["score", long_text, "--model", "tiny", "--stride", "64"],
         "info --check": ["info", "--check", "--model", larger],
         "convert": ["convert", larger, str(tmp_path / "out"), "--dtype", "int8"],
@@ -167,12 +201,18 @@ def test_bytes_that_are_not_utf8_get_one_line_whether_from_a_file_or_stdin(comma
     path.write_bytes(bad)
     env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}  # as a desktop locale decodes
     from_stdin = subprocess.run([PICOGPT, command, "-", "--model", "tiny"], input=bad, capture_output=True, env=env)
-    result = subprocess.CompletedProcess(from_stdin.args, from_stdin.returncode, from_stdin.stdout.decode(), from_stdin.stderr.decode())
+    result = subprocess.CompletedProcess(
+        from_stdin.args, from_stdin.returncode, from_stdin.stdout.decode(), from_stdin.stderr.decode()
+    )
     assert_one_line_error(result, "standard input is not UTF-8 text", "at byte 9")
     if command == "score":
         assert_one_line_error(run("score", str(path), "--model", "tiny"), f"{path} is not UTF-8 text", "at byte 9")
-    good = subprocess.run([PICOGPT, command, "-", "--model", "tiny", *(["-n", "3", "-t", "0"] if command == "generate" else [])],
-                          input="The list é of things".encode(), capture_output=True, env=env)  # fmt: skip
+    good = subprocess.run(
+        [PICOGPT, command, "-", "--model", "tiny", *(["-n", "3", "-t", "0"] if command == "generate" else [])],
+        input="The list é of things".encode(),
+        capture_output=True,
+        env=env,
+    )
     assert good.returncode == 0, good.stderr
 
 
@@ -184,7 +224,16 @@ def test_a_model_shows_as_one_line(tiny):
     model = picogpt.load(folder, dtype="int8")
     text = repr(model)
     assert "\n" not in text and len(text) < 200, text
-    for part in (folder, "int8", "2 layers", "2 heads", "width 32", "context 64", f"{hf.num_parameters() / 1e6:.1f}M parameters", "numba"):
+    for part in (
+        folder,
+        "int8",
+        "2 layers",
+        "2 heads",
+        "width 32",
+        "context 64",
+        f"{hf.num_parameters() / 1e6:.1f}M parameters",
+        "numba",
+    ):
         assert part in text, (part, text)
     assert "numpy backend" in repr(picogpt.load("tiny", backend="numpy"))
 
@@ -202,18 +251,21 @@ def test_the_package_lists_and_reaches_its_names():
     assert out.returncode == 0 and out.stdout.strip() == picogpt.__version__, out.stderr
 
 
-@pytest.mark.parametrize("call,argument", [
-    (lambda m: m.generate(None), "prompt"),
-    (lambda m: m.generate([]), "prompt"),
-    (lambda m: m.generate(["a", 3]), "prompt"),
-    (lambda m: m.complete(None), "prompt"),
-    (lambda m: m.generate("a", seed="a"), "seed"),
-    (lambda m: m.generate("a", seed=1.5), "seed"),
-    (lambda m: m.generate("a", max_new_tokens="3"), "max_new_tokens"),
-    (lambda m: m.generate("a", temperature=None), "temperature"),
-    (lambda m: m.score(None), "text"),
-    (lambda m: m.logprobs([1, 2, 10**6]), "vocabulary"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "call,argument",
+    [
+        (lambda m: m.generate(None), "prompt"),
+        (lambda m: m.generate([]), "prompt"),
+        (lambda m: m.generate(["a", 3]), "prompt"),
+        (lambda m: m.complete(None), "prompt"),
+        (lambda m: m.generate("a", seed="a"), "seed"),
+        (lambda m: m.generate("a", seed=1.5), "seed"),
+        (lambda m: m.generate("a", max_new_tokens="3"), "max_new_tokens"),
+        (lambda m: m.generate("a", temperature=None), "temperature"),
+        (lambda m: m.score(None), "text"),
+        (lambda m: m.logprobs([1, 2, 10**6]), "vocabulary"),
+    ],
+)
 def test_wrong_arguments_raise_a_value_error_naming_them(tiny, call, argument):
     with pytest.raises(ValueError, match=argument):
         call(picogpt.load(tiny[0]))
@@ -224,8 +276,14 @@ def test_the_forward_pass_checks_its_token_ids(tiny, forward):
     model = picogpt.load(tiny[0])
     forward = picogpt.kernels.gpt2 if forward == "kernels" else forward
     run = lambda ids, **kw: forward(ids, **model.params, n_head=2, **kw)  # noqa: E731
-    for ids, words in [([], "non-empty"), ([1.5, 2], "whole numbers"), ([[1, 2]], "non-empty list"), ([5, 50257], "outside the vocabulary of 50257"),
-                       ([-1], "outside the vocabulary"), (list(range(65)), "past the model's context of 64")]:  # fmt: skip
+    for ids, words in [
+        ([], "non-empty"),
+        ([1.5, 2], "whole numbers"),
+        ([[1, 2]], "non-empty list"),
+        ([5, 50257], "outside the vocabulary of 50257"),
+        ([-1], "outside the vocabulary"),
+        (list(range(65)), "past the model's context of 64"),
+    ]:
         with pytest.raises(ValueError, match=words):
             run(ids)
     assert run([5, 6]).shape == (2, 50257)
@@ -240,7 +298,11 @@ def test_python_dash_m_and_version():
         assert r.returncode == 0 and r.stdout.strip() == f"picogpt {picogpt.__version__}", r
     r = subprocess.run([sys.executable, "-m", "picogpt", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "generate" in r.stdout and "score" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "picogpt", "generate", "The list", "--model", "tiny", "-n", "4", "-t", "0"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "picogpt", "generate", "The list", "--model", "tiny", "-n", "4", "-t", "0"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and r.stdout == run("generate", "The list", "--model", "tiny", "-n", "4", "-t", "0").stdout
 
 
@@ -271,7 +333,7 @@ def test_the_warm_up_takes_the_same_paths_as_the_kernels():
     microkernel from BLAS, and a context long enough to reach past it."""
     from picogpt import kernels, warmup
 
-    assert warmup.SHORT == kernels.ROWS_MAX and warmup.N_CTX > warmup.SHORT + 3
+    assert warmup.MICROKERNEL_ROWS == kernels.ROWS_MAX and warmup.N_CTX > warmup.MICROKERNEL_ROWS + 3
 
 
 def test_each_kernel_compiles_once_per_weight_format():

@@ -54,7 +54,9 @@ def test_int8_error_is_within_half_a_step_of_its_block(n_in):
     assert np.abs(q.data).max() <= 127
     step = np.repeat(q.scales, 32, axis=0)[:n_in]  # each element's own block scale
     assert np.all(np.abs(formats.dequantize(q) - w) <= step / 2 * (1 + 1e-6))
-    assert np.allclose(q.scales, np.abs(np.concatenate([w, np.zeros((-n_in % 32, 19), np.float32)]).reshape(-1, 32, 19)).max(1) / 127)
+    assert np.allclose(
+        q.scales, np.abs(np.concatenate([w, np.zeros((-n_in % 32, 19), np.float32)]).reshape(-1, 32, 19)).max(1) / 127
+    )
 
 
 def test_bad_values_are_refused():
@@ -126,7 +128,10 @@ def test_forward_on_packed_weights_matches_the_reference(checkpoint, dtype, n_se
     assert_close(kernels.gpt2(ids, **packed, n_head=config["n_head"], last=True), expected[-1:])
     # and the packed model is still the same model: logits near float32's
     full = model.gpt2(ids, **params, n_head=config["n_head"])
-    assert np.sqrt(np.mean((expected - full) ** 2) / np.mean(full**2)) < {"float16": 1e-3, "bfloat16": 1e-2, "int8": 2e-2}[dtype]
+    assert (
+        np.sqrt(np.mean((expected - full) ** 2) / np.mean(full**2))
+        < {"float16": 1e-3, "bfloat16": 1e-2, "int8": 2e-2}[dtype]
+    )
 
 
 @pytest.mark.parametrize("dtype", PACKED)
@@ -158,7 +163,9 @@ def test_converted_checkpoint_loads_memory_mapped_with_identical_logits(tiny, tm
     ids = converted.tokenizer.encode("Hello world, this is a test")
     n_head = converted.config["n_head"]
     for forward in (model.gpt2, kernels.gpt2):
-        assert np.array_equal(forward(ids, **loaded.params, n_head=n_head), forward(ids, **converted.params, n_head=n_head))
+        assert np.array_equal(
+            forward(ids, **loaded.params, n_head=n_head), forward(ids, **converted.params, n_head=n_head)
+        )
     assert loaded.generate("Hi", max_new_tokens=10, seed=1) == converted.generate("Hi", max_new_tokens=10, seed=1)
 
 
@@ -176,7 +183,10 @@ def test_float16_out_of_range_and_truncated_scales_are_named(tiny, tmp_path):
     save_params(int8.params, int8.config, out, int8.folder)
     from picogpt.checkpoint.params import read_safetensors, write_safetensors
 
-    tensors = {k: ("F32" if v.dtype == np.float32 else "I8", v) for k, v in read_safetensors(os.path.join(out, "model.safetensors")).items()}
+    tensors = {
+        k: ("F32" if v.dtype == np.float32 else "I8", v)
+        for k, v in read_safetensors(os.path.join(out, "model.safetensors")).items()
+    }
     del tensors["h.0.attn.c_proj.weight.scales"]
     write_safetensors(os.path.join(out, "model.safetensors"), tensors, {"format": "picogpt", "dtype": "int8"})
     with pytest.raises(CheckpointError, match=r"h\.0\.attn\.c_proj\.weight\.scales"):

@@ -5,12 +5,13 @@ import functools
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import picogpt
-from picogpt.text import stream_text
 from picogpt.sampling import sample
+from picogpt.text import stream_text
 from picogpt.tokenizer import encode, load_tokenizer
 
 
@@ -100,7 +101,12 @@ def test_stream_never_splits_a_utf8_character(enc):
 
 @pytest.mark.parametrize(
     "stops,expected",
-    [(["Goodbye"], "Hello world. "), (["o w"], "Hell"), (["zzz", ". G"], "Hello world"), (["nothing"], "Hello world. Goodbye world.")],
+    [
+        (["Goodbye"], "Hello world. "),
+        (["o w"], "Hell"),
+        (["zzz", ". G"], "Hello world"),
+        (["nothing"], "Hello world. Goodbye world."),
+    ],
 )
 def test_stop_strings_cut_the_text_and_are_never_streamed(enc, stops, expected):
     pieces = list(stream_text(iter(encode(enc, "Hello world. Goodbye world.")), enc, stops))
@@ -118,7 +124,9 @@ def test_stream_yields_pieces_as_tokens_arrive(model):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=True) | st.booleans() | st.text(max_size=3))
+@given(
+    st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=True) | st.booleans() | st.text(max_size=3)
+)
 def test_seed_is_a_whole_number_from_0_to_2_64_or_an_error_naming_it(seed):
     model = tiny_model()
     if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**64:

@@ -12,12 +12,16 @@ import time
 import httpx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from helpers import expect_error, metric, start, stop
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import picogpt
-from helpers import expect_error, metric, start, stop
-from picogpt.serve import http as server, worker
+from picogpt.serve import http as server
+from picogpt.serve import worker
 from picogpt.serve.protocol import BadRequest, options_of, prompts_of
+
+pytestmark = pytest.mark.slow
 
 N_VOCAB, N_CTX = 4096, 256  # the tiny model's
 
@@ -31,11 +35,18 @@ scalars = (
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=20)
 )
-any_json = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+any_json = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 NONFINITE = st.sampled_from([math.nan, math.inf, -math.inf])
 token_ids = st.lists(st.integers(min_value=-5, max_value=N_VOCAB + 5), min_size=0, max_size=40)
 near = {  # values close to the valid ones, where off-by-one and type mistakes live
-    "prompt": st.text(max_size=200) | st.lists(st.text(max_size=20), max_size=3) | token_ids | st.lists(token_ids, max_size=3)
+    "prompt": st.text(max_size=200)
+    | st.lists(st.text(max_size=20), max_size=3)
+    | token_ids
+    | st.lists(token_ids, max_size=3)
     | st.integers(min_value=1, max_value=4000).map(lambda n: "ab " * n),  # up to 3 contexts long
     "max_tokens": st.integers(min_value=-2, max_value=40) | st.just(10**12),
     "temperature": (st.floats(-1, 3) | NONFINITE),
@@ -47,7 +58,9 @@ near = {  # values close to the valid ones, where off-by-one and type mistakes l
     "echo": st.booleans(),
     "stream": st.booleans(),
     "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=6),
-    "logit_bias": st.dictionaries(st.text(max_size=6) | st.integers(-5, N_VOCAB + 5).map(str), (st.floats(-150, 150) | NONFINITE), max_size=4),
+    "logit_bias": st.dictionaries(
+        st.text(max_size=6) | st.integers(-5, N_VOCAB + 5).map(str), (st.floats(-150, 150) | NONFINITE), max_size=4
+    ),
     "stream_options": st.dictionaries(st.just("include_usage"), any_json, max_size=1),
     "presence_penalty": (st.floats(-3, 3) | NONFINITE),
     "frequency_penalty": (st.floats(-3, 3) | NONFINITE),
@@ -57,8 +70,12 @@ near = {  # values close to the valid ones, where off-by-one and type mistakes l
     "model": st.sampled_from(["tiny", "gpt-4", ""]),
 }
 fields = {name: values | any_json for name, values in near.items()}
-bodies = st.fixed_dictionaries({}, optional=fields | {"unknown_field": any_json}).map(lambda b: {"prompt": "The list", **b} if "prompt" not in b else b)
-deep = st.integers(min_value=1, max_value=200_000).map(lambda depth: "[" * depth + "]" * depth)  # past Python's recursion limit
+bodies = st.fixed_dictionaries({}, optional=fields | {"unknown_field": any_json}).map(
+    lambda b: {"prompt": "The list", **b} if "prompt" not in b else b
+)
+deep = st.integers(min_value=1, max_value=200_000).map(
+    lambda depth: "[" * depth + "]" * depth
+)  # past Python's recursion limit
 
 
 def raw(body):
@@ -67,8 +84,12 @@ def raw(body):
 
 requests = st.one_of(
     bodies.map(lambda b: (raw(b), "application/json")),
-    st.tuples(bodies.map(raw), st.floats(0, 1)).map(lambda bc: (bc[0][: int(len(bc[0]) * bc[1])], "application/json")),  # cut short
-    st.tuples(bodies.map(raw), st.sampled_from(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", ""])),
+    st.tuples(bodies.map(raw), st.floats(0, 1)).map(
+        lambda bc: (bc[0][: int(len(bc[0]) * bc[1])], "application/json")
+    ),  # cut short
+    st.tuples(
+        bodies.map(raw), st.sampled_from(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", ""])
+    ),
     any_json.map(lambda v: (raw(v), "application/json")),  # not an object
     deep.map(lambda text: (text.encode(), "application/json")),
     st.binary(max_size=64).map(lambda data: (data, "application/json")),
@@ -130,11 +151,20 @@ def small_server():
 def settled(url, seconds=5):
     """/metrics shows nothing running, waiting or reserved (within `seconds`: a request's last event
     reaches its client a moment before its rows are handed back)."""
-    names = ["picogpt_sequences_running", "picogpt_sequences_reserved", "picogpt_requests_running", "picogpt_requests_waiting"]
+    names = [
+        "picogpt_sequences_running",
+        "picogpt_sequences_reserved",
+        "picogpt_requests_running",
+        "picogpt_requests_waiting",
+    ]
     end = time.monotonic() + seconds
     while True:
         text = httpx.get(f"{url}/metrics", timeout=10).text
-        held = {name: value for name, value in (line.split() for line in text.splitlines() if line.split()[0] in names) if float(value)}
+        held = {
+            name: value
+            for name, value in (line.split() for line in text.splitlines() if line.split()[0] in names)
+            if float(value)
+        }
         if not held or time.monotonic() > end:
             return held
         time.sleep(0.02)
@@ -146,7 +176,9 @@ def served_at_once(url):
     return r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1 and time.monotonic() - start < 5
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(requests)
 @example((raw(SEED_OUT_OF_RANGE), "application/json"))
 @example((DEEP.encode(), "application/json"))
@@ -155,7 +187,9 @@ def served_at_once(url):
 def test_generated_requests_get_4xx_or_200_and_cost_nothing_after(small_server, request_):
     data, content_type = request_
     try:
-        r = httpx.post(f"{small_server}/v1/completions", content=data, headers={"content-type": content_type}, timeout=20)
+        r = httpx.post(
+            f"{small_server}/v1/completions", content=data, headers={"content-type": content_type}, timeout=20
+        )
     except httpx.ReadTimeout:  # a valid request too long to wait for: the client leaves, which must cost nothing either
         r = None
     if r is not None:
@@ -175,9 +209,15 @@ def test_seed_out_of_range_is_a_400_naming_seed_and_holds_nothing(small_server):
     every later request a 429."""
     for seed in [-1, 2**64, -(2**70)]:
         for _ in range(3):
-            expect_error(httpx.post(f"{small_server}/v1/completions", json=SEED_OUT_OF_RANGE | {"seed": seed}, timeout=10), 400, "seed")
+            expect_error(
+                httpx.post(f"{small_server}/v1/completions", json=SEED_OUT_OF_RANGE | {"seed": seed}, timeout=10),
+                400,
+                "seed",
+            )
     for seed in [0, 2**64 - 1]:  # the ends of the range, with n past it: seed + i is still a seed NumPy takes
-        r = httpx.post(f"{small_server}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "seed": seed, "n": 2}, timeout=30)
+        r = httpx.post(
+            f"{small_server}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "seed": seed, "n": 2}, timeout=30
+        )
         assert r.status_code == 200, r.text
     assert settled(small_server) == {} and served_at_once(small_server)
 

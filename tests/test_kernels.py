@@ -8,9 +8,9 @@ from conftest import random_gpt2, torch_logits
 
 import picogpt
 from picogpt import kernels, model
-from picogpt.kernels import ops
-from picogpt.engine import decode_tokens
 from picogpt.checkpoint.params import to_params
+from picogpt.engine import decode_tokens
+from picogpt.kernels import ops
 
 rng = np.random.default_rng(0)
 
@@ -88,7 +88,9 @@ def test_an_edited_kernel_source_gets_a_new_cache_folder_and_the_package_is_not_
     k.use_cache(k.cache_dir())  # back to this package's folder
 
 
-@pytest.mark.parametrize("n_head,n_seq,past", [(1, 2, 0), (3, 7, 0), (25, 9, 4), (2, 64, 0), (4, 5, 59), (2, 300, 0), (3, 200, 150)])
+@pytest.mark.parametrize(
+    "n_head,n_seq,past", [(1, 2, 0), (3, 7, 0), (25, 9, 4), (2, 64, 0), (4, 5, 59), (2, 300, 0), (3, 200, 150)]
+)
 def test_prefill_attention(n_head, n_seq, past):
     head_dim = 16
     q = randn(n_head, n_seq, head_dim, scale=3.0)
@@ -96,7 +98,11 @@ def test_prefill_attention(n_head, n_seq, past):
     assert_close(ops.attention(q, k, v, past), model.attention(q, k, v, past))
 
 
-SHAPES = [dict(n_layer=2, n_head=2, n_embd=32), dict(n_layer=1, n_head=1, n_embd=8), dict(n_layer=2, n_head=25, n_embd=50, n_inner=37)]
+SHAPES = [
+    dict(n_layer=2, n_head=2, n_embd=32),
+    dict(n_layer=1, n_head=1, n_embd=8),
+    dict(n_layer=2, n_head=25, n_embd=50, n_inner=37),
+]
 
 
 @pytest.fixture(scope="module", params=SHAPES, ids=lambda s: "L{n_layer}H{n_head}E{n_embd}".format(**s))

@@ -18,7 +18,8 @@ from conftest import random_gpt2, save_checkpoint
 
 import picogpt
 from picogpt import formats
-from picogpt.checkpoint import hub, manage, params as weights
+from picogpt.checkpoint import hub, manage
+from picogpt.checkpoint import params as weights
 
 PICOGPT = os.path.join(os.path.dirname(sys.executable), "picogpt")
 NOWHERE = "http://127.0.0.1:9"  # nothing listens there: the hub cannot be reached
@@ -121,7 +122,10 @@ def test_revision_selects_a_tag_and_a_missing_revision_is_one_line(fake_hub, tmp
     assert tagged.returncode == 0 and tagged.stdout == local + "\n", tagged.stderr
     missing = run("generate", "Hello", "--model", "org/model", "--revision", "nope", cache=cache, endpoint=endpoint)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    assert missing.stderr.strip().splitlines()[-1] == "picogpt: error: org/model has no revision 'nope' on the hub: give a branch, tag or commit that exists"
+    assert (
+        missing.stderr.strip().splitlines()[-1]
+        == "picogpt: error: org/model has no revision 'nope' on the hub: give a branch, tag or commit that exists"
+    )
     nowhere = run("info", "--model", "org/model", "--revision", "main", cache=cache)  # main never downloaded here
     assert nowhere.returncode == 1 and "use the model tiny" in nowhere.stderr
 
@@ -176,7 +180,13 @@ def test_info_reports_what_transformers_and_the_formats_say(tiny, tmp_path):
     assert r.returncode == 0 and f"{hf.num_parameters():,}" in r.stdout and "model.safetensors" in r.stdout
     about = json.loads(run("info", "--model", folder, "--json", cache=str(tmp_path)).stdout)
     assert about["parameters"] == hf.num_parameters()
-    assert (about["n_layer"], about["n_head"], about["n_embd"], about["n_positions"], about["vocab_size"]) == (2, 2, 32, 64, 50257)
+    assert (about["n_layer"], about["n_head"], about["n_embd"], about["n_positions"], about["vocab_size"]) == (
+        2,
+        2,
+        32,
+        64,
+        50257,
+    )
     assert about["files"]["model.safetensors"] == os.path.getsize(os.path.join(folder, "model.safetensors"))
     params = picogpt.load(folder).params
     for dtype in formats.DTYPES:  # the bytes each format's parameter tree really holds

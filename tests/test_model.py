@@ -55,7 +55,9 @@ def test_cached_decoding_equals_full_forward(checkpoint):
     model, _ = checkpoint
     params, c = model.params, model.config
     ids = list(np.random.default_rng(2).integers(0, 50257, 40))
-    cache = picogpt.kv_cache(**{k: c[k] for k in ("n_layer", "n_head", "n_positions", "n_embd")})  # named as config.json's keys
+    cache = picogpt.kv_cache(
+        **{k: c[k] for k in ("n_layer", "n_head", "n_positions", "n_embd")}
+    )  # named as config.json's keys
     cached = [picogpt.gpt2(ids[:5], **params, n_head=c["n_head"], cache=cache, past=0)]  # prefill 5
     cached += [picogpt.gpt2([t], **params, n_head=c["n_head"], cache=cache, past=i) for i, t in enumerate(ids[5:], 5)]
     full = picogpt.gpt2(ids, **params, n_head=c["n_head"])
@@ -101,9 +103,13 @@ def test_long_prompt_keeps_its_last_tokens(tiny, capfd):
 
 def test_greedy_tokens_equal_transformers_generate():
     hf = random_gpt2(seed=5, vocab_size=1000, n_positions=128, n_layer=3, n_head=4, n_embd=64)
-    params = picogpt.checkpoint.params.to_params({k: v.detach().numpy() for k, v in hf.state_dict().items()}, hf.config.to_dict())
+    params = picogpt.checkpoint.params.to_params(
+        {k: v.detach().numpy() for k, v in hf.state_dict().items()}, hf.config.to_dict()
+    )
     prompt = [17, 42, 7, 300, 999]
-    ours = list(decode_tokens(picogpt.gpt2, params, hf.config.to_dict(), prompt, 32, lambda l: int(np.argmax(l))))
+    ours = list(
+        decode_tokens(picogpt.gpt2, params, hf.config.to_dict(), prompt, 32, lambda logits: int(np.argmax(logits)))
+    )
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
     assert ours == out[0, len(prompt) :].tolist()

@@ -64,12 +64,16 @@ def test_scores_equal_transformers_with_the_same_windows(short, backend, stride)
     score = model.score(TEXT, stride=stride)
     nll = -np.sum(expected[1:]) / (len(ids) - 1)
     assert score["tokens"] == len(ids) and score["scored_tokens"] == len(ids) - 1
-    assert score["nll"] == pytest.approx(nll, rel=1e-4) and score["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
+    assert score["nll"] == pytest.approx(nll, rel=1e-4) and score["perplexity"] == pytest.approx(
+        math.exp(nll), rel=1e-4
+    )
     n_bytes = len(TEXT.encode()) - len(model.tokenizer.decode_single_token_bytes(ids[0]))
     assert score["bits_per_byte"] == pytest.approx(nll * (len(ids) - 1) / math.log(2) / n_bytes, rel=1e-4)
 
 
-@pytest.mark.parametrize("n_tokens,n_ctx,stride", [(2, 4, 1), (10, 4, 1), (67, 32, 16), (67, 32, 7), (100, 32, 31), (32, 32, 5)])
+@pytest.mark.parametrize(
+    "n_tokens,n_ctx,stride", [(2, 4, 1), (10, 4, 1), (67, 32, 16), (67, 32, 7), (100, 32, 31), (32, 32, 5)]
+)
 def test_windows_score_every_token_after_the_first_once(n_tokens, n_ctx, stride):
     scored = []
     for begin, first, end in scoring.windows(n_tokens, n_ctx, stride):
@@ -83,7 +87,9 @@ def test_scoring_packed_weights_matches_the_numpy_reference(short, dtype):
     kernels = picogpt.load(short[0], dtype=dtype)
     reference = picogpt.load(short[0], dtype=dtype, backend="numpy")
     ids = kernels.tokenizer.encode(TEXT)
-    np.testing.assert_allclose(kernels.logprobs(ids, stride=9)[1:], reference.logprobs(ids, stride=9)[1:], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        kernels.logprobs(ids, stride=9)[1:], reference.logprobs(ids, stride=9)[1:], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_bad_strides_and_short_texts_are_refused(short):
@@ -103,7 +109,9 @@ def test_repetition_penalty_gives_transformers_greedy_tokens(tiny):
     changed = []
     for penalty in (1.3, 0.8, 20.0):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, repetition_penalty=penalty, pad_token_id=0)
+            out = hf.generate(
+                torch.tensor([ids]), max_new_tokens=32, do_sample=False, repetition_penalty=penalty, pad_token_id=0
+            )
         [got] = model.complete([prompt], max_new_tokens=32, temperature=0, repetition_penalty=penalty)
         assert got["token_ids"] == out[0, len(ids) :].tolist() and got["finish_reason"] == "length"  # all 32 tokens
         changed.append(got["token_ids"] != model.complete([prompt], max_new_tokens=32, temperature=0)[0]["token_ids"])
@@ -121,7 +129,20 @@ def test_repetition_penalty_is_checked(tiny):
 def test_generate_json_parses_and_its_ids_decode_to_its_text(tiny):
     folder, _ = tiny
     model = picogpt.load(folder)
-    r = run("generate", "Once upon a time", "--model", folder, "-n", "12", "--seed", "4", "--num-samples", "3", "--json", "--logprobs")
+    r = run(
+        "generate",
+        "Once upon a time",
+        "--model",
+        folder,
+        "-n",
+        "12",
+        "--seed",
+        "4",
+        "--num-samples",
+        "3",
+        "--json",
+        "--logprobs",
+    )
     assert r.returncode == 0, r.stderr
     samples = [json.loads(line) for line in r.stdout.splitlines()]
     assert [s["sample"] for s in samples] == [0, 1, 2] and [s["seed"] for s in samples] == [4, 5, 6]
@@ -142,10 +163,20 @@ def test_generate_json_finish_reasons(tiny):
     model = picogpt.load(folder)
     greedy = model.generate("Once upon a time", max_new_tokens=12, temperature=0)
     stop = greedy[len(greedy) // 2 :][:3]
-    [s] = [json.loads(r) for r in run("generate", "Once upon a time", "--model", folder, "-n", "12", "-t", "0", "--stop", stop, "--json").stdout.splitlines()]
+    [s] = [
+        json.loads(r)
+        for r in run(
+            "generate", "Once upon a time", "--model", folder, "-n", "12", "-t", "0", "--stop", stop, "--json"
+        ).stdout.splitlines()
+    ]
     assert s["finish_reason"] == "stop" and s["text"] == greedy[: greedy.index(stop)] and "logprobs" not in s
     assert model.tokenizer.decode(s["token_ids"]).startswith(s["text"] + stop)
-    [s] = [json.loads(r) for r in run("generate", "Once upon a time", "--model", folder, "-n", "5", "-t", "0", "--json").stdout.splitlines()]
+    [s] = [
+        json.loads(r)
+        for r in run(
+            "generate", "Once upon a time", "--model", folder, "-n", "5", "-t", "0", "--json"
+        ).stdout.splitlines()
+    ]
     assert s["finish_reason"] == "length" and s["generated_tokens"] == 5
     assert [s["text"]] == [c["text"] for c in model.complete("Once upon a time", max_new_tokens=5, temperature=0)]
     # a row ends at <|endoftext|>: make it the likeliest third token
@@ -174,10 +205,18 @@ def with_nan(tiny, tmp_path_factory):
 
 
 def test_nan_weights_stop_generation_and_scoring_with_one_line(with_nan):
-    for args in (["generate", "Hello", "-n", "5", "-t", "0"], ["generate", "Hello", "--num-samples", "2"], ["score", "-"]):
+    for args in (
+        ["generate", "Hello", "-n", "5", "-t", "0"],
+        ["generate", "Hello", "--num-samples", "2"],
+        ["score", "-"],
+    ):
         r = run(*args, "--model", with_nan, stdin="some text to score here")
         assert r.returncode == 1 and "Traceback" not in r.stderr
-        assert r.stderr.strip().splitlines() == [r.stderr.strip()] and f"picogpt info --check --model {with_nan}" in r.stderr and "NaN" in r.stderr
+        assert (
+            r.stderr.strip().splitlines() == [r.stderr.strip()]
+            and f"picogpt info --check --model {with_nan}" in r.stderr
+            and "NaN" in r.stderr
+        )
     assert "choosing new token 1" in run("generate", "Hello", "--model", with_nan).stderr
     assert "at token 1:" in run("score", "-", "--model", with_nan, stdin="some text to score").stderr
 
@@ -185,7 +224,10 @@ def test_nan_weights_stop_generation_and_scoring_with_one_line(with_nan):
 def test_info_check_names_the_bad_tensor(with_nan, tiny):
     r = run("info", "--model", with_nan, "--check")
     assert r.returncode == 1 and "transformer.h.1.mlp.c_fc.weight: 1 NaN or infinite" in r.stdout
-    assert r.stderr.strip().startswith("picogpt: error: 1 tensor holds NaN") and "transformer.h.1.mlp.c_fc.weight" in r.stderr
+    assert (
+        r.stderr.strip().startswith("picogpt: error: 1 tensor holds NaN")
+        and "transformer.h.1.mlp.c_fc.weight" in r.stderr
+    )
     good = run("info", "--model", tiny[0], "--check", "--json")
     assert good.returncode == 0 and json.loads(good.stdout)["non_finite"] == {}
 
@@ -205,8 +247,13 @@ def test_score_command(short):
     expected = model.score(TEXT, stride=7)
     r = run("score", "-", "--model", folder, "--stride", "7", stdin=TEXT)
     assert r.returncode == 0, r.stderr
-    assert f"{expected['perplexity']:.3f}" in r.stdout and f"{expected['tokens']} ({expected['scored_tokens']} scored" in r.stdout
-    j = json.loads(run("score", "-", "--model", folder, "--stride", "7", "--json", "--dtype", "int8", stdin=TEXT).stdout)
+    assert (
+        f"{expected['perplexity']:.3f}" in r.stdout
+        and f"{expected['tokens']} ({expected['scored_tokens']} scored" in r.stdout
+    )
+    j = json.loads(
+        run("score", "-", "--model", folder, "--stride", "7", "--json", "--dtype", "int8", stdin=TEXT).stdout
+    )
     assert [t["id"] for t in j["token_logprobs"]] == expected["ids"] and j["token_logprobs"][0]["logprob"] is None
     assert "".join(t["text"] for t in j["token_logprobs"]) == TEXT and j["dtype"] == "int8"
     assert j["nll"] == pytest.approx(-np.mean([t["logprob"] for t in j["token_logprobs"][1:]]), rel=1e-9)

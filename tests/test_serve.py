@@ -13,11 +13,22 @@ import httpx
 import numpy as np
 import openai
 import pytest
-
-import picogpt
 from helpers import PICOGPT, expect_error, metric, start, stop
 
-PROMPTS = ["The list", "def main():", "import numpy as", "Returns the", "A function that", "x = ", "# Read the file", "class"]
+import picogpt
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The list",
+    "def main():",
+    "import numpy as",
+    "Returns the",
+    "A function that",
+    "x = ",
+    "# Read the file",
+    "class",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +58,12 @@ def test_greedy_equals_model_generate_and_the_cli(client, model):
         assert r.object == "text_completion" and r.model == "tiny" and r.choices[0].index == 0
         assert r.choices[0].text == model.generate(prompt, max_new_tokens=24, temperature=0)
         assert r.usage.prompt_tokens == len(model.tokenizer.encode(prompt))
-    cli = subprocess.run([PICOGPT, "generate", PROMPTS[0], "--model", "tiny", "-t", "0", "-n", "24"], capture_output=True, text=True, timeout=300)
+    cli = subprocess.run(
+        [PICOGPT, "generate", PROMPTS[0], "--model", "tiny", "-t", "0", "-n", "24"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     first = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=24, temperature=0)
     assert cli.returncode == 0 and cli.stdout == first.choices[0].text + "\n"  # the CLI ends the text with a newline
 
@@ -55,7 +71,16 @@ def test_greedy_equals_model_generate_and_the_cli(client, model):
 def test_stream_equals_non_stream_with_usage(client):
     for prompt in PROMPTS[:4]:
         whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0)
-        chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0, stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            client.completions.create(
+                model="tiny",
+                prompt=prompt,
+                max_tokens=40,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         assert text == whole.choices[0].text
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
@@ -89,7 +114,12 @@ def test_stop_strings(client, model):
     stop = full[10:14]  # a piece the greedy text holds
     r = client.completions.create(model="tiny", prompt="The list", max_tokens=30, temperature=0, stop=[stop, "zzzz"])
     assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model="tiny", prompt="The list", max_tokens=30, temperature=0, stop=stop, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="The list", max_tokens=30, temperature=0, stop=stop, stream=True
+        )
+    )
     assert streamed == r.choices[0].text
 
 
@@ -115,7 +145,12 @@ def test_generated_logprobs_equal_the_models(client, model):
     assert "".join(lp.tokens) == r.choices[0].text == want["text"]
     assert np.abs(np.array(lp.token_logprobs) - np.array(want["logprobs"])).max() < 1e-4
     assert all(max(top.values()) == top[t] for top, t in zip(lp.top_logprobs, lp.tokens))  # greedy: the best one
-    stream = [c for c in client.completions.create(model="tiny", prompt="The list", max_tokens=12, temperature=0, logprobs=2, stream=True)]
+    stream = [
+        c
+        for c in client.completions.create(
+            model="tiny", prompt="The list", max_tokens=12, temperature=0, logprobs=2, stream=True
+        )
+    ]
     assert sum((c.choices[0].logprobs.token_logprobs for c in stream if c.choices[0].logprobs), []) == lp.token_logprobs
 
 
@@ -123,12 +158,20 @@ def test_penalties_and_logit_bias_follow_openai(client, model):
     banned = model.tokenizer.encode(" the")[0]
     plain = client.completions.create(model="tiny", prompt="The list", max_tokens=20, temperature=0)
     assert " the" in plain.choices[0].text
-    r = client.completions.create(model="tiny", prompt="The list", max_tokens=20, temperature=0, logit_bias={str(banned): -100})
+    r = client.completions.create(
+        model="tiny", prompt="The list", max_tokens=20, temperature=0, logit_bias={str(banned): -100}
+    )
     assert banned not in model.tokenizer.encode(r.choices[0].text) and r.choices[0].text != plain.choices[0].text
     repeats = lambda text: len(model.tokenizer.encode(text)) - len(set(model.tokenizer.encode(text)))  # noqa: E731
     r = client.completions.create(model="tiny", prompt="The list", max_tokens=20, temperature=0, frequency_penalty=2.0)
     assert repeats(r.choices[0].text) < repeats(plain.choices[0].text)
-    r = client.completions.create(model="tiny", prompt="The list", max_tokens=20, temperature=0, extra_body={"repetition_penalty": 1.5, "top_k": 5})
+    r = client.completions.create(
+        model="tiny",
+        prompt="The list",
+        max_tokens=20,
+        temperature=0,
+        extra_body={"repetition_penalty": 1.5, "top_k": 5},
+    )
     assert r.choices[0].text == model.generate("The list", max_new_tokens=20, temperature=0, repetition_penalty=1.5)
 
 
@@ -143,8 +186,12 @@ def test_models_tokenize_detokenize_health(server, model):
 
 def test_the_context_end_is_length(client, model):
     ids = [5] * (model.config["n_positions"] - 3)
-    r = client.completions.create(model="tiny", prompt=ids, max_tokens=50, temperature=0, logit_bias={str(model.tokenizer.eot_token): -100})
-    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4  # positions n_ctx - 3 .. n_ctx, and the pick after the last
+    r = client.completions.create(
+        model="tiny", prompt=ids, max_tokens=50, temperature=0, logit_bias={str(model.tokenizer.eot_token): -100}
+    )
+    assert (
+        r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+    )  # positions n_ctx - 3 .. n_ctx, and the pick after the last
 
 
 # ---- errors ----------------------------------------------------------------------------------------------
@@ -153,9 +200,22 @@ def test_the_context_end_is_length(client, model):
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
     post = lambda body, path="/v1/completions", **kw: httpx.post(f"{server}{path}", json=body, timeout=30, **kw)  # noqa: E731
     expect_error(httpx.post(f"{server}/v1/completions", content=b"{not json", timeout=10), 400)
-    for field, value in [("temperature", 3), ("temperature", "hot"), ("top_p", 0), ("n", 0), ("max_tokens", -1), ("logprobs", 6),
-                         ("stop", ["a", "b", "c", "d", "e"]), ("seed", 1.5), ("presence_penalty", 3), ("logit_bias", {"x": 1}),
-                         ("logit_bias", {"5": 200}), ("echo", "yes"), ("top_k", 0), ("stream", 1)]:  # fmt: skip
+    for field, value in [
+        ("temperature", 3),
+        ("temperature", "hot"),
+        ("top_p", 0),
+        ("n", 0),
+        ("max_tokens", -1),
+        ("logprobs", 6),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("seed", 1.5),
+        ("presence_penalty", 3),
+        ("logit_bias", {"x": 1}),
+        ("logit_bias", {"5": 200}),
+        ("echo", "yes"),
+        ("top_k", 0),
+        ("stream", 1),
+    ]:
         expect_error(post({"prompt": "hi", field: value}), 400, field)
     for prompt in [None, [], [[]], [-1], [[1, 2], "x"], [10**9]]:
         expect_error(post({"prompt": prompt}), 400, "prompt")
@@ -195,7 +255,9 @@ def test_a_full_queue_answers_429_and_loading_503(model):
         assert http.get("/health").status_code == 503
         worker = server.ready(web, slow, parallel=1, queue_size=0, chunk=16)
         first = {}
-        busy = threading.Thread(target=lambda: first.update(r=http.post("/v1/completions", json={"prompt": "The", "max_tokens": 3})))
+        busy = threading.Thread(
+            target=lambda: first.update(r=http.post("/v1/completions", json={"prompt": "The", "max_tokens": 3}))
+        )
         busy.start()
         end = time.monotonic() + 30
         while worker.outstanding == 0 and time.monotonic() < end:
@@ -241,7 +303,10 @@ def alone(client, prompt, max_tokens, **options):
 
 
 def test_sixteen_clients_at_once_get_what_they_get_alone(client):
-    jobs = [(PROMPTS[i % len(PROMPTS)], 8 + 3 * i, {"temperature": 0} if i % 2 else {"temperature": 1, "seed": i}) for i in range(16)]
+    jobs = [
+        (PROMPTS[i % len(PROMPTS)], 8 + 3 * i, {"temperature": 0} if i % 2 else {"temperature": 1, "seed": i})
+        for i in range(16)
+    ]
     want = [alone(client, p, n, **o) for p, n, o in jobs]
     got, threads = [None] * 16, []
     for i, (p, n, o) in enumerate(jobs):
@@ -279,7 +344,10 @@ def test_soak_loses_and_mixes_nothing_and_memory_stays_flat():
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60, max_retries=0)
         rng = np.random.default_rng(0)
-        requests = [(PROMPTS[int(rng.integers(len(PROMPTS)))] * int(rng.integers(1, 20)), int(rng.integers(1, 40))) for _ in range(24)]
+        requests = [
+            (PROMPTS[int(rng.integers(len(PROMPTS)))] * int(rng.integers(1, 20)), int(rng.integers(1, 40)))
+            for _ in range(24)
+        ]
         want = {r: alone(client, *r, temperature=0) for r in requests}
         baseline = rss_mb(process.pid)
         wrong, left, deadline = [], [], time.monotonic() + 300
@@ -328,7 +396,13 @@ def test_ctrl_c_ends_running_streams_with_what_they_have():
     process, url = start("--parallel", "2")
     try:
         with httpx.Client(timeout=60) as http:
-            body = {"prompt": "The", "max_tokens": 250, "stream": True, "logit_bias": {"4095": -100}, "stream_options": {"include_usage": True}}
+            body = {
+                "prompt": "The",
+                "max_tokens": 250,
+                "stream": True,
+                "logit_bias": {"4095": -100},
+                "stream_options": {"include_usage": True},
+            }
             with http.stream("POST", f"{url}/v1/completions", json=body) as r:
                 lines = r.iter_lines()
                 next(lines)

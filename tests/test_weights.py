@@ -70,14 +70,24 @@ def populate_hub_cache(cache, repo_id, folder, files):
     for i, name in enumerate(files):
         blob = os.path.join(repo, "blobs", f"{i:040x}")
         shutil.copyfile(os.path.join(folder, name), blob)
-        os.symlink(os.path.relpath(blob, os.path.join(repo, "snapshots", commit)), os.path.join(repo, "snapshots", commit, name))
+        os.symlink(
+            os.path.relpath(blob, os.path.join(repo, "snapshots", commit)),
+            os.path.join(repo, "snapshots", commit, name),
+        )
 
 
 def offline_env(cache):
     return {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.mark.parametrize("name,repo_id", [("gpt2", "openai-community/gpt2"), ("distilgpt2", "distilbert/distilgpt2"), ("someone/tiny-gpt2", "someone/tiny-gpt2")])
+@pytest.mark.parametrize(
+    "name,repo_id",
+    [
+        ("gpt2", "openai-community/gpt2"),
+        ("distilgpt2", "distilbert/distilgpt2"),
+        ("someone/tiny-gpt2", "someone/tiny-gpt2"),
+    ],
+)
 def test_hub_path_offline_from_cache(tiny, tmp_path, name, repo_id):
     folder, hf = tiny
     cache = str(tmp_path / "hub")
@@ -92,7 +102,12 @@ def test_hub_path_sharded_offline(tmp_path):
     folder = save_checkpoint(hf, str(tmp_path / "src"), max_shard_size="2MB")
     shards = [f for f in os.listdir(folder) if f.startswith("model-")]
     cache = str(tmp_path / "hub")
-    populate_hub_cache(cache, "org/sharded", folder, ["config.json", "model.safetensors.index.json", *shards, "vocab.json", "merges.txt"])
+    populate_hub_cache(
+        cache,
+        "org/sharded",
+        folder,
+        ["config.json", "model.safetensors.index.json", *shards, "vocab.json", "merges.txt"],
+    )
     code = f"import picogpt, numpy as np; m = picogpt.load('org/sharded'); np.save({str(tmp_path / 'l.npy')!r}, picogpt.gpt2({IDS}, **m.params, n_head=2))"
     subprocess.run([sys.executable, "-c", code], env=offline_env(cache), check=True)
     assert np.abs(np.load(tmp_path / "l.npy") - torch_logits(hf, IDS)).max() <= 1e-4
@@ -119,7 +134,9 @@ def test_wrong_shape_is_named(broken):
     path = os.path.join(broken, "config.json")
     config = json.load(open(path))
     json.dump({**config, "n_inner": 64}, open(path, "w"))
-    with pytest.raises(CheckpointError, match=r"'h.0.mlp.c_fc.weight' has shape \(32, 128\), config.json implies \(32, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=r"'h.0.mlp.c_fc.weight' has shape \(32, 128\), config.json implies \(32, 64\)"
+    ):
         picogpt.load(broken)
 
 
@@ -194,7 +211,7 @@ def test_release_gives_a_mapped_weights_pages_back_and_keeps_its_values(tmp_path
     assert isinstance(mapped.base, np.memmap) or isinstance(mapped.base.base, np.memmap)
     assert np.array_equal(mapped, w)  # every page touched: resident
     before = vm_rss_mb()
-    picogpt.checkpoint.params.release(mapped)
+    picogpt.checkpoint.safetensors.release(mapped)
     assert before - vm_rss_mb() > 48
     assert np.array_equal(mapped, w)
-    picogpt.checkpoint.params.release(w)  # not mapped: nothing to do
+    picogpt.checkpoint.safetensors.release(w)  # not mapped: nothing to do

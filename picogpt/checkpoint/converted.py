@@ -26,8 +26,9 @@ import tempfile
 import numpy as np
 
 from .. import formats
-from . import hub, params as weights
 from ..log import warn
+from . import hub, safetensors
+from . import params as weights
 
 CHUNK_BYTES = 4 << 20  # float32 input converted at a time: bounds pack()'s temporaries (several copies of it)
 
@@ -37,7 +38,9 @@ CHUNK_BYTES = 4 << 20  # float32 input converted at a time: bounds pack()'s temp
 
 def root():
     """The folder converted copies are kept in."""
-    cache = os.environ.get("PICOGPT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "picogpt")
+    cache = os.environ.get("PICOGPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "picogpt"
+    )
     return os.path.join(cache, "converted")
 
 
@@ -45,7 +48,11 @@ def model_name(source):
     """A readable name for a checkpoint folder: the repo name of a hub snapshot
     (.../models--org--name/snapshots/<commit>), else the folder's own name."""
     parts = os.path.realpath(source).split(os.sep)
-    name = parts[-3].split("--")[-1] if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--") else parts[-1]
+    name = (
+        parts[-3].split("--")[-1]
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--")
+        else parts[-1]
+    )
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
 
 
@@ -111,18 +118,18 @@ def load_params(source, dtype=None):
     if it cannot be written, the weights are converted in memory."""
     stored = weights.read_checkpoint(source)[1] or "float32"
     if dtype is None or dtype == stored:
-        return weights.load_params(source)
+        return weights.read_params(source)
     copy = folder(source, dtype)
     if valid(copy, source):
         with contextlib.suppress(weights.CheckpointError, OSError):  # damaged, or being replaced: written again below
-            params, config, got = weights.load_params(copy)
+            params, config, got = weights.read_params(copy)
             if got == dtype:
                 return params, config, dtype
     try:
         return keep(source, dtype, copy)
     except OSError as e:
         warn(f"cannot keep a converted copy in {os.path.dirname(copy)} ({e.strerror or e}): converting in memory")
-    params, config, _ = weights.load_params(source)
+    params, config, _ = weights.read_params(source)
     try:
         return formats.convert(params, dtype), config, dtype
     except formats.FormatError as e:
@@ -142,7 +149,9 @@ def keep(source, dtype, copy):
             json.dump(made, f, indent=2)
         try:
             os.rename(tmp, copy)
-        except OSError:  # an old copy is in the way (invalid or damaged, or another process's just made): ours replaces it
+        except (
+            OSError
+        ):  # an old copy is in the way (invalid or damaged, or another process's just made): ours replaces it
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(copy)}.old.", dir=parent)
             os.rename(copy, os.path.join(old, "copy"))
             os.rename(tmp, copy)
@@ -153,7 +162,9 @@ def keep(source, dtype, copy):
     warn(f"converted {model_name(source)} to {dtype} once, kept in {copy}")  # after: a failure stays one line
     removed, freed = prune()  # the cache grows here: let go of the copies whose source is gone
     if removed:
-        warn(f"removed {removed} converted {'copy' if removed == 1 else 'copies'} whose source is gone or changed ({freed / 1e6:.0f} MB)")
+        warn(
+            f"removed {removed} converted {'copy' if removed == 1 else 'copies'} whose source is gone or changed ({freed / 1e6:.0f} MB)"
+        )
     return loaded  # memory-mapped from the files, which keep their identity through the rename
 
 
@@ -175,26 +186,18 @@ def write(source, dtype, out):
     for name in names:
         fmt = dtype if name in packed else "float32"
         plan.append((name, fmt, layout(name, shapes[name], fmt)))
-    metadata = {"format": "pt"} if dtype == "float32" else {"format": weights.PICOGPT_FORMAT, "dtype": dtype}
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, weights.SINGLE_FILE)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(weights.safetensors_header([entry for _, _, entries in plan for entry in entries], metadata))
-            for name, fmt, entries in plan:  # one tensor in memory at a time
-                for array in convert_tensor(leaves[name], where, name, stored, fmt, entries, source):
-                    f.write(array.data)  # C-contiguous: its bytes as they are, no copy
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    for name in weights.TOKENIZER_FILES:
-        shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
-    return weights.load_params(out)
+    with safetensors.replacing(os.path.join(out, safetensors.SINGLE_FILE)) as f:
+        f.write(
+            safetensors.safetensors_header(
+                [entry for _, _, entries in plan for entry in entries], weights.metadata_for(dtype)
+            )
+        )
+        for name, fmt, entries in plan:  # one tensor in memory at a time
+            for array in convert_tensor(leaves[name], where, name, stored, fmt, entries, source):
+                f.write(array.data)  # C-contiguous: its bytes as they are, no copy
+    weights.write_side_files(config, source, out)
+    return weights.read_params(out)
 
 
 def layout(name, shape, fmt):
@@ -202,8 +205,11 @@ def layout(name, shape, fmt):
     is; packed as [in, out] (wte as wte.T), int8 with its scales in NAME.scales."""
     if fmt == "float32":
         return [(name, "F32", shape, 4 * int(np.prod(shape)))]
-    n_in, n_out = shape[::-1] if name == "wte.weight" else shape
-    return [(name + suffix, tag, size, np.dtype(formats.HELD[tag]).itemsize * size[0] * size[1]) for suffix, tag, size in formats.arrays(n_in, n_out, fmt)]
+    n_in, n_out = formats.held_shape(name, shape, fmt)
+    return [
+        (name + suffix, tag, size, np.dtype(formats.HELD[tag]).itemsize * size[0] * size[1])
+        for suffix, tag, size in formats.arrays(n_in, n_out, fmt)
+    ]
 
 
 def convert_tensor(leaf, where, name, stored, fmt, entries, source):
@@ -213,7 +219,9 @@ def convert_tensor(leaf, where, name, stored, fmt, entries, source):
     an ordinary wte: those are columns of the wte.T a packed wte holds (and the other way round when a
     packed wte becomes float32). int8 scales are per column, so a chunk of columns packs exactly."""
     outs = [np.empty(shape, formats.HELD[tag]) for _, tag, shape, _ in entries]
-    transposed = name == "wte.weight" and (stored == "float32") != (fmt == "float32")
+    transposed = formats.held_shape(name, (0, 1), stored) != formats.held_shape(
+        name, (0, 1), fmt
+    )  # a wte between float32 and packed
     n_rows, row_bytes = formats.shape(leaf)[0], 4 * int(np.prod(formats.shape(leaf)[1:]))
     step = max(formats.BLOCK, CHUNK_BYTES // row_bytes // formats.BLOCK * formats.BLOCK)  # whole int8 blocks
     for r0 in range(0, n_rows, step):
@@ -244,7 +252,9 @@ def read_rows(leaf, where, name, r0, r1):
     data = read(where[name], leaf.data.dtype, leaf.data.shape, r0, r1)
     if isinstance(leaf, formats.Q8):
         b = formats.BLOCK
-        return formats.Q8(data, read(where[f"{name}.scales"], np.float32, leaf.scales.shape, r0 // b, formats.n_blocks(r1)))
+        return formats.Q8(
+            data, read(where[f"{name}.scales"], np.float32, leaf.scales.shape, r0 // b, formats.n_blocks(r1))
+        )
     return type(leaf)(data)
 
 
@@ -257,7 +267,9 @@ def read(where, dtype, shape, r0, r1):
     with open(path, "rb") as f:
         f.seek(offset + r0 * row_bytes)
         if f.readinto(view) != len(view):  # buffered: loops until full or at the end of the file
-            raise weights.CheckpointError(f"corrupt or truncated safetensors file {path}: delete it and download or save it again")
+            raise weights.CheckpointError(
+                f"corrupt or truncated safetensors file {path}: delete it and download or save it again"
+            )
     return array
 
 
@@ -268,10 +280,7 @@ def locations(source):
     for name in hub.checkpoint_files(source):
         if name.endswith(".safetensors"):
             path = os.path.join(source, name)
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            for tensor, info in header.items():
-                found[tensor.removeprefix("transformer.")] = (path, 8 + n + info["data_offsets"][0])
+            start, entries, _ = safetensors.header(path)
+            for tensor, info in entries.items():
+                found[tensor.removeprefix("transformer.")] = (path, start + info["data_offsets"][0])
     return found

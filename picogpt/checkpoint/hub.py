@@ -7,12 +7,13 @@ fetched: never `pytorch_model.bin`, never a pickle.
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import sys
 
-from .params import SHARD_INDEX, SINGLE_FILE, TOKENIZER_FILES, CheckpointError, read_config
+from . import CheckpointError
+from .params import TOKENIZER_FILES, read_config
+from .safetensors import SHARD_INDEX, SINGLE_FILE, shards
 
 ALIASES = {
     "gpt2": "openai-community/gpt2",
@@ -21,7 +22,9 @@ ALIASES = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "distilgpt2": "distilbert/distilgpt2",
 }
-TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tiny")  # benchmarks/train_tiny.py made it
+TINY = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tiny"
+)  # tools/tiny/train_tiny.py made it
 LOCAL_HINT = "or give a local folder holding config.json, model.safetensors, vocab.json and merges.txt"
 TINY_HINT = "use the model tiny (it ships with picogpt)"
 
@@ -33,9 +36,16 @@ def resolve(name_or_path, revision=None, refresh=False):
     the network (so it loads offline with no wait); `refresh` (picogpt download) asks the hub for the
     revision's newest files all the same. `revision`: a branch, tag or commit of a hub model."""
     folder = os.path.expanduser(name_or_path)
-    local = os.path.isdir(folder) or name_or_path == "tiny" or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    local = (
+        os.path.isdir(folder)
+        or name_or_path == "tiny"
+        or name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1
+    )
     if local and revision is not None:
-        raise CheckpointError(f"--revision is for models on the Hugging Face hub, and {name_or_path} is a local folder: drop --revision")
+        raise CheckpointError(
+            f"--revision is for models on the Hugging Face hub, and {name_or_path} is a local folder: drop --revision"
+        )
     if os.path.isdir(folder):
         return _check_folder(folder)
     if name_or_path == "tiny":  # the small GPT-2 that ships inside the package: no network needed
@@ -61,8 +71,7 @@ def checkpoint_files(folder):
     if os.path.exists(os.path.join(folder, SINGLE_FILE)) or not os.path.exists(os.path.join(folder, SHARD_INDEX)):
         weights = [SINGLE_FILE]
     else:
-        with open(os.path.join(folder, SHARD_INDEX)) as f:
-            weights = [SHARD_INDEX, *sorted(set(json.load(f)["weight_map"].values()))]
+        weights = [SHARD_INDEX, *shards(os.path.join(folder, SHARD_INDEX))]
     return ["config.json", *weights, *TOKENIZER_FILES]
 
 
@@ -80,9 +89,7 @@ def _cached(repo_id, revision):
         return os.path.dirname(config)
     if not (index := path(SHARD_INDEX)):
         return None
-    with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    return os.path.dirname(config) if all(path(shard) for shard in shards) else None
+    return os.path.dirname(config) if all(path(shard) for shard in shards(index)) else None
 
 
 def unreachable(timeout=5.0):
@@ -133,23 +140,26 @@ def _download(repo_id, revision=None, refresh=False):
                 fetch(SINGLE_FILE)
             except errors.RemoteEntryNotFoundError:  # no single file: a sharded checkpoint, or no safetensors at all
                 try:
-                    with open(fetch(SHARD_INDEX)) as f:
-                        shards = sorted(set(json.load(f)["weight_map"].values()))
+                    names = shards(fetch(SHARD_INDEX))
                 except errors.RemoteEntryNotFoundError:
                     raise CheckpointError(
                         f"{repo_id} has no {SINGLE_FILE} on the hub (picogpt never loads pickled pytorch_model.bin); "
                         f"convert it to safetensors, {LOCAL_HINT}"
                     ) from None
-                for shard in shards:
+                for shard in names:
                     fetch(shard)
             for filename in TOKENIZER_FILES:
                 fetch(filename)
     except errors.HFValidationError:
         raise CheckpointError(unknown) from None
     except errors.RevisionNotFoundError:
-        raise CheckpointError(f"{repo_id} has no revision '{revision}' on the hub: give a branch, tag or commit that exists") from None
+        raise CheckpointError(
+            f"{repo_id} has no revision '{revision}' on the hub: give a branch, tag or commit that exists"
+        ) from None
     except errors.RepositoryNotFoundError:
-        raise CheckpointError(f"unknown model '{repo_id}': no such repo on the Hugging Face hub; check the name, {LOCAL_HINT}") from None
+        raise CheckpointError(
+            f"unknown model '{repo_id}': no such repo on the Hugging Face hub; check the name, {LOCAL_HINT}"
+        ) from None
     except errors.LocalEntryNotFoundError:
         raise CheckpointError(
             f"cannot load '{name}': the download failed and it is not in the cache ({constants.HF_HUB_CACHE}); "

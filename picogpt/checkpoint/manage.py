@@ -5,8 +5,10 @@ import os
 
 import numpy as np
 
-from . import converted, hub, params as weights
-from .. import formats, tokenizer as tok
+from .. import formats
+from .. import tokenizer as tok
+from . import converted, hub
+from . import params as weights
 
 
 def parameter_count(config):
@@ -22,7 +24,7 @@ def weight_bytes(config, dtype):
         if name not in packed:
             total += 4 * int(np.prod(shape))
         else:  # wte is packed as wte.T
-            total += formats.nbytes_of(*(shape[::-1] if name == "wte.weight" else shape), dtype)
+            total += formats.nbytes_of(*formats.held_shape(name, shape, dtype), dtype)
     return total
 
 
@@ -80,6 +82,6 @@ def download(name, revision=None):
     """Fetch a hub model (or refresh a cached one) and check it: every safetensors header read and
     every tensor's shape against config.json, and its tokenizer built. Returns the folder."""
     folder = hub.resolve(name, revision, refresh=True)
-    weights.load_params(folder)
+    weights.read_params(folder)
     tok.load_tokenizer(folder)
     return folder

@@ -3,115 +3,24 @@ write converted checkpoints. Tensors are memory-mapped from the file, so float32
 second copy in memory. Never a pickle. (hub.py finds the folder.)
 """
 
-import contextlib
 import json
-import mmap
 import os
 import shutil
 
 import numpy as np
 
 from .. import formats
+from . import CheckpointError
+from .safetensors import SHARD_INDEX, SINGLE_FILE, VIEW, read, read_safetensors, shards, write_safetensors
 
-SINGLE_FILE = "model.safetensors"
-SHARD_INDEX = "model.safetensors.index.json"
+__all__ = [
+    "CheckpointError",
+    "read_safetensors",
+    "write_safetensors",
+]  # re-exported: the tests and tools read them here
+
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
-
-
-class CheckpointError(Exception):
-    """A user-facing problem with a checkpoint: the message is one line that names the fix."""
-
-
-# ---- reading and writing safetensors ---------------------------------------------------------------
-
-# safetensors dtype -> how its bytes are viewed: BF16 as its uint16 bits, as NumPy has no bfloat16.
-DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I8": np.int8, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
 PICOGPT_FORMAT = "picogpt"  # __metadata__ "format" of checkpoints written by `picogpt convert`
-
-
-def read_safetensors(path):
-    """{name: array} memory-mapped from a .safetensors file, in their stored dtypes (BF16 as uint16).
-
-    The format is an 8-byte little-endian header length, a JSON header of
-    {name: {dtype, shape, data_offsets}}, then the raw bytes. safetensors' own numpy loader copies
-    every tensor into memory; mapping the file keeps the weights at one copy (page cache).
-    """
-    return _read_safetensors(path)[0]
-
-
-def _read_safetensors(path):
-    """(tensors, metadata) of a .safetensors file; see read_safetensors."""
-    size = os.path.getsize(path)
-    bad = f"corrupt or truncated safetensors file {path}: delete it and download or save it again"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8 or (n_header := int.from_bytes(head, "little")) > size - 8:
-            raise CheckpointError(bad)
-        try:
-            header = json.loads(f.read(n_header))
-        except ValueError:
-            raise CheckpointError(bad) from None
-    metadata = header.pop("__metadata__", None) or {}
-    # Copy-on-write ("c") rather than read-only: the pages are shared with the page cache all the same,
-    # and the arrays are then typed as writable like every other array, so Numba compiles each kernel
-    # once rather than once for mapped and once for converted weights.
-    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n_header) if size > 8 + n_header else np.zeros(0, np.uint8)
-    tensors = {}
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = np.dtype(DTYPES[info["dtype"]]), info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{bad} (tensor {name} has an unreadable entry)") from None
-        if not 0 <= start <= end <= len(data) or end - start != dtype.itemsize * int(np.prod(shape)):
-            raise CheckpointError(bad)
-        tensors[name] = data[start:end].view(dtype).reshape(shape)
-    return tensors, metadata
-
-
-def release(weight):
-    """Give the pages of a memory-mapped weight (float32 or packed) back to the OS: they are read from
-    the file again if it is used again. For weights the kernels have copied into their own layout."""
-    for array in [weight] if isinstance(weight, np.ndarray) else weight:
-        base = array
-        while base is not None and not isinstance(base, np.memmap):
-            base = getattr(base, "base", None)  # (an array made from a torch tensor ends at the tensor)
-        mm = getattr(base, "_mmap", None)
-        if mm is None or mm.closed:
-            continue
-        start = np.frombuffer(mm, np.uint8).ctypes.data  # where the mapping begins
-        page, offset = mmap.PAGESIZE, array.ctypes.data - start
-        lo, hi = offset // page * page, min(len(mm), -(-(offset + array.nbytes) // page) * page)
-        if hi > lo:
-            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-
-def write_safetensors(path, tensors, metadata=None):
-    """Write {name: (safetensors dtype, array)} to `path`, through a temporary file so that a full disk
-    or an interrupt never leaves a truncated checkpoint behind."""
-    head = safetensors_header([(name, dtype, array.shape, array.nbytes) for name, (dtype, array) in tensors.items()], metadata)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(head)
-            for _, array in tensors.values():
-                f.write(np.ascontiguousarray(array).tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def safetensors_header(entries, metadata=None):
-    """The bytes before a safetensors file's data, for [(name, safetensors dtype, shape, nbytes)] in
-    file order: all of it follows from the shapes, so a writer can stream the data after it."""
-    header, offset = {"__metadata__": metadata or {}}, 0
-    for name, dtype, shape, nbytes in entries:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format pads the header so the data starts 8-byte aligned
-    return len(head).to_bytes(8, "little") + head
 
 
 def _float32(array):
@@ -127,18 +36,18 @@ def read_checkpoint(folder):
     None for an ordinary checkpoint (floats of any width), or the dtype `picogpt convert` packed."""
     index = os.path.join(folder, SHARD_INDEX)
     if not os.path.exists(os.path.join(folder, SINGLE_FILE)) and os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
         tensors = {}
-        for shard in shards:
+        for shard in shards(index):
             if not os.path.exists(os.path.join(folder, shard)):
                 raise CheckpointError(f"{folder} is missing the shard {shard} named in {SHARD_INDEX}")
             tensors.update(read_safetensors(os.path.join(folder, shard)))
         return tensors, None
-    tensors, metadata = _read_safetensors(os.path.join(folder, SINGLE_FILE))
+    tensors, metadata = read(os.path.join(folder, SINGLE_FILE))
     if metadata.get("format") == PICOGPT_FORMAT:
         if metadata.get("dtype") not in formats.DTYPES:
-            raise CheckpointError(f"{folder}: written by picogpt with weight format {metadata.get('dtype')!r}, which this version cannot read")
+            raise CheckpointError(
+                f"{folder}: written by picogpt with weight format {metadata.get('dtype')!r}, which this version cannot read"
+            )
         return tensors, metadata["dtype"]
     return tensors, None
 
@@ -169,7 +78,9 @@ def read_config(folder):
     }
     for key, (want, got) in unsupported.items():
         if want != got:
-            raise CheckpointError(f"{folder}: config.json has {key}={got!r}; picogpt supports only GPT-2's {key}={want!r}")
+            raise CheckpointError(
+                f"{folder}: config.json has {key}={got!r}; picogpt supports only GPT-2's {key}={want!r}"
+            )
     if config["n_embd"] % config["n_head"]:
         raise CheckpointError(f"{folder}: n_embd={config['n_embd']} is not divisible by n_head={config['n_head']}")
     return config
@@ -181,13 +92,19 @@ def expected_shapes(config):
     shapes = {"wte.weight": (config["vocab_size"], d), "wpe.weight": (config["n_positions"], d)}
     for i in range(config["n_layer"]):
         for name, shape in {
-            "ln_1.weight": (d,), "ln_1.bias": (d,),
-            "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
-            "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,),
-            "ln_2.weight": (d,), "ln_2.bias": (d,),
-            "mlp.c_fc.weight": (d, n_inner), "mlp.c_fc.bias": (n_inner,),
-            "mlp.c_proj.weight": (n_inner, d), "mlp.c_proj.bias": (d,),
-        }.items():  # fmt: skip
+            "ln_1.weight": (d,),
+            "ln_1.bias": (d,),
+            "attn.c_attn.weight": (d, 3 * d),
+            "attn.c_attn.bias": (3 * d,),
+            "attn.c_proj.weight": (d, d),
+            "attn.c_proj.bias": (d,),
+            "ln_2.weight": (d,),
+            "ln_2.bias": (d,),
+            "mlp.c_fc.weight": (d, n_inner),
+            "mlp.c_fc.bias": (n_inner,),
+            "mlp.c_proj.weight": (n_inner, d),
+            "mlp.c_proj.bias": (d,),
+        }.items():
             shapes[f"h.{i}.{name}"] = shape
     shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
     return shapes
@@ -207,14 +124,18 @@ def check_tensors(tensors, config, source="checkpoint", packed=None):
         if name not in tensors:
             raise CheckpointError(f"{source} lacks tensor '{name}': the file is incomplete or not a GPT-2 checkpoint")
         if name in packs:
-            checked[name] = _packed(tensors, name, shape[::-1] if name == "wte.weight" else shape, packed, source)
+            checked[name] = _packed(tensors, name, formats.held_shape(name, shape, packed), packed, source)
         elif tuple(tensors[name].shape) != shape:
-            raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)}, config.json implies {shape}")
+            raise CheckpointError(
+                f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)}, config.json implies {shape}"
+            )
         else:
             checked[name] = tensors[name]
     lm_head = tensors.get("lm_head.weight")
     if lm_head is not None and not np.array_equal(lm_head, tensors["wte.weight"]):
-        raise CheckpointError(f"{source}: lm_head.weight differs from wte.weight; picogpt supports only GPT-2's tied lm_head")
+        raise CheckpointError(
+            f"{source}: lm_head.weight differs from wte.weight; picogpt supports only GPT-2's tied lm_head"
+        )
     return checked
 
 
@@ -233,23 +154,27 @@ def to_params(tensors, config, source="checkpoint", packed=None):
 
 def packed_names(config):
     """The tensors a converted checkpoint packs: every block linear's weight and wte."""
-    return {"wte.weight"} | {f"h.{i}.{part}.{name}.weight" for i in range(config["n_layer"]) for part, name in formats.LINEARS}
+    return {"wte.weight"} | {
+        f"h.{i}.{part}.{name}.weight" for i in range(config["n_layer"]) for part, name in formats.LINEARS
+    }
 
 
 def _packed(tensors, name, shape, dtype, source):
     """The packed tuple stored under `name` (and `name.scales` for int8), checked against its [in, out] shape."""
     fmt, found = formats.FORMATS[dtype], []
     for suffix, tag, want in formats.arrays(*shape, dtype):  # data, then int8's scales
-        stored = DTYPES[tag]  # as read_safetensors views it
+        stored = VIEW[tag]  # as read_safetensors views it
         array = tensors.get(name + suffix)
         if array is None or array.dtype != stored or tuple(array.shape) != want:
             got = "missing" if array is None else f"{array.dtype} {tuple(array.shape)}"
-            raise CheckpointError(f"{source}: tensor '{name}{suffix}' is {got}, a {dtype} checkpoint needs {np.dtype(stored)} {want}")
+            raise CheckpointError(
+                f"{source}: tensor '{name}{suffix}' is {got}, a {dtype} checkpoint needs {np.dtype(stored)} {want}"
+            )
         found.append(array.view(fmt.array) if suffix == "" else array)
     return fmt.cls(*found)
 
 
-def load_params(folder):
+def read_params(folder):
     """(params, config, dtype) for a checkpoint folder, validated; dtype is the format it holds."""
     config = read_config(folder)
     tensors, packed = read_checkpoint(folder)
@@ -278,8 +203,18 @@ def save_params(params, config, out_folder, tokenizer_folder):
 
     add("", params)
     os.makedirs(out_folder, exist_ok=True)
-    metadata = {"format": "pt"} if dtype == "float32" else {"format": PICOGPT_FORMAT, "dtype": dtype}
-    write_safetensors(os.path.join(out_folder, SINGLE_FILE), tensors, metadata)
+    write_safetensors(os.path.join(out_folder, SINGLE_FILE), tensors, metadata_for(dtype))
+    write_side_files(config, tokenizer_folder, out_folder)
+
+
+def metadata_for(dtype):
+    """The safetensors __metadata__ of a checkpoint whose weights are in `dtype`."""
+    return {"format": "pt"} if dtype == "float32" else {"format": PICOGPT_FORMAT, "dtype": dtype}
+
+
+def write_side_files(config, tokenizer_folder, out_folder):
+    """config.json, and the tokenizer's files copied from tokenizer_folder: what a checkpoint folder
+    holds beside its weights."""
     with open(os.path.join(out_folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     for name in TOKENIZER_FILES:

@@ -16,7 +16,9 @@ import os
 import shutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = sorted(os.path.join(HERE, f) for f in os.listdir(HERE) if f.endswith(".py")) + [os.path.join(os.path.dirname(HERE), "formats.py")]
+SOURCES = sorted(os.path.join(HERE, f) for f in os.listdir(HERE) if f.endswith(".py")) + [
+    os.path.join(os.path.dirname(HERE), "formats.py")
+]
 
 
 def cache_dir(sources=SOURCES, base=None):
@@ -25,7 +27,9 @@ def cache_dir(sources=SOURCES, base=None):
     for path in sources:
         with open(path, "rb") as f:
             digest.update(os.path.basename(path).encode() + b"\0" + f.read())
-    base = base or os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "picogpt", "numba")
+    base = (
+        base or os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "picogpt", "numba")
+    )
     return os.path.join(base, f"picogpt-{digest.hexdigest()[:16]}")
 
 
@@ -45,6 +49,18 @@ def use_cache(folder):
 use_cache(cache_dir())
 
 from . import microkernel, ops  # noqa: E402  (after the cache folder is set)
-from .forward import ROWS_MAX, SHORT, Layer, block_rows, forget, gpt2, gpt2_rows, linear, prepare  # noqa: E402
+from .forward import ROWS_MAX, ROWS_PROMPT, Layer, block_rows, forget, gpt2, gpt2_rows, linear, prepare  # noqa: E402
 
-__all__ = ["gpt2", "gpt2_rows", "prepare", "forget", "linear", "block_rows", "Layer", "ROWS_MAX", "SHORT", "ops", "microkernel"]
+__all__ = [
+    "gpt2",
+    "gpt2_rows",
+    "prepare",
+    "forget",
+    "linear",
+    "block_rows",
+    "Layer",
+    "ROWS_MAX",
+    "ROWS_PROMPT",
+    "ops",
+    "microkernel",
+]

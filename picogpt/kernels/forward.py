@@ -26,8 +26,8 @@ import numpy as np
 from numba import njit
 
 from .. import formats, model
+from ..checkpoint import safetensors
 from . import microkernel
-from ..checkpoint import params as weights
 from .microkernel import Linear
 from .ops import attend_rows, attention, bias_gelu_, f32, jit, layer_norm_rows, store_kv
 
@@ -38,7 +38,7 @@ from .ops import attend_rows, attention, bias_gelu_, f32, jit, layer_norm_rows, 
 # it, 16 prompts of gpt2-medium (232 tokens) took 405 against 637 ms (float32) with the line at 256
 # rather than 128, and one of 512 tokens 1.3 s through BLAS against 2.1 s through the microkernel.
 ROWS_MAX = 256
-SHORT = 64  # prompts (or chunks) of up to this many tokens run as decoding does: gpt2_rows
+ROWS_PROMPT = 64  # prompts (or chunks) of up to this many tokens run as decoding does, each token a row (gpt2_rows)
 
 
 class Norm(NamedTuple):
@@ -73,7 +73,7 @@ def layer(block, release=False):
         microkernel.linear_of(**mlp["c_proj"]),
     )
     for part, name in formats.LINEARS if release else ():  # the panels replace them: a mapped file's pages can go
-        weights.release(block[part][name]["weight"])
+        safetensors.release(block[part][name]["weight"])
     return laid_out
 
 
@@ -87,9 +87,11 @@ def prepare(wte, h, release=False):
     key = (id(wte), id(h))
     if key not in _prepared:
         w = wte["weight"]  # a packed wte holds wte.T, the lm_head's [in, out], in its own format
-        _prepared[key] = Prepared([layer(block, release) for block in h], microkernel.linear_of(w.T if isinstance(w, np.ndarray) else w))
+        _prepared[key] = Prepared(
+            [layer(block, release) for block in h], microkernel.linear_of(w.T if isinstance(w, np.ndarray) else w)
+        )
         if release:  # its embedding rows are read from the file again as tokens need them
-            weights.release(w)
+            safetensors.release(w)
         for w in (wte["weight"], h[0]["attn"]["c_attn"]["weight"]):  # ids are reused once freed
             weakref.finalize(w if isinstance(w, np.ndarray) else w.data, _prepared.pop, key, None)
     return _prepared[key]
@@ -144,9 +146,13 @@ def block_rows(x, layer, k_cache, v_cache, rows, past, eps, n_threads):  # x [n_
     qkv = qkv.reshape((n_seq, 3, n_head, head_dim))  # q, k, v of each sequence: [n_head, head_dim] each
     for s in range(n_seq):
         store_kv(k_cache[rows[s]], v_cache[rows[s]], past[s], qkv[s])
-    a = attend_rows(np.ascontiguousarray(qkv[:, 0]), k_cache, v_cache, rows, past + 1).reshape((n_seq, n_head * head_dim))
+    a = attend_rows(np.ascontiguousarray(qkv[:, 0]), k_cache, v_cache, rows, past + 1).reshape(
+        (n_seq, n_head * head_dim)
+    )
     x = _linear(a, layer.attn_c_proj, x, n_threads)  # x + attn(...)
-    a = _linear(layer_norm_rows(x, layer.ln_2.weight, layer.ln_2.bias, eps), layer.c_fc, none, n_threads)  # gelu(...): [n_seq, n_inner]
+    a = _linear(
+        layer_norm_rows(x, layer.ln_2.weight, layer.ln_2.bias, eps), layer.c_fc, none, n_threads
+    )  # gelu(...): [n_seq, n_inner]
     return _linear(a, layer.mlp_c_proj, x, n_threads)  # x + mlp(...)
 
 
@@ -213,7 +219,7 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, la
     ids = np.concatenate(inputs)
     positions = np.concatenate([p + np.arange(n, dtype=np.int64) for p, n in zip(past, lengths)])
     x = formats.embedding(wte["weight"], ids) + wpe["weight"][positions]  # [n_tokens, n_embd]
-    if max(lengths) <= SHORT:  # decoding, and short prompts or chunks beside it: each token a row of
+    if max(lengths) <= ROWS_PROMPT:  # decoding, and short prompts or chunks beside it: each token a row of
         # block_rows at its own position (one compiled call per layer; a chunk of 32 beside 8 decoding
         # rows, as the server runs, took half the time of the per-sequence path below)
         rows_, n_threads = np.repeat(np.asarray(rows, np.int64), lengths), numba.get_num_threads()

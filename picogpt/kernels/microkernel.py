@@ -77,6 +77,41 @@ def linear_of(weight, bias=None, gelu=False):
 # ---- the tile, in LLVM IR ---------------------------------------------------------------------------
 
 
+def _floats(v):
+    """The float32 type of v's shape: a vector of as many lanes, or a scalar."""
+    f = ir.FloatType()
+    return ir.VectorType(f, v.type.count) if isinstance(v.type, ir.VectorType) else f
+
+
+def _like(v, element):
+    return ir.VectorType(element, v.type.count) if isinstance(v.type, ir.VectorType) else element
+
+
+def _widen_f16(builder, v, scale):  # float16 bits -> float32: LLVM's fpext half -> float. Exact.
+    return builder.fpext(builder.bitcast(v, _like(v, ir.HalfType())), _floats(v))
+
+
+def _widen_bf16(builder, v, scale):  # bfloat16 bits -> the top half of a float32's. Exact.
+    i32 = _like(v, ir.IntType(32))
+    sixteen = ir.Constant(i32, [16] * v.type.count) if isinstance(i32, ir.VectorType) else ir.Constant(i32, 16)
+    return builder.bitcast(builder.shl(builder.zext(v, i32), sixteen), _floats(v))
+
+
+def _widen_q8(builder, v, scale):  # int8 -> float32, times its block's scale
+    return builder.fmul(builder.sitofp(v, _floats(v)), scale)
+
+
+# How each weight format (formats.FORMATS, by name) becomes float32 in registers: the format's row of
+# the microkernel, as its pack and dequantize are its rows in formats.py. v: its data, as stored (float32,
+# or integer bits), one value or a vector; scale: the matching int8 scales (None for the others).
+WIDEN = {
+    "float32": lambda builder, v, scale: v,
+    "float16": _widen_f16,
+    "bfloat16": _widen_bf16,
+    "int8": _widen_q8,
+}
+
+
 def _kind(w):
     """The weight format of a Numba type: float32 arrays and formats.py's named tuples."""
     return "float32" if isinstance(w, types.Array) else formats.DTYPE_OF[w.instance_class]
@@ -102,7 +137,11 @@ def _tile(typingctx, x, r0, n, w, p, tile):
             data, scales = context.make_array(tw)(context, builder, w_), None
         else:
             data = context.make_array(tw.types[0])(context, builder, builder.extract_value(w_, 0))
-            scales = context.make_array(tw.types[1])(context, builder, builder.extract_value(w_, 1)) if formats.FORMATS[kind].scales else None
+            scales = (
+                context.make_array(tw.types[1])(context, builder, builder.extract_value(w_, 1))
+                if formats.FORMATS[kind].scales
+                else None
+            )
         size = np.dtype(formats.FORMATS[kind].array).itemsize  # bytes per weight
         elem = f if kind == "float32" else ir.IntType(8 * size)  # 16-bit and int8 data as integer bits
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{LANES}f32")
@@ -121,24 +160,22 @@ def _tile(typingctx, x, r0, n, w, p, tile):
         def widen(k, c):  # weight vector c of panel row k, as LANES float32
             ptr = builder.gep(w_base, [builder.add(builder.mul(k, const(P)), const(c * LANES))])
             v = builder.load(builder.bitcast(ptr, ir.VectorType(elem, LANES).as_pointer()), align=size)
-            if kind == "float16":
-                return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), LANES)), vec)
-            if kind == "bfloat16":
-                wide = builder.shl(builder.zext(v, ir.VectorType(i32, LANES)), ir.Constant(ir.VectorType(i32, LANES), [16] * LANES))
-                return builder.bitcast(wide, vec)
-            if kind == "int8":
+            scale = None
+            if scales is not None:
                 block = builder.lshr(k, const(BLOCK.bit_length() - 1))  # k // BLOCK (a power of 2)
                 sptr = builder.gep(s_base, [builder.add(builder.mul(block, const(P)), const(c * LANES))])
                 scale = builder.load(builder.bitcast(sptr, vec.as_pointer()), align=4)
-                return builder.fmul(builder.sitofp(v, vec), scale)
-            return v
+            return WIDEN[kind](builder, v, scale)
 
         done = builder.append_basic_block("tile.done")
         switch = builder.switch(n_, done)
         for rows in range(1, R + 1):  # one loop per row count: the accumulators must be named registers
             entry = builder.append_basic_block(f"tile.{rows}")
             switch.add_case(ir.Constant(n_.type, rows), entry)
-            loop, store = builder.append_basic_block(f"tile.{rows}.loop"), builder.append_basic_block(f"tile.{rows}.store")
+            loop, store = (
+                builder.append_basic_block(f"tile.{rows}.loop"),
+                builder.append_basic_block(f"tile.{rows}.store"),
+            )
             builder.position_at_end(entry)
             builder.branch(loop)
             builder.position_at_end(loop)
@@ -216,24 +253,14 @@ def linear(x, weight, bias, gelu, residual, n_threads):  # [n_rows, in] -> [n_ro
 
 
 @intrinsic
-def _f16_to_f32(typingctx, bits):
-    """float16 bits -> float32: LLVM's `fpext half -> float`. Exact."""
+def _widen_one(typingctx, w, value, scale):
+    """One stored value of weight w's format (bits, or int8) -> float32, as WIDEN says. Exact but int8's product."""
+    kind = _kind(w)
 
     def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return WIDEN[kind](builder, args[1], args[2] if formats.FORMATS[kind].scales else None)
 
-    return types.float32(types.uint16), codegen
-
-
-@intrinsic
-def _bf16_to_f32(typingctx, bits):
-    """bfloat16 bits -> float32: the bits become the top half of a float32's. Exact."""
-
-    def codegen(context, builder, signature, args):
-        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-        return builder.bitcast(wide, ir.FloatType())
-
-    return types.float32(types.uint16), codegen
+    return types.float32(w, value, scale), codegen
 
 
 def _row(w, p, i, out):
@@ -242,30 +269,23 @@ def _row(w, p, i, out):
 
 @overload(_row, inline="always")
 def _row_overload(w, p, i, out):
-    kind = _kind(w)
-    if kind == "float32":
+    if _kind(w) == "float32":
 
         def row(w, p, i, out):
             for j in range(P):
                 out[j] = w[p, i, j]
 
-    elif kind == "float16":
+    elif formats.FORMATS[_kind(w)].scales:
 
         def row(w, p, i, out):
             for j in range(P):
-                out[j] = _f16_to_f32(w.data[p, i, j])
-
-    elif kind == "bfloat16":
-
-        def row(w, p, i, out):
-            for j in range(P):
-                out[j] = _bf16_to_f32(w.data[p, i, j])
+                out[j] = _widen_one(w, w.data[p, i, j], w.scales[p, i // BLOCK, j])
 
     else:
 
         def row(w, p, i, out):
             for j in range(P):
-                out[j] = f32(w.data[p, i, j]) * w.scales[p, i // BLOCK, j]
+                out[j] = _widen_one(w, w.data[p, i, j], f32(1))
 
     return row
 

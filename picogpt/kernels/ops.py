@@ -11,7 +11,6 @@ import math
 import numpy as np
 from numba import njit, prange
 
-
 f32 = np.float32
 # error_model="numpy": a float division may give inf instead of raising, which lets LLVM vectorize it.
 jit = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
@@ -20,11 +19,26 @@ jit = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
 # arithmetic, so LLVM vectorizes them: 8 lanes at a time instead of 1, within float32 rounding.
 GELU_A, GELU_B = f32(math.sqrt(2.0 / math.pi)), f32(0.044715)
 TANH_CLAMP = f32(7.90531110763549805)  # tanh is +-1 in float32 past this
-P1, P3, P5, P7, P9, P11, P13 = (f32(c) for c in (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05,
-    5.12229709037114e-08, -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16))  # fmt: skip
-Q0, Q2, Q4, Q6 = (f32(c) for c in (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06))
+P1, P3, P5, P7, P9, P11, P13 = (
+    f32(c)
+    for c in (
+        4.89352455891786e-03,
+        6.37261928875436e-04,
+        1.48572235717979e-05,
+        5.12229709037114e-08,
+        -8.60467152213735e-11,
+        2.00018790482477e-13,
+        -2.76076847742355e-16,
+    )
+)
+Q0, Q2, Q4, Q6 = (
+    f32(c) for c in (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
+)
 LOG2E, LN2_HI, LN2_LO = f32(1.44269504088896341), f32(0.693359375), f32(-2.12194440e-4)
-E0, E1, E2, E3, E4, E5 = (f32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+E0, E1, E2, E3, E4, E5 = (
+    f32(c)
+    for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+)
 
 
 @njit(inline="always", **jit)
@@ -100,7 +114,9 @@ def store_kv(k_cache, v_cache, past, qkv):  # caches [n_head, n_ctx, head_dim]; 
 # whole heads holds every sequence, long and short alike (sequence-major, a thread that drew the
 # long contexts made the other wait: 7.5 against 4.8 ms a step for 4 rows at 600 positions and 4 at 20).
 @njit(parallel=True, **jit)
-def attend_rows(q, k_cache, v_cache, rows, n_kv):  # q [n_seq, n_head, head_dim]; caches [n_rows, n_head, n_ctx, head_dim]
+def attend_rows(
+    q, k_cache, v_cache, rows, n_kv
+):  # q [n_seq, n_head, head_dim]; caches [n_rows, n_head, n_ctx, head_dim]
     n_seq, n_head, head_dim = q.shape
     out = np.zeros_like(q)
     scale = f32(1.0 / np.sqrt(head_dim))
@@ -168,5 +184,3 @@ def attention(q, k, v, past, block=128):
         scores = causal_softmax_(q[:, start:stop] @ kt, past + start, scale)  # [n_head, block, past + stop]
         out[:, start:stop] = scores @ vt  # [n_head, block, head_dim]
     return out
-
-

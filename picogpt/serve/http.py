@@ -29,7 +29,9 @@ MAX_BODY = 1 << 20  # bytes of a request body: 413 beyond (a full context of tok
 
 def error(status, message, kind="invalid_request_error", param=None, code=None, headers=None):
     """OpenAI's error body."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}}, status, headers=headers
+    )
 
 
 async def body_of(request):
@@ -59,16 +61,29 @@ def handled(endpoint, needs_model=True, logged=True):
         start = time.perf_counter()
         try:
             if needs_model and state.worker is None:
-                response = error(503, "the model is still loading: retry in a few seconds" if not state.stopping else "the server is shutting down",
-                                 "server_error", headers={"Retry-After": "5"})  # fmt: skip
+                response = error(
+                    503,
+                    "the model is still loading: retry in a few seconds"
+                    if not state.stopping
+                    else "the server is shutting down",
+                    "server_error",
+                    headers={"Retry-After": "5"},
+                )
             elif state.stopping and request.method == "POST":
                 response = error(503, "the server is shutting down", "server_error")
             else:
                 response = await endpoint(request)
         except BadRequest as e:
-            response = error(e.status, str(e), "invalid_request_error" if e.status != 404 else "not_found_error", e.param, e.code)
+            response = error(
+                e.status, str(e), "invalid_request_error" if e.status != 404 else "not_found_error", e.param, e.code
+            )
         except Busy:
-            response = error(429, "the server is busy: every row of the batch and the queue are taken; retry shortly", "rate_limit_error", headers={"Retry-After": "1"})
+            response = error(
+                429,
+                "the server is busy: every row of the batch and the queue are taken; retry shortly",
+                "rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
         except ClientGone:  # nginx's 499: nobody to answer; the log and /metrics say so
             response = error(499, "the client closed the connection before the answer", "client_closed_request")
             request.state.tokens = ", the client left: cancelled"
@@ -79,7 +94,9 @@ def handled(endpoint, needs_model=True, logged=True):
         state.metrics.requests.labels(str(response.status_code)).inc()
         if logged and not isinstance(response, StreamingResponse):  # a stream is logged when it ends (sse)
             tokens = getattr(request.state, "tokens", "")
-            warn(f"{request.method} {request.url.path} {response.status_code}{tokens} in {time.perf_counter() - start:.2f} s")
+            warn(
+                f"{request.method} {request.url.path} {response.status_code}{tokens} in {time.perf_counter() - start:.2f} s"
+            )
         return response
 
     return run
@@ -92,7 +109,13 @@ async def health(request):
 
 async def models(request):
     state = request.app.state
-    entry = {"id": state.name, "object": "model", "created": state.created, "owned_by": "picogpt", "max_model_len": state.n_ctx}
+    entry = {
+        "id": state.name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "picogpt",
+        "max_model_len": state.n_ctx,
+    }
     return JSONResponse({"object": "list", "data": [entry]})
 
 
@@ -109,13 +132,20 @@ async def detokenize(request):
     body = await body_of(request)
     state = request.app.state
     tokens = body.get("tokens") if isinstance(body, dict) else None
-    if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < state.n_vocab for t in tokens)):
+    if not (
+        isinstance(tokens, list)
+        and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < state.n_vocab for t in tokens)
+    ):
         raise BadRequest(f"'tokens' must be a list of token ids from 0 to {state.n_vocab - 1}", "tokens")
     return JSONResponse({"prompt": state.tokenizer.decode(tokens)})
 
 
 async def chat(request):
-    raise BadRequest("GPT-2 has no chat template: use /v1/completions with a plain-text prompt", status=400, code="unsupported_endpoint")
+    raise BadRequest(
+        "GPT-2 has no chat template: use /v1/completions with a plain-text prompt",
+        status=400,
+        code="unsupported_endpoint",
+    )
 
 
 async def prometheus(request):
@@ -128,14 +158,23 @@ async def completions(request):
     body = await body_of(request)
     o = options_of(body, state.n_vocab, state.name)
     eot = state.tokenizer.eot_token
-    prompts = [(ids or [eot], text) for ids, text in prompts_of(body, lambda t: tok.encode(state.tokenizer, t), state.n_vocab)]
+    prompts = [
+        (ids or [eot], text) for ids, text in prompts_of(body, lambda t: tok.encode(state.tokenizer, t), state.n_vocab)
+    ]
     for ids, _ in prompts:
         if len(ids) > state.n_ctx:
-            raise BadRequest(f"the prompt has {len(ids)} tokens, more than this model's context of {state.n_ctx}: shorten it", "prompt", code="context_length_exceeded")
+            raise BadRequest(
+                f"the prompt has {len(ids)} tokens, more than this model's context of {state.n_ctx}: shorten it",
+                "prompt",
+                code="context_length_exceeded",
+            )
     n_seq = len(prompts) * o.n
     worker = state.worker
     if n_seq > worker.capacity:
-        raise BadRequest(f"{n_seq} sequences (prompts x n) is more than this server takes at once ({worker.capacity}: --parallel + --queue)", "n")
+        raise BadRequest(
+            f"{n_seq} sequences (prompts x n) is more than this server takes at once ({worker.capacity}: --parallel + --queue)",
+            "n",
+        )
     job = Job(asyncio.get_running_loop(), arrived)
     texts = []
     with worker.reserve(n_seq) as reservation:  # given back if anything below fails
@@ -148,7 +187,9 @@ async def completions(request):
         worker.submit(job, reservation)
     n_prompt = sum(len(ids) for ids, _ in prompts)
     state.metrics.prompt_tokens.inc(n_prompt)
-    reply = dict(id=f"cmpl-{uuid.uuid4().hex[:24]}", object="text_completion", created=int(time.time()), model=state.name)
+    reply = dict(
+        id=f"cmpl-{uuid.uuid4().hex[:24]}", object="text_completion", created=int(time.time()), model=state.name
+    )
     usage = lambda tokens: {"prompt_tokens": n_prompt, "completion_tokens": tokens, "total_tokens": n_prompt + tokens}  # noqa: E731
 
     def start(choice):  # the echoed prompt and its log-probabilities come first
@@ -174,8 +215,18 @@ async def completions(request):
     for c in job.choices:  # the echoed prompt in front, now that it is scored
         prompt, scores = start(c)
         out[c.index].update(text=prompt + out[c.index]["text"], entries=scores + out[c.index]["entries"])
-    logprobs = lambda c: None if o.logprobs is None else c.logprobs.shape(out[c.index]["entries"]) if c.logprobs else None  # noqa: E731
-    choices = [{"text": out[c.index]["text"], "index": c.index, "logprobs": logprobs(c), "finish_reason": out[c.index]["finish_reason"]} for c in job.choices]
+    logprobs = lambda c: (
+        None if o.logprobs is None else c.logprobs.shape(out[c.index]["entries"]) if c.logprobs else None
+    )  # noqa: E731
+    choices = [
+        {
+            "text": out[c.index]["text"],
+            "index": c.index,
+            "logprobs": logprobs(c),
+            "finish_reason": out[c.index]["finish_reason"],
+        }
+        for c in job.choices
+    ]
     n_new = sum(v["tokens"] for v in out.values())
     request.state.tokens = f", {n_prompt} prompt + {n_new} new tokens"
     return JSONResponse(reply | {"choices": choices, "usage": usage(n_new)})
@@ -245,7 +296,9 @@ async def sse(request, job, reply, o, start, usage):
                 ended.add(event.index)
             logprobs = choice.logprobs.shape(entries) if choice.logprobs is not None else None
             if text or entries or finish:
-                yield chunk([{"text": text, "index": event.index, "logprobs": logprobs, "finish_reason": finish}], **extra)
+                yield chunk(
+                    [{"text": text, "index": event.index, "logprobs": logprobs, "finish_reason": finish}], **extra
+                )
                 sent[event.index] = event.tokens
         if extra:
             yield chunk([], usage=usage(sum(sent.values())))
@@ -255,7 +308,9 @@ async def sse(request, job, reply, o, start, usage):
         seconds = time.perf_counter() - job.arrived
         request.app.state.metrics.latency.observe(seconds)
         left = "" if len(ended) == len(job.choices) else ", the client left"
-        warn(f"POST /v1/completions 200 (stream{left}), {usage(0)['prompt_tokens']} prompt + {sum(sent.values())} new tokens sent in {seconds:.2f} s")
+        warn(
+            f"POST /v1/completions 200 (stream{left}), {usage(0)['prompt_tokens']} prompt + {sum(sent.values())} new tokens sent in {seconds:.2f} s"
+        )
     yield "data: [DONE]\n\n"
 
 
@@ -280,7 +335,13 @@ def app(name, metrics=None):
         Route("/metrics", handled(prometheus, logged=False), methods=["GET"]),
     ]
     web = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, HTTPException: not_found})
-    web.state.name, web.state.metrics, web.state.worker, web.state.stopping, web.state.created = name, metrics or Metrics(), None, False, int(time.time())
+    web.state.name, web.state.metrics, web.state.worker, web.state.stopping, web.state.created = (
+        name,
+        metrics or Metrics(),
+        None,
+        False,
+        int(time.time()),
+    )
     return web
 
 
@@ -294,7 +355,16 @@ def ready(web, model, parallel, queue_size, chunk):
     return worker
 
 
-def serve(name, dtype=None, revision=None, host=SERVE["host"], port=SERVE["port"], parallel=SERVE["parallel"], queue_size=SERVE["queue"], chunk=SERVE["chunk"]):
+def serve(
+    name,
+    dtype=None,
+    revision=None,
+    host=SERVE["host"],
+    port=SERVE["port"],
+    parallel=SERVE["parallel"],
+    queue_size=SERVE["queue"],
+    chunk=SERVE["chunk"],
+):
     """Run the server until Ctrl-C or SIGTERM: listen at once (/health says 503 while the model loads),
     load and warm up the model, then take requests. Running requests end with what they have."""
     import uvicorn
@@ -313,17 +383,23 @@ def serve(name, dtype=None, revision=None, host=SERVE["host"], port=SERVE["port"
 
     # uvicorn's own log stays quiet: the handlers report every error themselves, one line each, and a
     # port that cannot be bound is told below.
-    config = uvicorn.Config(web, host=host, port=port, log_level="critical", access_log=False, lifespan="off", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        web, host=host, port=port, log_level="critical", access_log=False, lifespan="off", timeout_graceful_shutdown=10
+    )
     server = Server(config)
 
     def loading():
         try:
             model = load(name, dtype=dtype, revision=revision)
             eot = model.tokenizer.eot_token
-            warmup.warm_up(model, [[eot] * min(chunk, model.config["n_positions"] - 2), [eot]], 3, say=warn)  # the kernels, compiled once
+            warmup.warm_up(
+                model, [[eot] * min(chunk, model.config["n_positions"] - 2), [eot]], 3, say=warn
+            )  # the kernels, compiled once
             if not web.state.stopping:
                 ready(web, model, parallel, queue_size, chunk)
-                warn(f"serving {name} ({model.dtype}, up to {parallel} sequence{'s' if parallel != 1 else ''} at once) at http://{host}:{port}/v1 ; Ctrl-C stops")
+                warn(
+                    f"serving {name} ({model.dtype}, up to {parallel} sequence{'s' if parallel != 1 else ''} at once) at http://{host}:{port}/v1 ; Ctrl-C stops"
+                )
         except BaseException as e:  # noqa: BLE001 - reported by the CLI after the server stops
             failed.append(e)
             server.should_exit = True
@@ -337,4 +413,6 @@ def serve(name, dtype=None, revision=None, host=SERVE["host"], port=SERVE["port"
     if failed:
         raise failed[0]
     if not server.started:
-        raise OSError(f"could not listen on {host}:{port} (in use, or not an address here): pick another --port or --host")
+        raise OSError(
+            f"could not listen on {host}:{port} (in use, or not an address here): pick another --port or --host"
+        )

@@ -54,7 +54,9 @@ def prompts_of(body, encode, n_vocab):
     for ids in lists:
         bad = [t for t in ids if not 0 <= t < n_vocab]
         if bad:
-            raise BadRequest(f"'prompt' holds token id {bad[0]}, outside this model's vocabulary of {n_vocab}", "prompt")
+            raise BadRequest(
+                f"'prompt' holds token id {bad[0]}, outside this model's vocabulary of {n_vocab}", "prompt"
+            )
     return [(list(ids), None) for ids in lists]
 
 
@@ -80,17 +82,40 @@ def options_of(body, n_vocab, served):
         raise BadRequest("the request body must be a JSON object")
     model = body.get("model")
     if model is not None and model != served:
-        raise BadRequest(f"the model '{model}' does not exist here: this server has '{served}'", "model", 404, "model_not_found")
-    stop = field(body, "stop", [], lambda v: isinstance(v, str) or (isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) for s in v)), "a string or a list of up to 4 strings")
+        raise BadRequest(
+            f"the model '{model}' does not exist here: this server has '{served}'", "model", 404, "model_not_found"
+        )
+    stop = field(
+        body,
+        "stop",
+        [],
+        lambda v: isinstance(v, str) or (isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) for s in v)),
+        "a string or a list of up to 4 strings",
+    )
     bias = {}
-    for key, value in field(body, "logit_bias", {}, lambda v: isinstance(v, dict), "an object of token ids to biases from -100 to 100").items():
-        token = int(key) if isinstance(key, str) and re.fullmatch(r"-?[0-9]{1,9}", key) else None  # ASCII digits: "²".isdigit()
+    for key, value in field(
+        body, "logit_bias", {}, lambda v: isinstance(v, dict), "an object of token ids to biases from -100 to 100"
+    ).items():
+        token = (
+            int(key) if isinstance(key, str) and re.fullmatch(r"-?[0-9]{1,9}", key) else None
+        )  # ASCII digits: "²".isdigit()
         if token is None or not 0 <= token < n_vocab or not (_number(value) and -100 <= value <= 100):
-            raise BadRequest(f"'logit_bias' must map token ids (0 to {n_vocab - 1}) to biases from -100 to 100, got {key!r}: {value!r}", "logit_bias")
+            raise BadRequest(
+                f"'logit_bias' must map token ids (0 to {n_vocab - 1}) to biases from -100 to 100, got {key!r}: {value!r}",
+                "logit_bias",
+            )
         bias[token] = float(value)
-    sampling = {f: body[name] for f, name in OPENAI.items() if body.get(name) is not None and f not in ("stop", "logit_bias")}
+    sampling = {
+        f: body[name] for f, name in OPENAI.items() if body.get(name) is not None and f not in ("stop", "logit_bias")
+    }
     try:
-        params = SamplingParams.named(NAMES, openai=True, **sampling, stop=[s for s in ([stop] if isinstance(stop, str) else stop) if s], logit_bias=bias)
+        params = SamplingParams.named(
+            NAMES,
+            openai=True,
+            **sampling,
+            stop=[s for s in ([stop] if isinstance(stop, str) else stop) if s],
+            logit_bias=bias,
+        )
     except BadValue as e:
         raise BadRequest(str(e), OPENAI[e.field]) from None
     o = Options(
@@ -99,7 +124,9 @@ def options_of(body, n_vocab, served):
         logprobs=field(body, "logprobs", None, lambda v: _whole(v) and 0 <= v <= 5, "a whole number from 0 to 5"),
         echo=field(body, "echo", False, lambda v: isinstance(v, bool), "true or false"),
         stream=field(body, "stream", False, lambda v: isinstance(v, bool), "true or false"),
-        include_usage=field(body, "stream_options", {}, lambda v: isinstance(v, dict), "an object").get("include_usage", False),
+        include_usage=field(body, "stream_options", {}, lambda v: isinstance(v, dict), "an object").get(
+            "include_usage", False
+        ),
     )
     if params.max_new_tokens == 0 and not o.echo:
         raise BadRequest("'max_tokens' must be >= 1 (0 only with echo, to score the prompt)", "max_tokens")
@@ -157,6 +184,8 @@ class Logprobs:
         return {
             "tokens": [name(t) for t, *_ in entries],
             "token_logprobs": [lp for _, lp, _, _ in entries],
-            "top_logprobs": [None if top is None else {name(t): lp for t, lp in top.items()} for _, _, top, _ in entries],
+            "top_logprobs": [
+                None if top is None else {name(t): lp for t, lp in top.items()} for _, _, top, _ in entries
+            ],
             "text_offset": [offset for *_, offset in entries],
         }

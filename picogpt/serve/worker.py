@@ -6,6 +6,7 @@ Metrics are what /metrics shows.
 """
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -28,17 +29,35 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.running = Gauge("picogpt_requests_running", "Requests with a sequence being decoded", registry=r)
         self.waiting = Gauge("picogpt_requests_waiting", "Requests waiting for a free row of the batch", registry=r)
-        self.sequences = Gauge("picogpt_sequences_running", "Sequences in the batch (rows of the KV cache in use)", registry=r)
-        self.reserved = Gauge("picogpt_sequences_reserved", "Sequences admitted and not yet retired (running, waiting or being set up)", registry=r)
+        self.sequences = Gauge(
+            "picogpt_sequences_running", "Sequences in the batch (rows of the KV cache in use)", registry=r
+        )
+        self.reserved = Gauge(
+            "picogpt_sequences_reserved",
+            "Sequences admitted and not yet retired (running, waiting or being set up)",
+            registry=r,
+        )
         self.prompt_tokens = Counter("picogpt_prompt_tokens", "Prompt tokens received", registry=r)
         self.generated = Counter("picogpt_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("picogpt_requests", "HTTP requests answered, by status code", ["status"], registry=r)
-        self.ttft = Histogram("picogpt_time_to_first_token_seconds", "From a completion request's arrival to its first new token", registry=r,
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))  # fmt: skip
-        self.tbt = Histogram("picogpt_time_between_tokens_seconds", "Between two new tokens of one sequence", registry=r,
-                             buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56))  # fmt: skip
-        self.latency = Histogram("picogpt_request_latency_seconds", "From a completion request's arrival to its last byte", registry=r,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))  # fmt: skip
+        self.ttft = Histogram(
+            "picogpt_time_to_first_token_seconds",
+            "From a completion request's arrival to its first new token",
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.tbt = Histogram(
+            "picogpt_time_between_tokens_seconds",
+            "Between two new tokens of one sequence",
+            registry=r,
+            buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56),
+        )
+        self.latency = Histogram(
+            "picogpt_request_latency_seconds",
+            "From a completion request's arrival to its last byte",
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
 
 
 # ---- the engine thread -------------------------------------------------------------------------------
@@ -97,10 +116,8 @@ class Job:
         self.choices, self.first = [], None
 
     def put(self, event):  # from the engine thread
-        try:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (shutting down): nobody is listening
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (shutting down): nobody is listening
-            pass
 
 
 class Choice:
@@ -166,7 +183,9 @@ class Worker:
 
     def __init__(self, model, parallel, queue_size, chunk, metrics):
         self.model, self.metrics, self.capacity = model, metrics, parallel + queue_size
-        self.engine = Engine(model.forward_rows, model.params, model.config, parallel, chunk=chunk, eot=model.tokenizer.eot_token)
+        self.engine = Engine(
+            model.forward_rows, model.params, model.config, parallel, chunk=chunk, eot=model.tokenizer.eot_token
+        )
         for k, v in self.engine.cache:  # touch every page now: faulting them in mid-request stalled its first steps
             k.fill(0), v.fill(0)
         self.inbox, self.live, self.lock, self.outstanding = queue.SimpleQueue(), {}, threading.Lock(), 0

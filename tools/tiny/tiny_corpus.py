@@ -35,7 +35,19 @@ ENDOFTEXT = "<|endoftext|>"
 MIN_CHARS = 40
 # Modules whose import does something (opens a browser, prints, starts Tk), is slow, or that install
 # or generate rather than document.
-SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "venv", "pydoc_data", "__phello__"}
+SKIP = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "pydoc_data",
+    "__phello__",
+}
 
 
 @contextlib.contextmanager
@@ -94,7 +106,11 @@ def module_docs(module):
             docs.append(own_doc(obj))
             for method_name, method in sorted(vars(obj).items()):
                 method = getattr(method, "__func__", method)  # unwrap classmethod / staticmethod
-                if not method_name.startswith("_") and inspect.isroutine(method) and getattr(method, "__module__", name) == name:
+                if (
+                    not method_name.startswith("_")
+                    and inspect.isroutine(method)
+                    and getattr(method, "__module__", name) == name
+                ):
                     docs.append(own_doc(method))
         elif inspect.isroutine(obj):
             docs.append(own_doc(obj))
@@ -120,7 +136,9 @@ def collect_docs():
 def all_docs():
     """collect_docs() run in a fresh `python -I -S`: the standard library as shipped, whatever this process
     has imported (torch, for one, replaces inspect.getfile), and none of those imports left behind here."""
-    child = subprocess.run([sys.executable, "-I", "-S", os.path.abspath(__file__), "--json"], capture_output=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-I", "-S", os.path.abspath(__file__), "--json"], capture_output=True, check=True
+    )
     return tuple(json.loads(child.stdout))
 
 

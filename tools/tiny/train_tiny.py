@@ -1,6 +1,6 @@
 """Train a tiny GPT-2 on Python's own documentation, on a CPU, and save it where picogpt can load it.
 
-    python benchmarks/train_tiny.py [--minutes 18] [--out picogpt/tiny] [--seed 0]
+    python tools/tiny/train_tiny.py [--minutes 18] [--out picogpt/tiny] [--seed 0]
 
 Corpus: tiny_corpus.py (the interpreter's help topics and standard-library docstrings, a fixed tenth
 held out). Tokenizer: a byte-level BPE of 4096 tokens trained on the training documents, written as
@@ -49,7 +49,9 @@ def parse_args():
     p.add_argument("--minutes", type=float, default=18, help="wall-clock training budget (default: %(default)s)")
     p.add_argument("--out", default=os.path.join(REPO, "picogpt", "tiny"), help="output folder (default: picogpt/tiny)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s; 1 can be faster on a busy machine)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch threads (default: %(default)s; 1 can be faster on a busy machine)"
+    )
     return p.parse_args()
 
 
@@ -59,7 +61,9 @@ def parse_args():
 def train_bpe(docs):
     """GPT-2 style merges learned from `docs`: a list of (first, second) pairs in priority order."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split, bytes as printable characters
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
+        add_prefix_space=False
+    )  # GPT-2's split, bytes as printable characters
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         special_tokens=[ENDOFTEXT],
@@ -116,10 +120,16 @@ def token_stream(enc, docs):
 
 def make_model(eot):
     config = GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=N_CTX, n_embd=256, n_layer=4, n_head=4,
-        bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True,
+        vocab_size=VOCAB_SIZE,
+        n_positions=N_CTX,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        tie_word_embeddings=True,
         # Dropout stays at GPT-2's 0.1: the training stream is small enough (~0.3M tokens) to be seen many times.
-    )  # fmt: skip
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -210,7 +220,9 @@ def save(model, folder):
     with tempfile.TemporaryDirectory() as tmp:
         model.half().save_pretrained(tmp)  # also writes generation_config.json, which picogpt does not need
         for name in ("config.json", "model.safetensors"):
-            shutil.copyfile(os.path.join(tmp, name), os.path.join(folder, name))  # not copy: keep umask permissions, not 0600
+            shutil.copyfile(
+                os.path.join(tmp, name), os.path.join(folder, name)
+            )  # not copy: keep umask permissions, not 0600
 
 
 def picogpt_perplexity(model, ids):
@@ -248,7 +260,10 @@ def main():
 
     tiny = picogpt.load(args.out, backend="numpy")
     print(f"held-out perplexity (picogpt, float16 weights): {picogpt_perplexity(tiny, heldout):.2f}")
-    for label, options in (("greedy", dict(temperature=0)), ("sampled", dict(temperature=0.8, top_k=40, seed=args.seed))):
+    for label, options in (
+        ("greedy", dict(temperature=0)),
+        ("sampled", dict(temperature=0.8, top_k=40, seed=args.seed)),
+    ):
         print(f"--- {label}:\nThe list{tiny.generate('The list', max_new_tokens=60, **options)}")
 
 
