@@ -56,6 +56,11 @@ def save_checkpoint(hf, folder, layout="pretrained", max_shard_size=None):
     return folder
 
 
+def normal(rng):
+    """randn(*shape, scale=1.0): float32 normal samples from `rng` (a test module's own stream)."""
+    return lambda *shape, scale=1.0: (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
 def assert_close(got, expected, rtol=1e-5):
     """float32 of the same shape, within rtol of the largest magnitude (at least 1): a kernel against its NumPy twin."""
     assert got.dtype == np.float32 and got.shape == expected.shape, (got.dtype, got.shape, expected.shape)

@@ -1,5 +1,5 @@
-"""Helpers the server tests share: a `picogpt serve --model tiny` process on 127.0.0.1 and a free port,
-its /metrics, and OpenAI's error body."""
+"""Helpers the end-to-end tests share: the `picogpt` command and its one-line errors, a `picogpt serve
+--model tiny` process on 127.0.0.1 and a free port, its /metrics, and OpenAI's error body."""
 
 import os
 import signal
@@ -11,6 +11,19 @@ import time
 import httpx
 
 PICOGPT = os.path.join(os.path.dirname(sys.executable), "picogpt")
+
+
+def run(*args, env=None):
+    return subprocess.run([PICOGPT, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("picogpt: error: "), result.stderr
+    for word in words:
+        assert word in lines[0]
 
 
 def free_port():

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, random_gpt2
+from conftest import assert_close, normal, random_gpt2
 
 import picogpt
 from picogpt import formats, kernels, model
@@ -16,10 +16,7 @@ from picogpt.engine import decode_rows, decode_tokens, rows_one_by_one
 from picogpt.kernels import ops
 
 rng = np.random.default_rng(7)
-
-
-def randn(*shape, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(np.float32)
+randn = normal(rng)
 
 
 @pytest.mark.parametrize("n_head,head_dim", [(1, 1), (3, 7), (12, 64)])

@@ -4,28 +4,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 from conftest import save_checkpoint
+from helpers import PICOGPT, assert_one_line_error, run
 
 import picogpt
-
-PICOGPT = os.path.join(os.path.dirname(sys.executable), "picogpt")
-
-
-def run(*args, env=None):
-    return subprocess.run([PICOGPT, *args], capture_output=True, text=True, env=env, timeout=300)
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("picogpt: error: "), result.stderr
-    for word in words:
-        assert word in lines[0]
 
 
 def test_generate_streams_the_same_text_as_the_library(tiny):

@@ -11,14 +11,13 @@ import time
 
 import pytest
 from conftest import random_gpt2, save_checkpoint
-from test_cli import assert_one_line_error, run
+from helpers import PICOGPT, assert_one_line_error, run
 
 import picogpt
 from picogpt import cli
 from picogpt import model as ref
 
 pytestmark = pytest.mark.slow
-PICOGPT = os.path.join(os.path.dirname(sys.executable), "picogpt")
 
 
 # ---- the first run: everything compiled before the first token, and said -------------------------

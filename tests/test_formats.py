@@ -6,23 +6,15 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import random_gpt2, save_checkpoint
+from conftest import assert_close, normal, random_gpt2, save_checkpoint
 
 import picogpt
 from picogpt import formats, kernels, model
 from picogpt.checkpoint.params import CheckpointError, save_params, to_params
 
 rng = np.random.default_rng(0)
+randn = normal(rng)
 PACKED = ["float16", "bfloat16", "int8"]
-
-
-def randn(*shape, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-
-def assert_close(got, expected, rtol=1e-5):
-    assert got.dtype == np.float32 and got.shape == expected.shape
-    assert np.abs(got - expected).max() <= rtol * max(1.0, np.abs(expected).max()), np.abs(got - expected).max()
 
 
 # ---- packing ---------------------------------------------------------------------------------------

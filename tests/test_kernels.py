@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import random_gpt2, torch_logits
+from conftest import assert_close, normal, random_gpt2, torch_logits
 
 import picogpt
 from picogpt import kernels, model
@@ -13,16 +13,7 @@ from picogpt.engine import decode_tokens
 from picogpt.kernels import ops
 
 rng = np.random.default_rng(0)
-
-
-def randn(*shape, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-
-def assert_close(got, expected, rtol=1e-5):
-    """Equal within rtol relative to the size of the values (sums of many terms cancel)."""
-    assert got.dtype == np.float32 and got.shape == expected.shape
-    assert np.abs(got - expected).max() <= rtol * max(1.0, np.abs(expected).max()), np.abs(got - expected).max()
+randn = normal(rng)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 768, 1601])

@@ -4,16 +4,13 @@ or a panel, and the bias, GELU and residual fusions; and kernels.linear on both 
 
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import assert_close, normal
 
 from picogpt import formats, kernels, model
 from picogpt.kernels import microkernel
 
 rng = np.random.default_rng(11)
-
-
-def randn(*shape, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(np.float32)
+randn = normal(rng)
 
 
 NONE = np.empty((0, 0), np.float32)
