@@ -7,21 +7,22 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-MAX_SEED = (
-    2**64 - 1
-)  # seeds are whole numbers from 0 to this: what NumPy's generators take (any non-negative int) and 64 bits hold
+# Seeds are whole numbers from 0 to this: what NumPy's generators take (any non-negative int) and 64 bits hold.
+MAX_SEED = 2**64 - 1
 
 
-def _whole(v):
+def whole(v):
+    """A whole number, and not a bool (JSON's true is no count)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(v):
+def number(v):
+    """A finite int or float, and not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def is_seed(v):
-    return _whole(v) and 0 <= v <= MAX_SEED
+    return whole(v) and 0 <= v <= MAX_SEED
 
 
 def _stops(v):
@@ -29,7 +30,7 @@ def _stops(v):
 
 
 def _bias(v):
-    return isinstance(v, tuple) and all(_whole(t) and t >= 0 and _number(b) for t, b in v)
+    return isinstance(v, tuple) and all(whole(t) and t >= 0 and number(b) for t, b in v)
 
 
 class Field(NamedTuple):
@@ -49,41 +50,41 @@ class Field(NamedTuple):
 
 FIELDS = {
     "max_new_tokens": Field(
-        50, lambda v: _whole(v) and v >= 0, "a whole number >= 0", "--max-new-tokens", "max_tokens", 16
+        50, lambda v: whole(v) and v >= 0, "a whole number >= 0", "--max-new-tokens", "max_tokens", 16
     ),
     "temperature": Field(
         1.0,
-        lambda v: _number(v) and v >= 0,
+        lambda v: number(v) and v >= 0,
         "a number >= 0 (0 is greedy)",
         "--temperature",
         "temperature",
-        openai_check=lambda v: _number(v) and 0 <= v <= 2,
+        openai_check=lambda v: number(v) and 0 <= v <= 2,
         openai_wants="a number from 0 to 2",
     ),
     "top_k": Field(
         50,
-        lambda v: v is None or (_whole(v) and v >= 1),
+        lambda v: v is None or (whole(v) and v >= 1),
         "a whole number >= 1",
         "--top-k",
         "top_k",
         None,
         python=" (or None for no limit)",
-        openai_check=lambda v: v is None or (_whole(v) and v >= 1),
+        openai_check=lambda v: v is None or (whole(v) and v >= 1),
         openai_wants="a whole number >= 1",
     ),
-    "top_p": Field(1.0, lambda v: _number(v) and 0 < v <= 1, "in (0, 1]", "--top-p", "top_p"),
+    "top_p": Field(1.0, lambda v: number(v) and 0 < v <= 1, "in (0, 1]", "--top-p", "top_p"),
     "repetition_penalty": Field(
         1.0,
-        lambda v: _number(v) and v > 0,
+        lambda v: number(v) and v > 0,
         "a number > 0 (1 turns it off)",
         "--repetition-penalty",
         "repetition_penalty",
     ),
     "presence_penalty": Field(
-        0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2", None, "presence_penalty"
+        0.0, lambda v: number(v) and -2 <= v <= 2, "a number from -2 to 2", None, "presence_penalty"
     ),
     "frequency_penalty": Field(
-        0.0, lambda v: _number(v) and -2 <= v <= 2, "a number from -2 to 2", None, "frequency_penalty"
+        0.0, lambda v: number(v) and -2 <= v <= 2, "a number from -2 to 2", None, "frequency_penalty"
     ),
     "logit_bias": Field(
         (), _bias, "token ids with biases", None, "logit_bias"

@@ -172,11 +172,12 @@ def settled(url, seconds=5):
 
 def served_at_once(url, seconds=15):
     """What went wrong with a plain request, or None if it got its answer: no row or queue place is
-    held by what came before. (Within `seconds`: on two busy cores even the tiny model's two tokens
-    can take a moment; a held server answers 429 or never.)"""
+    held by what came before (a held server answers 429, or never). Greedy, so that its first token
+    is never the end of text (sampled, the tiny model ends a text at once now and then: 0 new tokens)."""
     start = time.monotonic()
     try:
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": "The list", "max_tokens": 2}, timeout=seconds)
+        body = {"prompt": "The list", "max_tokens": 2, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=seconds)
     except httpx.HTTPError as e:
         return f"{type(e).__name__} after {time.monotonic() - start:.1f} s"
     if r.status_code != 200 or r.json()["usage"]["completion_tokens"] < 1:

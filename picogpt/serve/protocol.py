@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..options import OPENAI, BadValue, SamplingParams
+from ..options import OPENAI, BadValue, SamplingParams, number, whole
 
 
 class BadRequest(ValueError):
@@ -17,14 +17,6 @@ class BadRequest(ValueError):
     def __init__(self, message, param=None, status=400, code=None):
         super().__init__(message)
         self.param, self.status, self.code = param, status, code
-
-
-def _whole(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def field(body, name, default, check, wants):
@@ -48,8 +40,8 @@ def prompts_of(body, encode, n_vocab):
         raise BadRequest(f"'prompt' must be {wants}, got {prompt!r}"[:300], "prompt")
     if all(isinstance(p, str) for p in prompt):
         return [(encode(p), p) for p in prompt]
-    lists = [prompt] if all(_whole(t) for t in prompt) else prompt
-    if not all(isinstance(ids, list) and ids and all(_whole(t) for t in ids) for ids in lists):
+    lists = [prompt] if all(whole(t) for t in prompt) else prompt
+    if not all(isinstance(ids, list) and ids and all(whole(t) for t in ids) for ids in lists):
         raise BadRequest(f"'prompt' must be {wants} (none empty)", "prompt")
     for ids in lists:
         bad = [t for t in ids if not 0 <= t < n_vocab]
@@ -99,7 +91,7 @@ def options_of(body, n_vocab, served):
         token = (
             int(key) if isinstance(key, str) and re.fullmatch(r"-?[0-9]{1,9}", key) else None
         )  # ASCII digits: "²".isdigit()
-        if token is None or not 0 <= token < n_vocab or not (_number(value) and -100 <= value <= 100):
+        if token is None or not 0 <= token < n_vocab or not (number(value) and -100 <= value <= 100):
             raise BadRequest(
                 f"'logit_bias' must map token ids (0 to {n_vocab - 1}) to biases from -100 to 100, got {key!r}: {value!r}",
                 "logit_bias",
@@ -120,8 +112,8 @@ def options_of(body, n_vocab, served):
         raise BadRequest(str(e), OPENAI[e.field]) from None
     o = Options(
         params=params,
-        n=field(body, "n", 1, lambda v: _whole(v) and 1 <= v <= 128, "a whole number from 1 to 128"),
-        logprobs=field(body, "logprobs", None, lambda v: _whole(v) and 0 <= v <= 5, "a whole number from 0 to 5"),
+        n=field(body, "n", 1, lambda v: whole(v) and 1 <= v <= 128, "a whole number from 1 to 128"),
+        logprobs=field(body, "logprobs", None, lambda v: whole(v) and 0 <= v <= 5, "a whole number from 0 to 5"),
         echo=field(body, "echo", False, lambda v: isinstance(v, bool), "true or false"),
         stream=field(body, "stream", False, lambda v: isinstance(v, bool), "true or false"),
         include_usage=field(body, "stream_options", {}, lambda v: isinstance(v, dict), "an object").get(
