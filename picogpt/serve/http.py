@@ -7,6 +7,7 @@ engine, once.
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import traceback
@@ -381,6 +382,9 @@ def serve(
                 web.state.worker.stop()
             super().handle_exit(sig, frame)
 
+    # asyncio warns "socket.send() raised exception." for each write to a client that has gone, until
+    # Starlette notices and cancels the stream: the stream's own log line already says the client left.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     # uvicorn's own log stays quiet: the handlers report every error themselves, one line each, and a
     # port that cannot be bound is told below.
     config = uvicorn.Config(
