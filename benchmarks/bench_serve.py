@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,9 @@ import httpx
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tools"))
+from ports import free_port  # noqa: E402  (tools/ports.py, shared with the tests)
+
 GGUF_TYPE = {"float32": "f32", "float16": "f16", "int8": "q8_0"}
 EOT = 50256
 BODY = {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "logit_bias": {str(EOT): -100}}
@@ -189,12 +191,6 @@ def engine_alone(folder, dtype, clients, parallel):
 
 
 # ---- the servers ---------------------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

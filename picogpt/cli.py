@@ -428,6 +428,13 @@ def unraisable(info):
         sys.__unraisablehook__(info)
 
 
+def excepthook(kind, value, traceback):
+    """sys.excepthook, which only C code calls here (PyErr_Print: an import made from C that the Ctrl-C
+    landed in): the interrupt is already in STOP; anything else is reported as usual."""
+    if not (STOP and issubclass(kind, KeyboardInterrupt)):
+        sys.__excepthook__(kind, value, traceback)
+
+
 def checkpoint(*_):
     if STOP:
         raise KeyboardInterrupt
@@ -437,7 +444,7 @@ def entry():
     """The `picogpt` command: main() under `stop`, then out without Python's slow shutdown, during
     which a Ctrl-C would kill the process (its handlers are reset to the default by then)."""
     signal.signal(signal.SIGINT, stop)
-    sys.unraisablehook = unraisable
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
     try:
         code = main()
     except KeyboardInterrupt:  # between main's last line and this one

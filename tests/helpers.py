@@ -3,12 +3,12 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
+from ports import free_port  # tools/ports.py: conftest puts tools/ on the path
 
 PICOGPT = os.path.join(os.path.dirname(sys.executable), "picogpt")
 
@@ -24,12 +24,6 @@ def assert_one_line_error(result, *words):
     assert len(lines) == 1 and lines[0].startswith("picogpt: error: "), result.stderr
     for word in words:
         assert word in lines[0]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(*options, deadline=180):

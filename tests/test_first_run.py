@@ -131,35 +131,11 @@ def larger(tmp_path_factory):
     "command", ["generate", "generate int8 rows", "generate --json", "score", "info --check", "convert"]
 )
 def test_ctrl_c_is_clean_at_any_moment(command, long_text, larger, tmp_path):
+    rows = ["generate", "The list", "--model", "tiny", "-n", "600", "--num-samples", "2", "--seed", "3"]
     args = {
         "generate": ["generate", "The list", "--model", "tiny", "-n", "1500", "-t", "0"],  # slides its window
-        "generate int8 rows": [
-            "generate",
-            "The list",
-            "--model",
-            "tiny",
-            "-n",
-            "600",
-            "--dtype",
-            "int8",
-            "--num-samples",
-            "2",
-            "--seed",
-            "3",
-        ],
-        "generate --json": [
-            "generate",
-            "The list",
-            "--model",
-            "tiny",
-            "-n",
-            "600",
-            "--json",
-            "--num-samples",
-            "2",
-            "--seed",
-            "3",
-        ],
+        "generate int8 rows": [*rows, "--dtype", "int8"],
+        "generate --json": [*rows, "--json"],
         "score": ["score", long_text, "--model", "tiny", "--stride", "64"],
         "info --check": ["info", "--check", "--model", larger],
         "convert": ["convert", larger, str(tmp_path / "out"), "--dtype", "int8"],
