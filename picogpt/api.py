@@ -1,6 +1,7 @@
 """The user's side: `load` a checkpoint into a `Model`, whose generate, stream and complete drive the
 engine (engine.py) and whose logprobs and score run scoring.py."""
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,7 +10,7 @@ from . import formats, model, sampling, scoring, warmup
 from . import tokenizer as tok
 from .checkpoint import converted, hub
 from .checkpoint import params as weights
-from .engine import decode_rows, rows_one_by_one
+from .engine import Engine, decode_rows, rows_one_by_one
 from .log import warn
 from .options import SamplingParams
 from .text import detokenizer
@@ -156,6 +157,87 @@ class Model:
             if row not in stopped:
                 yield row, None, texts[row](None)[0], "length"
 
+    def generate_many(self, prompts, params=None, rows=8, start=0, **options):
+        """Model.generate over any number of prompts (an iterable of strings), decoded `rows` at a time
+        with continuous batching: a row that finishes takes the next prompt at once. Yields a dict for
+        each prompt, in order: text, finish_reason ("length", "eos" or "stop"), prompt_tokens,
+        generated_tokens, seed. Prompt i samples with seed + i, so its text is the one
+        `generate(prompt, seed=seed + i)` gives, whatever the batching. Memory stays bounded: finished
+        texts wait for the ones before them, and no more than 64 per row are held. start: the number
+        of the first prompt (a run resumed after `start` prompts). A prompt None gets None."""
+        params = sampling_params(params, options)
+        eot, n_vocab = self.tokenizer.eot_token, self.tokenizer.n_vocab
+        forward_rows = self.forward_rows or rows_one_by_one(self.forward)
+        engine = Engine(forward_rows, self.params, self.config, rows, eot=eot, say=warn)
+        prompts, running, done, first, next_i, end = iter(prompts), {}, {}, start, start, object()
+        while True:
+            while len(running) < rows and next_i - first < 64 * rows:  # admit: a free row takes the next prompt
+                prompt = next(prompts, end)
+                if prompt is end:
+                    break
+                if prompt is None:
+                    done[next_i] = None
+                    next_i += 1
+                    continue
+                if not isinstance(prompt, str):
+                    raise ValueError(f"prompt {next_i} must be a string, got {prompt!r}")
+                ids = tok.encode(self.tokenizer, prompt) or [eot]  # empty prompt: start a new text
+                seed = None if params.seed is None else params.seed + next_i
+                out = dict(text="", finish_reason="length", prompt_tokens=len(ids), generated_tokens=0, seed=seed)
+                if params.max_new_tokens == 0:
+                    done[next_i] = out
+                else:
+                    warmup.warm_up(self, [ids], params.max_new_tokens, say=warn)
+                    pick = sampling.picker(ids, params, seed, n_vocab)
+                    seq = engine.add(ids, params.max_new_tokens, pick, slide=True)
+                    running[seq.id] = (next_i, seq, detokenizer(self.tokenizer, params.stop), out)
+                next_i += 1
+            while first in done:  # in order, as soon as each is ready
+                yield done.pop(first)
+                first += 1
+            if not running:
+                if next_i == first:
+                    return
+                continue
+            for seq, token in engine.step():
+                i, _, push, out = running[seq.id]
+                out["generated_tokens"] += 1
+                piece, finished = push(token)
+                out["text"] += piece
+                if finished:
+                    out["finish_reason"] = "eos" if token == eot else "stop"
+                    engine.cancel(seq)
+            for key, (i, seq, push, out) in list(running.items()):
+                if seq.finish is not None:  # ended: by end of text, a stop string, or max_new_tokens
+                    if out["finish_reason"] == "length":
+                        out["text"] += push(None)[0]  # the characters held back for a stop string
+                    done[i] = out
+                    del running[key]
+
+    def score_many(self, texts, stride=None, budget=None, skip=0):
+        """score() of any number of texts (an iterable of strings), the windows of many texts in each
+        forward pass (scoring.logprobs_many: budget, the most tokens a pass holds). Yields score's
+        totals for each text, in order, without the per-token lists; a text under 2 tokens gets
+        tokens, scored_tokens 0, bytes 0, None for the figures and a `reason`. Memory stays bounded.
+        skip: leave out the first `skip` texts, which are only tokenized (resuming a run: the figures
+        after them are exactly those of a run over all the texts)."""
+        warmup.warm_up(self, score=True, say=warn)
+        ids, scored = itertools.tee(tok.encode(self.tokenizer, text_of(i, t)) for i, t in enumerate(texts))
+        forward_rows = self.forward_rows or rows_one_by_one(self.forward)
+        at = self.log_softmax_at
+        many = scoring.logprobs_many(forward_rows, self.params, self.config, scored, stride, budget, at=at, skip=skip)
+        for ids_, lp in itertools.islice(zip(ids, many), skip, None):
+            yield scoring.summary(self.tokenizer, ids_, lp)
+
+    @property
+    def log_softmax_at(self):
+        """scoring.log_softmax_at, on the kernels unless the model runs on NumPy."""
+        if self.forward is model.gpt2:
+            return scoring.log_softmax_at
+        from . import kernels
+
+        return kernels.log_softmax_at
+
     def logprobs(self, ids, stride=None, progress=None):
         """The log-probability of each token id in `ids` given the ones before it: a float64 NumPy array
         [len(ids)] whose first entry is NaN. Texts longer than the context slide a window of n_ctx
@@ -172,6 +254,12 @@ class Model:
         ids = tok.encode(self.tokenizer, text)
         token_logprobs = self.logprobs(ids, stride, progress)
         return {**scoring.summary(self.tokenizer, ids, token_logprobs), "ids": ids, "logprobs": token_logprobs}
+
+
+def text_of(i, text):
+    if not isinstance(text, str):
+        raise ValueError(f"text {i} must be a string, got {text!r}")
+    return text
 
 
 def forward_for(backend):

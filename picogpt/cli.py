@@ -48,6 +48,34 @@ def model_options(p, run=True):
         )
 
 
+def corpus_options(p, field, output):
+    p.add_argument(
+        "--jsonl",
+        nargs="+",
+        metavar="FILE",
+        help=f"read a corpus instead: JSON Lines (.jsonl, .jsonl.gz; - for stdin), one object per line, and write {output}, in input order",
+    )
+    p.add_argument(
+        "--output",
+        "-o",
+        metavar="OUT.jsonl",
+        help="with --jsonl: write the lines here (default: stdout); a file that exists is continued where it stopped",
+    )
+    p.add_argument("--field", default=field, help="with --jsonl: the field that holds the text (default: %(default)s)")
+    p.add_argument(
+        "--id-field",
+        default="id",
+        help="with --jsonl: the field copied to each output line as its id, else the line number (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="with --jsonl: run through Ray Data, on the cluster at ADDRESS or a local one (needs pip install 'picogpt[ray]')",
+    )
+
+
 class Failed(Exception):
     """A problem found while running a command: its message is the one line the user sees."""
 
@@ -63,7 +91,7 @@ def parser():
     p.add_argument("--version", action="version", version=f"picogpt {__version__}")
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = commands.add_parser("generate", help="continue a prompt and stream the text to stdout", description="Continue PROMPT with a GPT-2 model, streaming the new text to stdout as it is decoded.")
-    g.add_argument("prompt", help='the text to continue; "" starts a new text from <|endoftext|>, - reads it from stdin')
+    g.add_argument("prompt", nargs="?", help='the text to continue; "" starts a new text from <|endoftext|>, - reads it from stdin')
     model_options(g)
     g.add_argument("--max-new-tokens", "-n", type=int, default=FIELDS["max_new_tokens"].default, help="generate at most this many tokens (default: %(default)s)")
     g.add_argument("--temperature", "-t", type=float, default=FIELDS["temperature"].default, help="sampling temperature; 0 is greedy (default: %(default)s)")
@@ -76,11 +104,15 @@ def parser():
     g.add_argument("--json", action="store_true", help="print one JSON object per sample (text, token ids, finish reason, counts, timings) and nothing else")
     g.add_argument("--logprobs", action="store_true", help="with --json: each new token's log-probability under the model")
     g.add_argument("--verbose", "-v", action="store_true", help="print prompt and generation speed (tokens/s) to stderr (default: off)")
+    corpus_options(g, "prompt", "each line's continuation: id, text, finish_reason, prompt_tokens, generated_tokens, seed (line i, counting from 0, samples with --seed + i)")
+    g.add_argument("--rows", type=int, default=8, help="with --jsonl: prompts decoded together; a finished row takes the next prompt at once (default: %(default)s)")
     s = commands.add_parser("score", help="perplexity of a text file", description="Score FILE's text: token count, mean negative log-likelihood, perplexity, bits per byte. Texts longer than the context slide a window of the context length by --stride tokens.")
-    s.add_argument("file", help="a UTF-8 text file, or - for standard input")
+    s.add_argument("file", nargs="?", help="a UTF-8 text file, or - for standard input")
     model_options(s)
     s.add_argument("--stride", type=int, default=None, help="tokens between the starts of windows (default: half the context)")
     s.add_argument("--json", action="store_true", help="print the totals and every token's id, text and log-probability as JSON")
+    corpus_options(s, "text", "each document's id, tokens, scored_tokens, nll, perplexity, bits_per_byte, bytes; null figures and a reason for one under 2 tokens; an error for a bad line")
+    s.add_argument("--buckets", action="store_true", help="with --jsonl and -o: tag each document head, middle or tail by this run's perplexity terciles, as CCNet does (the cutoffs are printed)")
     i = commands.add_parser("info", help="a model's config, size, files and memory needs", description="Print MODEL's config, parameter count, files (where they are cached) and the memory its weights need in each dtype.")
     model_options(i, run=False)
     i.add_argument("--check", action="store_true", help="also scan every tensor for NaN and infinite values and name the bad ones")
@@ -134,6 +166,8 @@ def check(args):
             if not low <= value <= high:
                 raise ValueError(f"{flag} must be from {low} to {high}, got {value}")
         return
+    if args.command in ("score", "generate"):
+        check_corpus(args)
     if args.command == "score":
         if args.stride is not None and args.stride < 1:
             raise ValueError(f"--stride must be >= 1, got {args.stride}")
@@ -147,7 +181,107 @@ def check(args):
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
 
 
+def check_corpus(args):
+    """One input: a text (or prompt), or --jsonl files; the corpus options only with --jsonl."""
+    text = "file" if args.command == "score" else "prompt"
+    given = getattr(args, text)
+    if (given is None) == (args.jsonl is None):
+        raise ValueError(f"give either {text.upper()} or --jsonl FILE..., not {'both' if given else 'neither'}")
+    if args.jsonl is None:
+        for flag, value in [
+            ("--output", args.output),
+            ("--ray", args.ray),
+            ("--buckets", getattr(args, "buckets", False)),
+        ]:
+            if value:
+                raise ValueError(f"{flag} goes with --jsonl: add --jsonl FILE...")
+        return
+    if args.json or getattr(args, "logprobs", False) or getattr(args, "num_samples", 1) != 1:
+        raise ValueError("--jsonl writes JSON lines of its own: leave out --json, --logprobs and --num-samples")
+    if getattr(args, "buckets", False) and not args.output:
+        raise ValueError("--buckets needs -o OUT.jsonl: the tags come from the whole run, written once it ends")
+    if args.ray and "-" in args.jsonl:
+        raise ValueError("--ray reads files: give their paths rather than - (standard input)")
+    if args.output and args.output in args.jsonl:
+        raise ValueError(f"-o {args.output} is also an input: pick another -o")
+    if getattr(args, "rows", 1) < 1 or getattr(args, "rows", 1) > 256:
+        raise ValueError(f"--rows must be from 1 to 256, got {args.rows}")
+
+
+def corpus(args):
+    """score --jsonl or generate --jsonl: a result line for each input line (corpus.py), a progress bar,
+    and one line on stderr at the end."""
+    import time
+
+    from tqdm import tqdm
+
+    from . import corpus
+    from .log import warn
+
+    job = corpus.Job(
+        args.jsonl, args.output, args.field, args.id_field, getattr(args, "stride", None),
+        getattr(args, "buckets", False), getattr(args, "rows", 8),
+    )  # fmt: skip
+    scoring = args.command == "score"
+    total = corpus.size_of(args.jsonl)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="scoring" if scoring else "generating",
+        file=sys.stderr,
+        disable=None,
+    )
+    start, said = time.perf_counter(), [0.0]
+
+    def progress(counts):
+        checkpoint()
+        now = time.perf_counter()
+        if now - said[0] > 0.5:  # the bar's figures, twice a second at most
+            said[0], took = now, max(now - start, 1e-9)
+            done = counts.get("done", 0) + counts.get("short", 0) + counts.get("bad", 0)
+            bar.set_postfix_str(f"{done / took:.1f} docs/s, {counts.get('tokens', 0) / took:.0f} tok/s", refresh=False)
+            bar.update(progress.where[0] - bar.n if progress.where else 0)
+
+    progress.where = []
+    try:
+        if args.ray:
+            from . import ray as on_ray
+
+            counts = on_ray.run(job, args, progress)
+        else:
+            from .api import load
+
+            model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision)
+            counts = (
+                corpus.score(model, job, progress) if scoring else corpus.generate(model, job, args.params, progress)
+            )
+    except corpus.CorpusError as e:
+        raise Failed(str(e)) from None
+    finally:
+        bar.close()
+    took = time.perf_counter() - start
+    where = f"; wrote {args.output}" if args.output else ""
+    n = counts.get("done", 0)
+    if scoring:
+        warn(
+            f"scored {plural(n, 'document')} ({plural(counts.get('tokens', 0), 'token')}, {counts.get('tokens', 0) / took:.0f} tokens/s), "
+            f"{counts.get('short', 0)} too short, {plural(counts.get('bad', 0), 'bad line')}{where}"
+        )
+        if job.buckets:
+            cutoffs = corpus.buckets(args.output)
+            if cutoffs:
+                warn(f"buckets by perplexity: head <= {cutoffs[0]:.3f} < middle <= {cutoffs[1]:.3f} < tail")
+    else:
+        warn(
+            f"generated for {plural(n, 'prompt')} ({plural(counts.get('tokens', 0), 'token')}, {counts.get('tokens', 0) / took:.0f} tokens/s), "
+            f"{plural(counts.get('bad', 0), 'bad line')}{where}"
+        )
+
+
 def generate(args):
+    if args.jsonl:
+        return corpus(args)
     from .api import load
     from .log import warn
 
@@ -202,6 +336,8 @@ def convert(args):
 
 
 def score(args):
+    if args.jsonl:
+        return corpus(args)
     from tqdm import tqdm
 
     from .api import load

@@ -286,11 +286,12 @@ def decode_tokens(forward, params, config, ids, max_new_tokens, pick, stats=None
 def rows_one_by_one(forward):
     """forward_rows for a one-sequence forward pass (model.gpt2): each row on its own, in turn."""
 
-    def forward_rows(inputs, cache, rows, past, last=True, **params):
+    def forward_rows(inputs, cache, rows, past, last=True, keep=None, **params):
         outs = [
-            forward(ids, **params, cache=[(k[r], v[r]) for k, v in cache], past=p, last=last)
+            forward(ids, **params, cache=[(k[r], v[r]) for k, v in cache], past=p, last=last and keep is None)
             for ids, r, p in zip(inputs, rows, past)
         ]
-        return np.concatenate([o[-1:] if last else o for o in outs])
+        out = np.concatenate(outs)
+        return out if keep is None else out[keep]
 
     return forward_rows

@@ -7,6 +7,7 @@ tokens (more near the start) of context before it; stride < n_ctx. Each window r
 one KV cache, its context then its new tokens, so the lm_head works only on rows that are scored.
 """
 
+import itertools
 import math
 
 import numpy as np
@@ -71,9 +72,99 @@ def logprobs(forward, params, config, ids, stride=None, progress=None):
     return out
 
 
+def logprobs_many(forward_rows, params, config, docs, stride=None, budget=None, group=None, at=log_softmax_at, skip=0):
+    """`logprobs` of every document of `docs` (an iterable of token id lists), yielded in order, with
+    many documents' windows in each forward pass: the same windows, each run whole as one sequence of
+    a batch (its context and its scored tokens in one pass, the lm_head only on the scored ones), so
+    ten thousand short documents cost the arithmetic of their tokens, not ten thousand passes.
+
+    forward_rows: kernels.gpt2_rows or engine.rows_one_by_one(model.gpt2). budget: the most tokens
+    (rows x the longest window among them) a pass holds, at least the context (default the larger of
+    1024 and the context). The documents are read in groups of at least `group` tokens (default 8
+    passes' worth), whole documents from the first on, their windows sorted by length so that each
+    pass wastes no cache on padding: memory stays bounded for any number of documents. A document
+    under 2 tokens gets NaN for each token (nothing to score). at: log_softmax_at, or its kernel
+    (kernels.log_softmax_at).
+
+    skip: yield None for the first `skip` documents, computing only the group that holds the first
+    wanted one, whole: a document's figures depend on the pass it shares (the kernels' paths and
+    BLAS's blocking differ in the last bits), and the groups only on the documents from the first
+    on, so a resumed run gets exactly the figures an uninterrupted one did."""
+    n_ctx, n_head, n_embd = config["n_positions"], config["n_head"], config["n_embd"]
+    stride = n_ctx // 2 if stride is None else stride
+    if not (isinstance(stride, int) and 1 <= stride < n_ctx):
+        raise ValueError(
+            f"stride must be a whole number from 1 to {n_ctx - 1} (the context length - 1), got {stride!r}"
+        )
+    budget = max(budget or 1024, n_ctx)
+    group = group or 8 * budget
+    run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
+    # One scratch cache for every pass: a pass of k windows of up to L tokens views it as [k, n_head, L, head_dim]
+    scratch = np.empty((config["n_layer"], 2, budget * n_embd), np.float32)
+    docs = iter(docs)
+    while True:
+        batch = [np.asarray(ids, np.int64) for ids in itertools.islice(docs, 1)]
+        tokens = sum(map(len, batch))
+        while batch and tokens < group and len(batch) < 4096:  # whole documents, until the group holds enough tokens
+            more = next(docs, None)
+            if more is None:
+                break
+            batch.append(np.asarray(more, np.int64))
+            tokens += len(batch[-1])
+        if not batch:
+            return
+        if len(batch) <= skip:  # a group before the first wanted document
+            skip -= len(batch)
+            yield from [None] * len(batch)
+            continue
+        skip = 0
+        out = [np.full(len(ids), np.nan) for ids in batch]
+        pieces = [(d, *w) for d, ids in enumerate(batch) if len(ids) >= 2 for w in windows(len(ids), n_ctx, stride)]
+        # A window runs tokens begin .. end-2: the logits after them score tokens first .. end-1
+        pieces.sort(key=lambda p: p[3] - p[1], reverse=True)  # longest first: a pass's first window is its longest
+        while pieces:
+            width = pieces[0][3] - pieces[0][1] - 1
+            step, pieces = pieces[: max(1, budget // width)], pieces[max(1, budget // width) :]
+            cache = [
+                tuple(
+                    kv[: len(step) * width * n_embd].reshape(len(step), n_head, width, n_embd // n_head) for kv in layer
+                )
+                for layer in scratch
+            ]
+            inputs = [batch[d][begin : end - 1] for d, begin, _, end in step]
+            starts = np.cumsum([0] + [len(i) for i in inputs])
+            keep = np.concatenate(
+                [
+                    np.arange(s + first - 1 - begin, s + end - 1 - begin)
+                    for s, (_, begin, first, end) in zip(starts, step)
+                ]
+            )
+            logits = forward_rows(
+                inputs, **params, **run, cache=cache, rows=list(range(len(step))), past=[0] * len(step), keep=keep
+            )
+            check_finite(logits, "a batch of documents")
+            targets = np.concatenate([batch[d][first:end] for d, _, first, end in step])
+            scores = at(logits, targets)
+            done = 0
+            for d, _, first, end in step:
+                out[d][first:end], done = scores[done : done + end - first], done + end - first
+        yield from out
+
+
 def summary(tokenizer, ids, token_logprobs):
     """Totals of a scored text: token count, mean negative log-likelihood (nats), perplexity, and bits
-    per byte over the UTF-8 bytes of the scored tokens (all but the first)."""
+    per byte over the UTF-8 bytes of the scored tokens (all but the first). A text under 2 tokens has
+    nothing scored: None for the figures, and a `reason`."""
+    if len(ids) < 2:
+        return {
+            "tokens": len(ids),
+            "scored_tokens": 0,
+            "nll": None,
+            "perplexity": None,
+            "bits_per_byte": None,
+            "bytes": 0,
+            "reason": f"{len(ids)} token{'' if len(ids) == 1 else 's'}: scoring needs at least 2",
+        }
     nll = -float(np.sum(token_logprobs[1:]))
     n_scored = len(ids) - 1
     n_bytes = sum(len(tokenizer.decode_single_token_bytes(int(t))) for t in ids[1:])

@@ -99,7 +99,7 @@ def warm_up(model, prompts=(), max_new_tokens=1, score=False, say=None):
     lists, decoded together) or scoring would run, so that their kernels are compiled now. Returns
     the seconds spent compiling (0 on a warm cache). say(message): where the one line goes."""
     from .engine import decode_rows, rows_one_by_one  # the real decode loop, on the small model
-    from .scoring import logprobs
+    from .scoring import logprobs, logprobs_many
 
     # Prompts that take the same paths as the real ones: one token, a few (the batched kernels) or
     # more (BLAS); identical where the real ones are (they share one prefill).
@@ -132,6 +132,10 @@ def warm_up(model, prompts=(), max_new_tokens=1, score=False, say=None):
                     stopped.update(range(1, len(small)))
         if score:
             logprobs(model.forward, params, config, np.zeros(N_CTX + 8, np.int64), N_CTX // 2)
+            # many documents in one pass: short ones (each token a row of the batched kernels) and long
+            docs = [np.zeros(n, np.int64) for n in (5, 3, N_CTX + 8)]
+            for some in (docs[:2], docs):
+                list(logprobs_many(forward_rows, params, config, some, N_CTX // 2, at=model.log_softmax_at))
     _warm.add(done)
     return compiling.seconds
 

@@ -209,17 +209,20 @@ def interruptible(forward):
 
 
 @interruptible
-def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, last=True):
+def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, last=True, keep=None):
     """Many sequences: sequence s continues row rows[s] of the batch cache, which holds past[s] tokens,
     with the token ids inputs[s]. Returns the logits after each sequence's last new token,
-    [len(inputs), n_vocab], or with last=False after every new token, [n_tokens, n_vocab]."""
+    [len(inputs), n_vocab], or with last=False after every new token, [n_tokens, n_vocab], or after
+    the new tokens whose indices (among all n_tokens, in order) `keep` lists, [len(keep), n_vocab]."""
     inputs = [model.token_ids(ids, wte["weight"], wpe["weight"], p) for ids, p in zip(inputs, past)]
     prepared = prepare(wte, h)
     lengths = [len(ids) for ids in inputs]
     ids = np.concatenate(inputs)
     positions = np.concatenate([p + np.arange(n, dtype=np.int64) for p, n in zip(past, lengths)])
     x = formats.embedding(wte["weight"], ids) + wpe["weight"][positions]  # [n_tokens, n_embd]
-    if max(lengths) <= ROWS_PROMPT:  # decoding, and short prompts or chunks beside it: each token a row of
+    if (
+        max(lengths) <= ROWS_PROMPT and len(ids) <= ROWS_MAX
+    ):  # decoding, and short prompts or chunks beside it: each token a row of
         # block_rows at its own position (one compiled call per layer; a chunk of 32 beside 8 decoding
         # rows, as the server runs, took half the time of the per-sequence path below)
         rows_, n_threads = np.repeat(np.asarray(rows, np.int64), lengths), numba.get_num_threads()
@@ -228,8 +231,8 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, la
     else:  # prompts among the sequences: per-sequence attention, BLAS for long ones
         for kv, lay in zip(cache, prepared.layers):
             x = transformer_block(x, lay, n_head=n_head, eps=eps, kv=kv, rows=rows, past=past, lengths=lengths)
-    if last:
-        x = np.ascontiguousarray(x[np.cumsum(lengths) - 1])
+    if keep is not None or last:  # the lm_head only on the rows whose logits are wanted
+        x = np.ascontiguousarray(x[np.cumsum(lengths) - 1 if keep is None else keep])
     x = layer_norm_rows(x, **ln_f, eps=eps)  # [n_seq, n_embd]
     return linear(x, prepared.lm_head)  # [n_seq, n_vocab]
 
