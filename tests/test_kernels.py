@@ -5,9 +5,11 @@ import os
 import numpy as np
 import pytest
 from conftest import assert_close, normal, random_gpt2, torch_logits
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import picogpt
-from picogpt import kernels, model
+from picogpt import kernels, model, scoring
 from picogpt.checkpoint.params import to_params
 from picogpt.engine import decode_tokens
 from picogpt.kernels import ops
@@ -152,3 +154,21 @@ def test_weights_changed_in_place_reach_the_kernels_after_forget(tiny):
         got = kernels.gpt2(ids, **m.params, n_head=2)
         assert_close(got, model.gpt2(ids, **m.params, n_head=2), rtol=1e-4)
     assert not np.allclose(got, before, atol=1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 9),
+    st.integers(1, 3000),
+    st.floats(0.01, 200),
+    st.integers(0, 2**32 - 1),
+)
+def test_log_softmax_at_equals_the_numpy_reference(n, n_vocab, scale, seed):
+    """The corpus scorer's last step (kernels.log_softmax_at) against scoring.log_softmax_at: rows of
+    any width (blocks of 1024 and a remainder), logits spread from flat to a single spike."""
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.standard_normal((n, n_vocab))).astype(np.float32)
+    targets = rng.integers(0, n_vocab, n)
+    got, expected = kernels.log_softmax_at(logits, targets), scoring.log_softmax_at(logits, targets)
+    assert got.dtype == np.float64 and got.shape == (n,)
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=2e-6)

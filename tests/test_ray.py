@@ -1,0 +1,77 @@
+"""Ray Data on a local cluster: `--ray` gives the lines the command gives without it, and the Scorer and
+Generator classes work under Dataset.map_batches as docs/corpora.md shows."""
+
+import json
+import random
+
+import pytest
+from conftest import random_gpt2, save_checkpoint
+from helpers import run
+from test_corpus import read_lines, texts, write_corpus
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory):
+    return save_checkpoint(random_gpt2(seed=3, n_positions=20), str(tmp_path_factory.mktemp("short")))
+
+
+def same(a, b):
+    """The same lines; scores to float32 rounding (a document's figures depend on the batch it shares)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == (pytest.approx(y[k], rel=1e-6) if isinstance(y[k], float) else y[k]), (k, x, y)
+
+
+def test_score_and_generate_through_ray_equal_the_command_without_it(short, tmp_path):
+    batch = texts(random.Random(8), 36)
+    source = write_corpus(tmp_path / "in.jsonl", batch, bad={5, 30})
+    for extra in ([], ["--ray"]):
+        r = run("score", "--jsonl", source, "--model", short, "-o", str(tmp_path / f"s{len(extra)}.jsonl"), *extra)
+        assert r.returncode == 0, r.stderr
+    same(read_lines(tmp_path / "s1.jsonl"), read_lines(tmp_path / "s0.jsonl"))
+    prompts = write_corpus(tmp_path / "p.jsonl", batch[:12], bad={3}, field="prompt")
+    for extra in ([], ["--ray"]):
+        args = ["--model", short, "-n", "6", "--seed", "5", "-o", str(tmp_path / f"g{len(extra)}.jsonl"), *extra]
+        r = run("generate", "--jsonl", prompts, *args)
+        assert r.returncode == 0, r.stderr
+    assert (tmp_path / "g1.jsonl").read_bytes() == (tmp_path / "g0.jsonl").read_bytes()
+
+
+def test_scorer_and_generator_under_map_batches(short, tmp_path):
+    import picogpt.ray
+
+    batch = [t for t in texts(random.Random(9), 20) if t]
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for i, t in enumerate(batch):
+            f.write(json.dumps({"id": i, "index": i, "text": t, "prompt": t[:10]}) + "\n")  # index: seed + index
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        ds = ray.data.read_json(str(tmp_path / "in.jsonl"))
+        scored = ds.map_batches(
+            picogpt.ray.Scorer, fn_constructor_kwargs={"model": short}, concurrency=1, num_cpus=1
+        ).take_all()
+        generated = ds.map_batches(
+            picogpt.ray.Generator,
+            fn_constructor_kwargs={"model": short, "params": {"max_new_tokens": 5, "seed": 3}},
+            concurrency=1,
+            num_cpus=1,
+        ).take_all()
+    finally:
+        ray.shutdown()
+    model = picogpt.load(short)
+    for row, text in zip(sorted(scored, key=lambda r: r["id"]), batch):
+        e = model.score_many([text])
+        e = next(e)
+        assert row["tokens"] == e["tokens"]
+        if e["nll"] is not None:
+            assert row["nll"] == pytest.approx(e["nll"], rel=1e-6)
+    rows = sorted(generated, key=lambda r: r["id"])
+    assert [r["text"] for r in rows] == [
+        g["text"] for g in model.generate_many([t[:10] for t in batch], max_new_tokens=5, seed=3)
+    ]
