@@ -5,7 +5,8 @@ and sets the kernels' threads from the CPUs Ray gave it, then scores (Model.scor
 (Model.generate_many) each batch of rows:
 
     ds = ray.data.read_json("corpus.jsonl").map_batches(
-        picogpt.ray.Scorer, fn_constructor_kwargs={"model": "gpt2"}, concurrency=4, num_cpus=8)
+        picogpt.ray.Scorer, fn_constructor_kwargs={"model": "gpt2"},
+        compute=ray.data.ActorPoolStrategy(size=4), num_cpus=8)
 
 `run` is what `picogpt score --jsonl ... --ray [ADDRESS]` and `generate --jsonl ... --ray` do: Ray Data
 reads the files (one read task a file), the actors compute, and this process writes the result lines
@@ -184,7 +185,7 @@ def run(job, args, progress=None):
             ds = ds.map_batches(
                 fn,
                 fn_constructor_kwargs=kwargs,
-                concurrency=len(nodes),
+                compute=ray.data.ActorPoolStrategy(size=len(nodes)),
                 num_cpus=per_actor,
                 batch_size=128,
                 max_restarts=0,

@@ -54,12 +54,15 @@ def test_scorer_and_generator_under_map_batches(short, tmp_path):
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         ds = ray.data.read_json(str(tmp_path / "in.jsonl"))
         scored = ds.map_batches(
-            picogpt.ray.Scorer, fn_constructor_kwargs={"model": short}, concurrency=1, num_cpus=1
+            picogpt.ray.Scorer,
+            fn_constructor_kwargs={"model": short},
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=1,
         ).take_all()
         generated = ds.map_batches(
             picogpt.ray.Generator,
             fn_constructor_kwargs={"model": short, "params": {"max_new_tokens": 5, "seed": 3}},
-            concurrency=1,
+            compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=1,
         ).take_all()
     finally:
