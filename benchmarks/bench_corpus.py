@@ -146,6 +146,7 @@ def ray_data(folder, path, dtype):
                 compute=ray.data.ActorPoolStrategy(size=1),
                 num_cpus=cores - on_ray.READ_CPUS,
                 batch_size=128,
+                runtime_env=on_ray.blas_threads(cores - on_ray.READ_CPUS),
             )
             for _ in ds.iter_rows():
                 pass

@@ -127,8 +127,18 @@ def larger(tmp_path_factory):
     )
 
 
+def corpus(tmp_path):
+    """A JSON Lines corpus of 400 documents, a few seconds' scoring on the tiny model."""
+    path = tmp_path / "corpus.jsonl"
+    with open(path, "w") as f:
+        for i in range(400):
+            f.write(json.dumps({"id": i, "text": "The list of the things the interpreter does. " * (1 + i % 9)}) + "\n")
+    return str(path)
+
+
 @pytest.mark.parametrize(
-    "command", ["generate", "generate int8 rows", "generate --json", "score", "info --check", "convert"]
+    "command",
+    ["generate", "generate int8 rows", "generate --json", "score", "score --jsonl", "info --check", "convert"],
 )
 def test_ctrl_c_is_clean_at_any_moment(command, long_text, larger, tmp_path):
     rows = ["generate", "The list", "--model", "tiny", "-n", "600", "--num-samples", "2", "--seed", "3"]
@@ -137,6 +147,7 @@ def test_ctrl_c_is_clean_at_any_moment(command, long_text, larger, tmp_path):
         "generate int8 rows": [*rows, "--dtype", "int8"],
         "generate --json": [*rows, "--json"],
         "score": ["score", long_text, "--model", "tiny", "--stride", "64"],
+        "score --jsonl": ["score", "--jsonl", corpus(tmp_path), "--model", "tiny", "-o", str(tmp_path / "out.jsonl")],
         "info --check": ["info", "--check", "--model", larger],
         "convert": ["convert", larger, str(tmp_path / "out"), "--dtype", "int8"],
     }[command]
@@ -152,6 +163,8 @@ def test_ctrl_c_is_clean_at_any_moment(command, long_text, larger, tmp_path):
     for i in range(10):
         if command == "convert":
             args[2] = str(tmp_path / f"out{i}")
+        if command == "score --jsonl":
+            args[-1] = str(tmp_path / f"out{i}.jsonl")
         delay = rng.uniform(0.08, took)
         code, out, err = interrupt_at(args, delay, env)
         assert "Traceback" not in err and "Error" not in err, err
@@ -163,6 +176,10 @@ def test_ctrl_c_is_clean_at_any_moment(command, long_text, larger, tmp_path):
             assert whole.stdout.startswith(out.removesuffix("\n")), (out[-80:], whole.stdout[:80])
         if command == "generate --json":  # stdout holds whole JSON objects only: none, when the batch was cut short
             assert out == "" or all(json.loads(line) for line in out.splitlines()), repr(out)
+        if command == "score --jsonl" and os.path.exists(args[-1]):  # every finished line kept, whole
+            with open(args[-1]) as f:
+                data = f.read()
+            assert data == "" or data.endswith("\n") and all(json.loads(line) for line in data.splitlines())
     assert interrupted >= 3
 
 
