@@ -16,6 +16,7 @@ in input order, as corpus.py does without Ray. Ray schedules; nothing here does.
 import logging
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -166,7 +167,9 @@ def run(job, args, progress=None):
         configure_logging=True,
     )
     try:
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its plans and timings: picogpt has its own bar
+        logging.getLogger("ray.data").setLevel(
+            logging.CRITICAL
+        )  # its plans, timings and stack traces: picogpt says it in one line
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
@@ -182,15 +185,17 @@ def run(job, args, progress=None):
 
         def compute(texts, done):
             ds = ray.data.read_datasource(datasource(job, done), num_cpus=READ_CPUS)
-            ds = ds.map_batches(
-                fn,
-                fn_constructor_kwargs=kwargs,
-                compute=ray.data.ActorPoolStrategy(size=len(nodes)),
-                num_cpus=per_actor,
-                batch_size=128,
-                max_restarts=0,
-                runtime_env=blas_threads(per_actor),
-            )
+            with warnings.catch_warnings():  # max_restarts has no named parameter yet: Ray warns of its **kwargs
+                warnings.simplefilter("ignore")
+                ds = ds.map_batches(
+                    fn,
+                    fn_constructor_kwargs=kwargs,
+                    compute=ray.data.ActorPoolStrategy(size=len(nodes)),
+                    num_cpus=per_actor,
+                    batch_size=128,
+                    runtime_env=blas_threads(per_actor),
+                    max_restarts=0,  # a failed actor fails the job (its error is the one line shown)
+                )
             for _ in range(done):  # the lines answered already, checked by corpus.run
                 next(texts)
             for row in ds.iter_rows():

@@ -6,7 +6,7 @@ import random
 
 import pytest
 from conftest import random_gpt2, save_checkpoint
-from helpers import run
+from helpers import assert_one_line_error, run
 from test_corpus import read_lines, texts, write_corpus
 
 ray = pytest.importorskip("ray")
@@ -78,3 +78,10 @@ def test_scorer_and_generator_under_map_batches(short, tmp_path):
     assert [r["text"] for r in rows] == [
         g["text"] for g in model.generate_many([t[:10] for t in batch], max_new_tokens=5, seed=3)
     ]
+
+
+def test_a_failing_actor_is_one_line(tmp_path):
+    source = write_corpus(tmp_path / "in.jsonl", ["one two three"])
+    r = run("score", "--jsonl", source, "--model", str(tmp_path / "nope"), "--ray")
+    assert_one_line_error(r, "the Ray job failed", "nope")
+    assert r.returncode == 1
