@@ -7,7 +7,6 @@ tokens (more near the start) of context before it; stride < n_ctx. Each window r
 one KV cache, its context then its new tokens, so the lm_head works only on rows that are scored.
 """
 
-import itertools
 import math
 
 import numpy as np
@@ -37,11 +36,7 @@ def logprobs(forward, params, config, ids, stride=None, progress=None):
     first entry NaN (nothing comes before it). forward is model.gpt2 or kernels.gpt2; progress(n) is
     called with the number of tokens each window scores."""
     n_ctx, n_head = config["n_positions"], config["n_head"]
-    stride = n_ctx // 2 if stride is None else stride
-    if not (isinstance(stride, int) and 1 <= stride < n_ctx):  # a window needs context before its first scored token
-        raise ValueError(
-            f"stride must be a whole number from 1 to {n_ctx - 1} (the context length - 1), got {stride!r}"
-        )
+    stride = stride_for(stride, n_ctx)
     ids = np.asarray(ids)
     if ids.ndim != 1 or (len(ids) and ids.dtype.kind not in "iu"):
         raise ValueError(f"ids must be a list of token ids (whole numbers), got {ids!r}")
@@ -72,6 +67,29 @@ def logprobs(forward, params, config, ids, stride=None, progress=None):
     return out
 
 
+def stride_for(stride, n_ctx):
+    """The stride between window starts (default half the context): ValueError unless 1 <= stride < n_ctx."""
+    stride = n_ctx // 2 if stride is None else stride
+    if not (isinstance(stride, int) and 1 <= stride < n_ctx):  # a window needs context before its first scored token
+        raise ValueError(
+            f"stride must be a whole number from 1 to {n_ctx - 1} (the context length - 1), got {stride!r}"
+        )
+    return stride
+
+
+def groups(docs, tokens, most=4096):
+    """Whole documents (token id arrays) in lists of at least `tokens` tokens (or `most` documents), in order."""
+    batch, n = [], 0
+    for ids in docs:
+        batch.append(np.asarray(ids, np.int64))
+        n += len(batch[-1])
+        if n >= tokens or len(batch) == most:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
 def logprobs_many(forward_rows, params, config, docs, stride=None, budget=None, group=None, at=log_softmax_at, skip=0):
     """`logprobs` of every document of `docs` (an iterable of token id lists), yielded in order, with
     many documents' windows in each forward pass: the same windows, each run whole as one sequence of
@@ -91,28 +109,13 @@ def logprobs_many(forward_rows, params, config, docs, stride=None, budget=None, 
     BLAS's blocking differ in the last bits), and the groups only on the documents from the first
     on, so a resumed run gets exactly the figures an uninterrupted one did."""
     n_ctx, n_head, n_embd = config["n_positions"], config["n_head"], config["n_embd"]
-    stride = n_ctx // 2 if stride is None else stride
-    if not (isinstance(stride, int) and 1 <= stride < n_ctx):
-        raise ValueError(
-            f"stride must be a whole number from 1 to {n_ctx - 1} (the context length - 1), got {stride!r}"
-        )
+    stride = stride_for(stride, n_ctx)
     budget = max(budget or 1024, n_ctx)
     group = group or 8 * budget
     run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
     # One scratch cache for every pass: a pass of k windows of up to L tokens views it as [k, n_head, L, head_dim]
     scratch = np.empty((config["n_layer"], 2, budget * n_embd), np.float32)
-    docs = iter(docs)
-    while True:
-        batch = [np.asarray(ids, np.int64) for ids in itertools.islice(docs, 1)]
-        tokens = sum(map(len, batch))
-        while batch and tokens < group and len(batch) < 4096:  # whole documents, until the group holds enough tokens
-            more = next(docs, None)
-            if more is None:
-                break
-            batch.append(np.asarray(more, np.int64))
-            tokens += len(batch[-1])
-        if not batch:
-            return
+    for batch in groups(docs, group):
         if len(batch) <= skip:  # a group before the first wanted document
             skip -= len(batch)
             yield from [None] * len(batch)
