@@ -1,6 +1,6 @@
 """How far the matmul microkernel is from the machine's limits, per weight format and row count.
 
-    python benchmarks/bench_kernels.py [--sizes gpt2 gpt2-medium] [--rows 1 2 4 8 16]
+    python benchmarks/bench_kernels.py [--sizes gpt2 gpt2-medium] [--rows 1 2 4 8 16] [--lanes 8 16]
 
 For every block linear of a model's real shapes (random weights; c_attn, attn.c_proj, c_fc,
 mlp.c_proj of every layer: hundreds of MB, so they stream from DRAM as in a decode step), one pass of
@@ -12,9 +12,15 @@ R rows through all of them with `microkernel.linear` (the weights in its column 
   read of the same bytes (8-byte words xor-ed together: no arithmetic to speak of).
 
 Best of --repeats passes, after one untimed pass. Nothing else should run on the machine meanwhile.
+--lanes 8 16 measures both vector widths' tiles on one machine, each in a process of its own (the
+shape is fixed when the kernels are compiled: kernels/target.py); a width wider than the host's
+registers runs as pieces of the host's, so only the host's own width says what its CPU can do.
 """
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 
 import numba
@@ -22,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from picogpt import formats
-from picogpt.kernels import microkernel
+from picogpt.kernels import microkernel, target
 
 SHAPES = {
     "gpt2": (12, 768),
@@ -71,13 +77,24 @@ def main():
     p.add_argument("--sizes", nargs="+", default=["gpt2", "gpt2-medium"], choices=SHAPES)
     p.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--lanes", nargs="+", choices=["8", "16"], help="each vector width in turn (default: the host's)")
     args = p.parse_args()
+    if args.lanes:
+        for lanes in args.lanes:  # each in a process of its own
+            own = sys.argv[1:]  # this command without --lanes and its values
+            i = j = own.index("--lanes")
+            while j + 1 < len(own) and own[j + 1] in ("8", "16"):
+                j += 1
+            own = own[:i] + own[j + 1 :]
+            subprocess.run([sys.executable, __file__, *own], env={**os.environ, "PICOGPT_LANES": lanes}, check=True)
+        return
     threads, rng = numba.get_num_threads(), np.random.default_rng(0)
     print(
         f"{threads} threads; numpy {np.__version__}, numba {numba.__version__}; best of {args.repeats}; all block linears of each model per pass"
     )
+    host = "AVX-512" if target.AVX512 else "AVX2" if "+avx2" in target.FEATURES else "no AVX2"
     print(
-        f"microkernel: tiles of {microkernel.R} rows x {microkernel.C} vectors of {microkernel.LANES} float32, panels of {microkernel.P} outputs"
+        f"microkernel {target.name()}: tiles of {microkernel.R} rows x {microkernel.C} vectors of {microkernel.LANES} float32, panels of {microkernel.P} outputs; int8 dot products by {target.DOT}; host {host}"
     )
     print("| model | weights | rows | GFLOP/s | GB/s | vs sgemm GFLOP/s | vs plain read GB/s |")
     print("|---|---|---|---|---|---|---|")

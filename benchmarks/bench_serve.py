@@ -1,8 +1,16 @@
-"""Serving under load: `picogpt serve` against llama-cpp-python's OpenAI-compatible server, the same
-requests sent to each over HTTP, streamed, measured at the client.
+"""Serving under load: `picogpt serve` against llama.cpp's own C++ server (`llama-server`) and
+llama-cpp-python's OpenAI-compatible server, the same requests sent to each over HTTP, streamed,
+measured at the client.
 
     python benchmarks/bench_serve.py [--sizes gpt2 gpt2-medium] [--dtypes float32 int8] [--concurrency 1 4 8 16]
-                                     [--requests N] [--think SECONDS] [--servers picogpt llama.cpp]
+                                     [--requests N] [--think SECONDS] [--servers picogpt llama-server llama.cpp]
+                                     [--llama-server PATH]
+
+llama-server is what llama.cpp's users run: continuous batching over --parallel slots, here `-np
+<largest concurrency> -c <1024 per slot> -cb -kvu -t 2` (unified KV cache, 2 threads). It is found as
+--llama-server, $LLAMA_SERVER or `llama-server` on PATH, and left out with a note if missing; it is
+built from the llama.cpp source that llama-cpp-python's sdist vendors (docs/speed.md gives the recipe).
+It gets the prompts' token ids, as picogpt does.
 
 Random weights of GPT-2's real shapes; llama.cpp reads the same weights converted to GGUF (float32 ->
 f32, int8 -> q8_0; needs llama-cpp-python and its source, see llama_cpp_engine.py; left out with a
@@ -35,6 +43,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,7 +240,13 @@ def tail(path, n=20):
         return "".join(f.readlines()[-n:])
 
 
-def server_command(server, size_folder, dtype, gguf, port, parallel):
+def server_command(server, size_folder, dtype, gguf, port, parallel, llama_server=None):
+    if server == "llama-server":
+        return [
+            llama_server,
+            *("-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel), "-c", str(1024 * parallel)),
+            *("-cb", "-kvu", "-t", "2", "--log-disable"),
+        ], "/health"
     if server == "picogpt":
         return [
             sys.executable,
@@ -315,7 +330,13 @@ def main():
     p.add_argument(
         "--think", type=float, default=0.5, help="mean seconds a client waits before each request (exponential)"
     )
-    p.add_argument("--servers", nargs="+", default=["picogpt", "llama.cpp"], choices=["picogpt", "llama.cpp", "engine"])
+    p.add_argument(
+        "--servers",
+        nargs="+",
+        default=["picogpt", "llama-server"],
+        choices=["picogpt", "llama-server", "llama.cpp", "engine"],
+    )
+    p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"))
     p.add_argument("--timeout", type=float, default=300, help="seconds per request")
     p.add_argument("--level-timeout", type=float, default=1800, help="seconds per concurrency level of one server")
     args = p.parse_args()
@@ -326,12 +347,16 @@ def main():
     import picogpt
 
     servers = [
-        s for s in ["llama.cpp", "picogpt", "engine"] if s in args.servers
-    ]  # llama.cpp first: picogpt's rows compare with it
+        s for s in ["llama-server", "llama.cpp", "picogpt", "engine"] if s in args.servers
+    ]  # llama.cpp's first: picogpt's rows compare with them
     notes = []
+    if "llama-server" in servers and not (args.llama_server and os.access(args.llama_server, os.X_OK)):
+        servers.remove("llama-server")
+        notes.append("llama-server left out: not found (--llama-server PATH, $LLAMA_SERVER, or on PATH)")
     if "llama.cpp" in servers and not available():
         servers.remove("llama.cpp")
         notes.append("llama.cpp left out: llama-cpp-python is not installed (or its library does not load)")
+    peer_name = next((s for s in servers if s in ("llama-server", "llama.cpp")), None)
     versions = f"picogpt {picogpt.__version__}" + (
         f", llama-cpp-python {__import__('llama_cpp').__version__}" if "llama.cpp" in servers else ""
     )
@@ -341,7 +366,7 @@ def main():
     )
     print()
     print(
-        "| model | server | concurrency | requests done/sent | output tok/s | vs concurrency 1 | vs llama.cpp (same format) "
+        f"| model | server | concurrency | requests done/sent | output tok/s | vs concurrency 1 | vs {peer_name or 'llama.cpp'} (same format) "
         "| TTFT median ms | TTFT p99 ms | TBT median ms | TBT p99 ms | latency median s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -351,8 +376,9 @@ def main():
             tokenizer = picogpt.load_tokenizer(folder)
             plans = {c: plan(c, per_client(c, args.requests), args.think, tokenizer) for c in args.concurrency}
             ggufs = {}
-            if "llama.cpp" in servers:
+            if {"llama.cpp", "llama-server"} & set(servers):
                 ggufs = gguf_files(folder, types=[GGUF_TYPE[d] for d in args.dtypes], out_dir=os.path.join(tmp, "gguf"))
+            if "llama.cpp" in servers:  # the one server fed text
                 differ = llama_tokens_differ(
                     next(iter(ggufs.values())),
                     [(ids, text) for c in plans.values() for client in c for _, ids, text, _ in client],
@@ -375,13 +401,19 @@ def main():
                                 errors,
                                 wall,
                                 rates.get((server, 1)),
-                                rates.get(("llama.cpp", c)),
+                                rates.get((peer_name, c)),
                             )
                         continue
-                    name = f"picogpt {dtype}" if server == "picogpt" else f"llama.cpp {GGUF_TYPE[dtype]}"
+                    name = f"picogpt {dtype}" if server == "picogpt" else f"{server} {GGUF_TYPE[dtype]}"
                     port = free_port()
                     command, ready = server_command(
-                        server, folder, dtype, ggufs.get(GGUF_TYPE[dtype]), port, max(args.concurrency)
+                        server,
+                        folder,
+                        dtype,
+                        ggufs.get(GGUF_TYPE[dtype]),
+                        port,
+                        max(args.concurrency),
+                        args.llama_server,
                     )
                     url = f"http://127.0.0.1:{port}"
                     log_path = os.path.join(tmp, f"{server}-{dtype}.log")
@@ -390,7 +422,9 @@ def main():
                             [(0.0, *prompt(np.random.default_rng(1), tokenizer), 8)]
                         ]  # first-request costs, not measured
                         _, errors, _ = asyncio.run(
-                            level(url + "/v1/completions", warm, server == "picogpt", args.timeout, args.level_timeout)
+                            level(
+                                url + "/v1/completions", warm, server != "llama.cpp", args.timeout, args.level_timeout
+                            )
                         )
                         if errors:
                             notes.append(f"{size} {name}: the warm-up request failed: {errors[0][:300]}")
@@ -399,12 +433,12 @@ def main():
                                 level(
                                     url + "/v1/completions",
                                     plans[c],
-                                    server == "picogpt",
+                                    server != "llama.cpp",  # ids, but llama-cpp-python's server reads text only
                                     args.timeout,
                                     args.level_timeout,
                                 )
                             )
-                            peer = rates.get(("llama.cpp", c)) if server == "picogpt" else None
+                            peer = rates.get((peer_name, c)) if server == "picogpt" else None
                             rates[server, c] = row(size, name, c, results, errors, wall, rates.get((server, 1)), peer)
                             if errors:
                                 notes.append(

@@ -13,8 +13,11 @@ down the input rows. The tied `wte` is read two ways, as embedding rows and as t
 `x @ wte.T`, and only the lm_head costs bandwidth at every step, so a packed wte holds `wte.T`,
 [n_embd, n_vocab]: the lm_head is then an ordinary [in, out] linear and an embedding is a column.
 
-`dequantize` is the NumPy reference that model.py's math calls and the kernels are tested against.
-Layer norms, biases, wpe, activations and the KV cache stay float32.
+`matmul` is the NumPy reference that model.py's math calls and the kernels are tested against: for
+the float formats, widen the weight back to float32 and multiply (`dequantize`); for int8, integer
+arithmetic as llama.cpp's q8_0 does it (`matmul_q8`): each row of activations is quantized per block
+of 32 too, and each block's dot product is a sum of int8 products, scaled once by both scales.
+Layer norms, biases, wpe and the KV cache stay float32.
 """
 
 from typing import NamedTuple
@@ -95,6 +98,38 @@ def _dequantize_q8(w):
     return w.data * np.repeat(w.scales, BLOCK, axis=0)[: w.data.shape[0]]  # [in, out] float32
 
 
+def quantize_rows(x):
+    """Activations [n, in] as q8_0 quantizes them: per row and block of 32 (zero-padded), scale
+    d = max|x| / 127 and q = x * (1 / d) rounded half to even (0 where d is 0). Returns q int8
+    [n, n_blocks * 32] and d float32 [n, n_blocks]. The kernel does exactly these float32 operations."""
+    n, n_in = x.shape
+    xb = np.zeros((n, n_blocks(n_in) * BLOCK), np.float32)
+    xb[:, :n_in] = x
+    xb = xb.reshape(n, -1, BLOCK)  # [n, n_blocks, 32]
+    d = np.abs(xb).max(axis=2) / np.float32(127)  # [n, n_blocks]
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    return np.rint(xb * inv[:, :, None]).astype(np.int8).reshape(n, -1), d
+
+
+def matmul_q8(x, w):
+    """x [n, in] @ an int8 weight in integer arithmetic: sum over blocks b of
+    (d_x[:, b] * scales[b]) * (q_x[:, b] @ data[b]), the int8 dot products exact in int32 (done here
+    in float32, which holds their sums, |sum| <= 32 * 127 * 127 < 2**24, exactly)."""
+    q, d = quantize_rows(np.asarray(x, np.float32))
+    n_in, n_out = w.data.shape
+    out = np.zeros((len(q), n_out), np.float32)
+    for b in range(n_blocks(n_in)):
+        rows = slice(b * BLOCK, min((b + 1) * BLOCK, n_in))
+        dots = q[:, rows].astype(np.float32) @ w.data[rows].astype(np.float32)  # [n, out]: exact integers
+        out += (d[:, b, None] * w.scales[b]) * dots
+    return out
+
+
+def _widened(x, w):
+    return x @ dequantize(w)
+
+
 class Format(NamedTuple):
     """One weight format and its behaviour, as ggml's type traits: every module asks this table."""
 
@@ -105,7 +140,9 @@ class Format(NamedTuple):
     scales: bool  # a float32 scale per BLOCK input rows and output (int8)
     bytes_per_weight: float  # what batch-1 decoding reads per weight (int8: 1 + 4 / BLOCK for its scales)
     pack: object  # float32 [in, out] (C order, finite) -> a weight of this format
-    dequantize: object  # a weight of this format -> float32 [in, out]: the NumPy reference the kernels match
+    dequantize: object  # a weight of this format -> float32 [in, out]
+    matmul: object  # (x float32 [n, in], weight) -> x @ weight [n, out]: the NumPy reference the kernels match
+    integer: bool  # matmul is integer arithmetic, which BLAS does not do: the microkernel takes every row count
 
 
 # The one table of formats: params.py, converted.py, manage.py, the kernels and the CLI read it (the
@@ -114,10 +151,10 @@ class Format(NamedTuple):
 FORMATS = {
     f.name: f
     for f in (
-        Format("float32", np.ndarray, "F32", np.float32, False, 4, lambda w: w, lambda w: w),
-        Format("float16", F16, "F16", np.uint16, False, 2, _pack_f16, _dequantize_f16),
-        Format("bfloat16", BF16, "BF16", np.uint16, False, 2, _pack_bf16, _dequantize_bf16),
-        Format("int8", Q8, "I8", np.int8, True, 1 + 4 / BLOCK, _pack_q8, _dequantize_q8),
+        Format("float32", np.ndarray, "F32", np.float32, False, 4, lambda w: w, lambda w: w, _widened, False),
+        Format("float16", F16, "F16", np.uint16, False, 2, _pack_f16, _dequantize_f16, _widened, False),
+        Format("bfloat16", BF16, "BF16", np.uint16, False, 2, _pack_bf16, _dequantize_bf16, _widened, False),
+        Format("int8", Q8, "I8", np.int8, True, 1 + 4 / BLOCK, _pack_q8, _dequantize_q8, matmul_q8, True),
     )
 }
 DTYPES = tuple(FORMATS)
@@ -163,6 +200,16 @@ def dequantize(w):
     return w if isinstance(w, np.ndarray) else FORMATS[DTYPE_OF[type(w)]].dequantize(w)
 
 
+def matmul(x, w):
+    """x [n, in] @ a weight of any format [in, out], in that format's arithmetic (its `matmul`)."""
+    return FORMATS[dtype_of(w)].matmul(x, w)
+
+
+def integer(w):
+    """Whether w's format multiplies in integers (int8): no BLAS for it."""
+    return FORMATS[dtype_of(w)].integer
+
+
 def columns(w, ids):
     """Columns `ids` of a packed [in, out] matrix as float32 rows: [len(ids), in]."""
     if isinstance(w, Q8):
@@ -176,8 +223,8 @@ def embedding(wte, ids):
 
 
 def lm_head(wte):
-    """The tied lm_head as an [n_embd, n_vocab] matrix: wte.T, which a packed wte already is."""
-    return wte.T if isinstance(wte, np.ndarray) else dequantize(wte)
+    """The tied lm_head as an [n_embd, n_vocab] weight: wte.T, which a packed wte already is."""
+    return wte.T if isinstance(wte, np.ndarray) else wte
 
 
 def shape(w):
@@ -205,7 +252,7 @@ def convert(params, dtype):
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     wte = params["wte"]["weight"]
-    wte = wte if isinstance(wte, np.ndarray) else lm_head(wte).T  # a float32 [n_vocab, n_embd] either way
+    wte = wte if isinstance(wte, np.ndarray) else dequantize(wte).T  # a float32 [n_vocab, n_embd] either way
     out = {**params, "wte": {"weight": wte if dtype == "float32" else _pack(wte.T, dtype, "wte.weight")}, "h": []}
     for i, block in enumerate(params["h"]):
         block = {**block, "attn": dict(block["attn"]), "mlp": dict(block["mlp"])}

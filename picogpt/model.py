@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .formats import dequantize, embedding, lm_head
+from .formats import embedding, lm_head, matmul
 
 
 def gelu(x):
@@ -31,8 +31,9 @@ def layer_norm(x, weight, bias, eps=1e-5):
 
 def linear(x, weight, bias):
     # HF's Conv1D stores weights as [in, out], so this is x @ w, with no transpose. A packed weight
-    # (float16, bfloat16, int8: see formats.py) is widened back to the float32 matrix it stands for.
-    return x @ dequantize(weight) + bias  # [n_seq, in] -> [n_seq, out]
+    # multiplies in its format's arithmetic (formats.py): float16 and bfloat16 widened back to float32,
+    # int8 in integers, the activations quantized per block as llama.cpp's q8_0 does.
+    return matmul(x, weight) + bias  # [n_seq, in] -> [n_seq, out]
 
 
 def ffn(x, c_fc, c_proj):
@@ -84,7 +85,7 @@ def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=F
     for i, block in enumerate(h):
         x = transformer_block(x, **block, n_head=n_head, eps=eps, kv=None if cache is None else cache[i], past=past)
     x = layer_norm(x[-1:] if last else x, **ln_f, eps=eps)
-    return x @ lm_head(wte["weight"])  # tied to wte, wte.T: [n_seq, n_embd] -> [n_seq, n_vocab]
+    return matmul(x, lm_head(wte["weight"]))  # tied to wte, wte.T: [n_seq, n_embd] -> [n_seq, n_vocab]
 
 
 def token_ids(inputs, wte, wpe, past=0):

@@ -57,6 +57,6 @@ def test_reduced_precision_perplexity_bounds(scores):
         and abs(f16["perplexity"] / base - 1) < 1e-5
         and f16["greedy_agreement"] == 1
     ), f16
-    for dtype, bound in [("bfloat16", 0.005), ("int8", 0.02)]:
+    for dtype, bound in [("bfloat16", 0.005), ("int8", 0.005)]:  # int8: issue 24 holds it to 0.5%, in integers
         assert abs(scores[dtype]["perplexity"] / base - 1) <= bound, (dtype, scores[dtype]["perplexity"], base)
         assert scores[dtype]["greedy_agreement"] >= 0.9, (dtype, scores[dtype])

@@ -7,8 +7,10 @@ folder's sources and formats.py (the table the kernels are compiled against). Nu
 cached kernel only when its own file changes, not when a kernel it calls from another file does
 (Numba's docs, "Cache invalidation"): after an edit to ops.py alone, forward.py's cached block_rows
 would keep the old attend_rows. A new hash is a new, empty folder, so any edit compiles every kernel
-again, once, and nothing of the package is written. The folders live under $NUMBA_CACHE_DIR if set,
-else ~/.cache/picogpt/numba; older hashes' folders are removed when a new one is made.
+again, once, and nothing of the package is written. The folder's name also carries the shape the
+microkernel is compiled for (target.py), so the shapes tested on one machine keep their own kernels.
+The folders live under $NUMBA_CACHE_DIR if set, else ~/.cache/picogpt/numba; older hashes' folders
+are removed when a new one is made.
 """
 
 import hashlib
@@ -21,8 +23,11 @@ SOURCES = sorted(os.path.join(HERE, f) for f in os.listdir(HERE) if f.endswith("
 ]
 
 
-def cache_dir(sources=SOURCES, base=None):
-    """The folder for kernels compiled from `sources`: base/picogpt-<16 hex of their sha256>."""
+def cache_dir(sources=SOURCES, base=None, shape=None):
+    """The folder for kernels compiled from `sources` for `shape` (target.name()):
+    base/picogpt-<16 hex of their sha256>-<shape>."""
+    from . import target
+
     digest = hashlib.sha256()
     for path in sources:
         with open(path, "rb") as f:
@@ -30,7 +35,7 @@ def cache_dir(sources=SOURCES, base=None):
     base = (
         base or os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "picogpt", "numba")
     )
-    return os.path.join(base, f"picogpt-{digest.hexdigest()[:16]}")
+    return os.path.join(base, f"picogpt-{digest.hexdigest()[:16]}-{shape or target.name()}")
 
 
 def use_cache(folder):
@@ -39,9 +44,9 @@ def use_cache(folder):
     import numba
 
     if not os.path.isdir(folder):
-        parent = os.path.dirname(folder)
+        parent, hashed = os.path.dirname(folder), os.path.basename(folder)[: len("picogpt-") + 16]
         for entry in os.listdir(parent) if os.path.isdir(parent) else ():
-            if entry.startswith("picogpt-") and entry != os.path.basename(folder):
+            if entry.startswith("picogpt-") and not entry.startswith(hashed):
                 shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
     numba.config.CACHE_DIR = folder
 

@@ -109,9 +109,10 @@ _scratch = {}  # shape -> the float32 [in, out] buffer that panels are widened i
 
 def linear(x, lin, residual=None):
     """model.linear (+ GELU if lin.gelu, + residual) on [n_tokens, in]: the microkernel, or for more
-    than ROWS_MAX rows BLAS on the panels widened back into a reused float32 [in, out] buffer (that
-    copy costs a few % of such a product, and spares keeping the weights twice in memory)."""
-    if len(x) <= ROWS_MAX:
+    than ROWS_MAX rows of a float format BLAS on the panels widened back into a reused float32
+    [in, out] buffer (that copy costs a few % of such a product, and spares keeping the weights twice
+    in memory). int8 multiplies in integers, which BLAS does not: the microkernel at any row count."""
+    if len(x) <= ROWS_MAX or formats.integer(lin.weight):
         none = np.empty((0, 0), f32)
         x = np.ascontiguousarray(x, f32)  # the microkernel addresses C-order rows
         return microkernel.linear(x, *lin, none if residual is None else residual, numba.get_num_threads())
