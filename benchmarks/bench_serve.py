@@ -153,14 +153,17 @@ async def level(url, clients, use_ids, timeout, level_timeout):
 
 def engine_alone(folder, dtype, clients, parallel):
     """The same requests through picogpt's Engine in this process, `parallel` rows kept full, as the
-    server runs it (its chunk, greedy, end-of-text banned): returns what level() does."""
+    server runs it (its prefill budget, greedy, end-of-text banned): returns what level() does."""
     import picogpt
-    from picogpt import engine, options, sampling, warmup
+    from picogpt import budget, engine, options, sampling, warmup
 
     model = picogpt.load(folder, dtype=dtype)
     chunk, eot = options.SERVE["chunk"], model.tokenizer.eot_token
-    warmup.warm_up(model, [[eot] * chunk, [eot]], 3, say=None)
-    run = engine.Engine(model.forward_rows, model.params, model.config, parallel, chunk=chunk, eot=eot)
+    longest = min(chunk or budget.IDLE, model.config["n_positions"] - 3)  # as serve's warm-up
+    warmup.warm_up(model, [[eot] * longest, [eot]], 3, say=None)
+    run = engine.Engine(
+        model.forward_rows, model.params, model.config, parallel, budget=budget.Budget(cap=chunk), eot=eot
+    )
     for k, v in run.cache:  # the pages touched before timing, as the server does
         k.fill(0), v.fill(0)
     queue = [

@@ -123,7 +123,7 @@ def parser():
     v.add_argument("--port", type=int, default=SERVE["port"], help="the port to listen on (default: %(default)s)")
     v.add_argument("--parallel", type=int, default=SERVE["parallel"], help="the most sequences decoded together: rows of the KV cache (default: %(default)s)")
     v.add_argument("--queue", type=int, default=SERVE["queue"], help="the most sequences waiting beyond --parallel; more get 429 (default: %(default)s)")
-    v.add_argument("--chunk", type=int, default=SERVE["chunk"], help="prompt tokens prefilled per decoding step, so long prompts do not stall running streams (default: %(default)s)")
+    v.add_argument("--chunk", type=int, default=SERVE["chunk"], help="the most prompt tokens one step prefills, 1 to 256 (default: no cap: a budget from the step times measured keeps a step beside running streams within about 2.5x a decoding step, and prefills a lone prompt at once; see docs/serving.md)")
     d = commands.add_parser("download", help="fetch and check a hub model ahead of time, so later runs work offline", description="Fetch NAME from the Hugging Face hub into its cache (or refresh it there), read every safetensors header and check the shapes against config.json.")
     d.add_argument("name", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 or a hub repo id (org/name)")
     d.add_argument("--revision", default=None, help="a branch, tag or commit (default: main)")
@@ -163,7 +163,7 @@ def check(args):
             ("--queue", args.queue, 0, 100000),
             ("--chunk", args.chunk, 1, 256),
         ]:
-            if not low <= value <= high:
+            if value is not None and not low <= value <= high:  # --chunk: None is no cap
                 raise ValueError(f"{flag} must be from {low} to {high}, got {value}")
         return
     if args.command in ("score", "generate"):

@@ -2,9 +2,10 @@
 
 A sequence is a prompt, a token picker and a budget of new tokens. `add` queues it; each `step`
 admits queued sequences into free cache rows, runs one forward pass that holds the next token of
-every decoding sequence and a chunk of prompt for sequences still prefilling (chunked prefill, as
-vLLM does: a long prompt never stalls the running streams for more than one chunk), picks each
-decoding sequence's next token and retires the finished ones, whose rows the next admissions reuse;
+every decoding sequence and a piece of prompt for sequences still prefilling (chunked prefill, as
+vLLM does: a long prompt never stalls the running streams for more than one step; a Budget, in
+budget.py, sizes the pieces from the step times it measures), picks each decoding sequence's next
+token and retires the finished ones, whose rows the next admissions reuse;
 `cancel` retires one from outside (a stop string, a client gone). `Model.generate` (through
 `decode_rows`), the CLI and the server all drive this one loop.
 
@@ -14,6 +15,7 @@ its start with a sequence already in the cache copies those keys and values inst
 (the n choices of one prompt prefill once).
 """
 
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -59,6 +61,11 @@ class Batch(NamedTuple):
 
     fed: list
     every: bool
+    decoding: int  # how many of `fed` are decoding sequences, one token each; the other tokens are prompt
+
+    @property
+    def prompt(self):
+        return sum(n for _, n in self.fed) - self.decoding
 
 
 def common_prefix(a, b):
@@ -75,11 +82,14 @@ class Engine:
 
     forward_rows(inputs, **params, cache=, rows=, past=, last=): kernels.gpt2_rows or
     rows_one_by_one(model.gpt2). n_cache: positions per row (default the model's context); chunk: the
-    most prompt tokens one step prefills (None: whole prompts at once); eot: the token that ends a
-    sequence (None: none does). say(message): where the notes on windows go."""
+    most prompt tokens one step prefills (None: whole prompts at once); budget: a Budget that chooses
+    them instead, from the step times it measures (its cap in place of chunk); eot: the token that
+    ends a sequence (None: none does). say(message): where the notes on windows go."""
 
-    def __init__(self, forward_rows, params, config, n_rows, n_cache=None, chunk=None, eot=None, say=None):
-        self.forward_rows, self.params, self.eot, self.chunk = forward_rows, params, eot, chunk
+    def __init__(self, forward_rows, params, config, n_rows, n_cache=None, chunk=None, budget=None, eot=None, say=None):
+        if chunk is not None and budget is not None:
+            raise ValueError("give a chunk or a budget (Budget(cap=chunk)), not both")
+        self.forward_rows, self.params, self.eot, self.chunk, self.budget = forward_rows, params, eot, chunk, budget
         self.n_ctx = config["n_positions"]
         self.n_cache = min(n_cache or self.n_ctx, self.n_ctx)
         self.hyper = dict(n_head=config["n_head"], eps=config.get("layer_norm_epsilon", 1e-5))
@@ -163,28 +173,33 @@ class Engine:
         batch = self.schedule()
         if not batch.fed:
             return []
-        return self.update(batch, self.run(batch))
+        timed = self.budget.step(batch.decoding, batch.prompt) if self.budget else contextlib.nullcontext()
+        with timed:  # the budget learns what a step of these rows and prompt tokens costs
+            return self.update(batch, self.run(batch))
 
     def schedule(self):
         """Which sequences get how many tokens this step: admit waiting sequences into free rows, then
-        one token for every decoding sequence and up to `chunk` prompt tokens in all for the ones
-        prefilling, in order of arrival (decoding first: a long prompt never stalls the streams)."""
+        one token for every decoding sequence and prompt tokens for the ones prefilling, in order of
+        arrival, as many in all as the budget allows beside those rows (else `chunk`, else whole
+        prompts): decoding first, so a long prompt never stalls the streams."""
         while self.waiting and self.free:
             seq = self.waiting.popleft()
             seq.row = self.free.pop(0)
             self.running.append(seq)
-        fed, budget = [], self.chunk or self.n_cache * len(self.running)
+        decoding = sum(not seq.prefilling for seq in self.running)
+        left = self.budget.tokens(decoding) if self.budget else (self.chunk or self.n_cache * len(self.running))
+        fed = []
         for seq in sorted(self.running, key=lambda s: s.prefilling):  # decoding first, then prompts by arrival
             prefilling = seq.prefilling
             if prefilling and not self._share(seq):
                 continue
-            n = min(len(seq.todo), budget) if prefilling else 1
+            n = min(len(seq.todo), left) if prefilling else 1
             if n:
                 fed.append((seq, n))
                 if prefilling:
-                    budget -= n
+                    left -= n
                     self.prompt_tokens += n
-        return Batch(fed, any(seq.score is not None for seq, _ in fed))
+        return Batch(fed, any(seq.score is not None for seq, _ in fed), decoding)
 
     def run(self, batch):
         """The forward pass: logits [rows, n_vocab], one row per sequence (its last token's), or one

@@ -208,6 +208,8 @@ def test_bad_dtype_values(tiny, tmp_path):
         (["score", "-", "--stride", "0"], "--stride"),
         (["score", "-", "--stride", "1000"], "--stride"),  # past the tiny model's context: known once it is loaded
         (["serve", "--port", "70000"], "--port"),
+        (["serve", "--chunk", "0"], "--chunk"),  # a cap on the budget: 1 to 256, or none
+        (["serve", "--chunk", "257"], "--chunk"),
     ],
 )
 def test_every_bad_option_value_exits_2_with_one_line_naming_it(args, flag):

@@ -340,7 +340,7 @@ def rss_mb(pid):
 
 
 def test_soak_loses_and_mixes_nothing_and_memory_stays_flat():
-    process, url = start("--parallel", "8", "--queue", "400", "--chunk", "32")
+    process, url = start("--parallel", "8", "--queue", "400")  # no --chunk: the budget decides
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=60, max_retries=0)
         rng = np.random.default_rng(0)

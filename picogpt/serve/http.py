@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .. import budget
 from .. import tokenizer as tok
 from ..log import warn
 from ..options import SERVE
@@ -395,10 +396,12 @@ def serve(
     def loading():
         try:
             model = load(name, dtype=dtype, revision=revision)
-            eot = model.tokenizer.eot_token
-            warmup.warm_up(
-                model, [[eot] * min(chunk, model.config["n_positions"] - 2), [eot]], 3, say=warn
-            )  # the kernels, compiled once
+            eot, n_ctx = model.tokenizer.eot_token, model.config["n_positions"]
+            # the kernels, compiled once: the most prompt tokens a step takes (without a cap, a whole
+            # prompt while nothing decodes; 3 short of the context, which serve never slides) beside
+            # a one-token prompt, then decoding
+            longest = min(chunk or budget.IDLE, n_ctx - 3)
+            warmup.warm_up(model, [[eot] * longest, [eot]], 3, say=warn)
             if not web.state.stopping:
                 ready(web, model, parallel, queue_size, chunk)
                 warn(

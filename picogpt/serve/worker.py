@@ -16,6 +16,7 @@ from typing import NamedTuple
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .. import sampling
+from ..budget import Budget
 from ..engine import Engine
 from ..log import warn
 from ..text import detokenizer
@@ -179,12 +180,18 @@ class Choice:
 
 
 class Worker:
-    """The one thread that owns the model: runs the engine, takes work from its inbox."""
+    """The one thread that owns the model: runs the engine, takes work from its inbox. chunk: the
+    most prompt tokens a step takes (None: as many as the budget allows, budget.py)."""
 
     def __init__(self, model, parallel, queue_size, chunk, metrics):
         self.model, self.metrics, self.capacity = model, metrics, parallel + queue_size
         self.engine = Engine(
-            model.forward_rows, model.params, model.config, parallel, chunk=chunk, eot=model.tokenizer.eot_token
+            model.forward_rows,
+            model.params,
+            model.config,
+            parallel,
+            budget=Budget(cap=chunk),
+            eot=model.tokenizer.eot_token,
         )
         for k, v in self.engine.cache:  # touch every page now: faulting them in mid-request stalled its first steps
             k.fill(0), v.fill(0)
