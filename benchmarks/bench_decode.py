@@ -3,8 +3,9 @@ in one process and one run, on random weights of GPT-2's real shapes.
 
     python benchmarks/bench_decode.py [--sizes gpt2 gpt2-medium gpt2-large gpt2-xl] [--dtypes float32 int8]
 
-For each size: a 16-token prompt then 128 new tokens, greedy, batch 1, KV cache on every engine; and
-a 512-token prefill (time to the first new token). Engines: picogpt's numba kernels in each --dtypes
+For each size: a 16-token prompt then 128 new tokens, greedy, batch 1, KV cache on every engine
+(first token ms: the 16-token prompt to its first new token); and a 512-token prefill (time to the
+first new token). Engines: picogpt's numba kernels in each --dtypes
 format (converted once, as `picogpt convert` does), transformers on torch in float32, and, when
 `llama_cpp` is importable, llama.cpp in f32, f16 and q8_0 from GGUF files that llama.cpp's own
 converter makes of the same weights (benchmarks/llama_cpp_engine.py). Engines are interleaved and
@@ -197,9 +198,9 @@ def main():
     )
     print()
     print(
-        "| model | engine | decode tok/s | vs picogpt f32 | vs torch | vs ceiling | prefill tok/s | vs picogpt f32 | peak RSS MB | weights MB |"
+        "| model | engine | decode tok/s | vs picogpt f32 | vs torch | vs ceiling | first token ms | prefill tok/s | vs picogpt f32 | peak RSS MB | weights MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.sizes:
         results = report["sizes"][name] = bench_size(name, args, bandwidth)
         with open(args.json, "w") as f:
@@ -213,6 +214,7 @@ def main():
                 cell(r, "decode_vs_picogpt_float32", "{:.2f}x"),
                 f"{r['decode_vs_torch']:.2f}x",
                 ceiling,
+                f"{r['first_token_ms']:.1f}",
                 f"{r['prefill_tok_s']:.0f}",
                 cell(r, "prefill_vs_picogpt_float32", "{:.2f}x"),
                 cell(r, "peak_rss_mb", "{:.0f}"),

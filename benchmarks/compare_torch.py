@@ -70,7 +70,8 @@ def torch_generate(hf):
 
 
 def measure(engines, prompt, long_prompt, new_tokens, repeats):
-    """{engine: {prefill_tok_s, decode_tok_s, decode_ms_per_token}}, best of `repeats`, engines interleaved."""
+    """{engine: {prefill_tok_s, decode_tok_s, decode_ms_per_token, first_token_ms}}, best of `repeats`,
+    engines interleaved; first_token_ms: `prompt` to its first new token."""
     times = {name: {"prefill": [], "one": [], "all": []} for name in engines}
     for generate in engines.values():
         generate(prompt, 2)  # warm up (and load compiled kernels)
@@ -86,6 +87,7 @@ def measure(engines, prompt, long_prompt, new_tokens, repeats):
             "prefill_tok_s": len(long_prompt) / min(t["prefill"]),
             "decode_tok_s": 1 / decode,
             "decode_ms_per_token": 1000 * decode,
+            "first_token_ms": 1000 * min(t["one"]),
         }
     return results
 
