@@ -184,7 +184,13 @@ class Worker:
     def __init__(self, model, parallel, queue_size, chunk, metrics):
         self.model, self.metrics, self.capacity = model, metrics, parallel + queue_size
         self.engine = Engine(
-            model.forward_rows, model.params, model.config, parallel, chunk=chunk, eot=model.tokenizer.eot_token
+            model.forward_rows,
+            model.params,
+            model.config,
+            parallel,
+            chunk=chunk,
+            eot=model.tokenizer.eot_token,
+            kv_dtype=model.kv_dtype,
         )
         for k, v in self.engine.cache:  # touch every page now: faulting them in mid-request stalled its first steps
             k.fill(0), v.fill(0)
