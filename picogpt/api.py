@@ -44,14 +44,16 @@ class Model:
     folder: str = None  # where the checkpoint's files are
     forward_rows: object = None  # many sequences at once (kernels.gpt2_rows); None: forward on each in turn
     name: str = None  # what it was loaded as: gpt2, tiny, org/name, a folder
+    kv_dtype: str = "float32"  # the KV cache's: "float32", or "float16" (half the memory; see model.kv_cache)
 
     def __repr__(self):  # one line: the params alone would print every weight
         c = self.config
         n = sum(int(np.prod(shape)) for shape in weights.expected_shapes(c).values())
         backend = "numpy" if self.forward is model.gpt2 else "numba"
+        cache = "" if self.kv_dtype == "float32" else f", {self.kv_dtype} KV cache"
         return (
             f"<picogpt.Model {self.name or self.folder}: {self.dtype}, {c['n_layer']} layers, {c['n_head']} heads, "
-            f"width {c['n_embd']}, context {c['n_positions']}, {n / 1e6:.1f}M parameters, {backend} backend>"
+            f"width {c['n_embd']}, context {c['n_positions']}, {n / 1e6:.1f}M parameters, {backend} backend{cache}>"
         )
 
     @property
@@ -146,7 +148,16 @@ class Model:
                 stats["compile_seconds"] = compiled
         picks = [picker(row) for row in range(len(prompts))]
         for step in decode_rows(
-            forward_rows, self.params, self.config, ids, max_new_tokens, picks, eot, stopped, stats
+            forward_rows,
+            self.params,
+            self.config,
+            ids,
+            max_new_tokens,
+            picks,
+            eot,
+            stopped,
+            stats,
+            kv_dtype=self.kv_dtype,
         ):
             for row, token in step:
                 piece, finished = texts[row](token)
@@ -168,7 +179,7 @@ class Model:
         params = sampling_params(params, options)
         eot, n_vocab = self.tokenizer.eot_token, self.tokenizer.n_vocab
         forward_rows = self.forward_rows or rows_one_by_one(self.forward)
-        engine = Engine(forward_rows, self.params, self.config, rows, eot=eot, say=warn)
+        engine = Engine(forward_rows, self.params, self.config, rows, eot=eot, say=warn, kv_dtype=self.kv_dtype)
         prompts, running, done, first, next_i, end = iter(prompts), {}, {}, start, start, object()
         while True:
             while len(running) < rows and next_i - first < 64 * rows:  # admit: a free row takes the next prompt
@@ -225,7 +236,9 @@ class Model:
         ids, scored = itertools.tee(tok.encode(self.tokenizer, text_of(i, t)) for i, t in enumerate(texts))
         forward_rows = self.forward_rows or rows_one_by_one(self.forward)
         at = self.log_softmax_at
-        many = scoring.logprobs_many(forward_rows, self.params, self.config, scored, stride, budget, at=at, skip=skip)
+        many = scoring.logprobs_many(
+            forward_rows, self.params, self.config, scored, stride, budget, at=at, skip=skip, kv_dtype=self.kv_dtype
+        )
         for ids_, lp in itertools.islice(zip(ids, many), skip, None):
             yield scoring.summary(self.tokenizer, ids_, lp)
 
@@ -243,7 +256,7 @@ class Model:
         [len(ids)] whose first entry is NaN. Texts longer than the context slide a window of n_ctx
         tokens by `stride` (default n_ctx // 2); see scoring.py. progress(n): called as tokens are scored."""
         warmup.warm_up(self, score=True, say=warn)
-        return scoring.logprobs(self.forward, self.params, self.config, ids, stride, progress)
+        return scoring.logprobs(self.forward, self.params, self.config, ids, stride, progress, self.kv_dtype)
 
     def score(self, text, stride=None, progress=None):
         """How well the model predicts `text`: a dict of tokens, scored_tokens (all but the first), nll
@@ -274,16 +287,22 @@ def forward_for(backend):
     raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
 
 
-def load(name_or_path="gpt2", backend="numba", dtype=None, revision=None):
+def load(name_or_path="gpt2", backend="numba", dtype=None, revision=None, kv_dtype="float32"):
     """Load a GPT-2 checkpoint by name (gpt2, gpt2-medium, ..., distilgpt2, tiny), hub repo id (at `revision`,
     a branch, tag or commit; default main) or local folder.
 
     dtype: the weight format to run in, "float32", "float16", "bfloat16" or "int8" (see formats.py);
     None keeps what the checkpoint holds (float32 for ordinary checkpoints, whatever their width on
     disk; the packed format of one written by `picogpt convert`). Another format than the stored one
-    is converted once and kept (converted.py), so later loads map it from the file."""
+    is converted once and kept (converted.py), so later loads map it from the file.
+
+    kv_dtype: the KV cache's, for everything the model runs (generate, score, the server): "float32"
+    (the default: logits as torch's), or "float16", half the cache's memory per sequence and the
+    bytes attention reads per token, with keys and values rounded to float16 (see docs/speed.md)."""
     if dtype is not None and dtype not in formats.DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(formats.DTYPES)}, got {dtype!r}")
+    if kv_dtype not in model.KV_DTYPES:
+        raise ValueError(f"kv_dtype must be 'float32' or 'float16', got {kv_dtype!r}")
     forward, forward_rows = forward_for(backend)
     folder = hub.resolve(name_or_path, revision)
     config = weights.read_config(folder)
@@ -298,4 +317,4 @@ def load(name_or_path="gpt2", backend="numba", dtype=None, revision=None):
         from . import kernels
 
         kernels.prepare(params["wte"], params["h"], release=True)  # the panels are the weights in memory
-    return Model(params, config, tokenizer, forward, folder, forward_rows, name_or_path)
+    return Model(params, config, tokenizer, forward, folder, forward_rows, name_or_path, kv_dtype)

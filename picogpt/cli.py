@@ -11,6 +11,7 @@ from . import __version__
 from .options import FIELDS, FLAGS, SERVE, SamplingParams
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")  # formats.DTYPES, without importing NumPy before --threads
+KV_DTYPES = ("float32", "float16")  # model.KV_DTYPES, without importing NumPy before --threads
 DTYPE_HELP = "weight format: float32, float16 (half the bytes, the fast 16-bit one), bfloat16 or int8 (blocks of 32 with a scale each)"
 
 
@@ -33,6 +34,12 @@ def model_options(p, run=True):
             choices=DTYPES,
             default=None,
             help=f"{DTYPE_HELP} (default: as the checkpoint holds it, float32 for ordinary checkpoints)",
+        )
+        p.add_argument(
+            "--kv-dtype",
+            choices=KV_DTYPES,
+            default="float32",
+            help="the KV cache's format: float32, or float16 (half the memory per sequence and half the bytes attention reads; logits change slightly) (default: %(default)s)",
         )
         p.add_argument(
             "--threads",
@@ -252,7 +259,9 @@ def corpus(args):
         else:
             from .api import load
 
-            model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision)
+            model = load(
+                args.model, backend=args.backend, dtype=args.dtype, revision=args.revision, kv_dtype=args.kv_dtype
+            )
             counts = (
                 corpus.score(model, job, progress) if scoring else corpus.generate(model, job, args.params, progress)
             )
@@ -286,7 +295,7 @@ def generate(args):
     from .log import warn
 
     prompt = read_text("-") if args.prompt == "-" else args.prompt
-    model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision)
+    model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision, kv_dtype=args.kv_dtype)
     params = args.params
     if args.json:  # one JSON object per sample, when the batch is done, and nothing else on stdout
         for i, sample in enumerate(model.complete([prompt] * args.num_samples, logprobs=args.logprobs, params=params)):
@@ -321,6 +330,7 @@ def generate(args):
             f"generated: {plural(stats['new_tokens'], 'token')} in {stats.get('decode_seconds', 0):.2f} s ({decode_rate:.1f} tokens/s"
             f"{f', {args.num_samples} rows at once' if args.num_samples > 1 else ''}); "
             f"{args.backend} backend, {model.dtype} weights, {plural(threads(), 'thread')}"
+            f"{'' if model.kv_dtype == 'float32' else f', {model.kv_dtype} KV cache'}"
         )
 
 
@@ -344,7 +354,7 @@ def score(args):
     from .scoring import summary
 
     text = read_text(args.file)
-    model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision)
+    model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision, kv_dtype=args.kv_dtype)
     ids = model.tokenizer.encode(text, allowed_special="all")
     n_ctx = model.config["n_positions"]
     stride = n_ctx // 2 if args.stride is None else args.stride
@@ -446,7 +456,10 @@ def serve(args):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.backend != "numba":
         raise Failed("serve runs on the numba backend: leave out --backend")
-    server.serve(args.model, args.dtype, args.revision, args.host, args.port, args.parallel, args.queue, args.chunk)
+    server.serve(
+        args.model, args.dtype, args.revision, args.host, args.port, args.parallel, args.queue, args.chunk,
+        kv_dtype=args.kv_dtype,
+    )  # fmt: skip
 
 
 def read_text(path):

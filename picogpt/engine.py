@@ -84,16 +84,31 @@ class Engine:
     rows_one_by_one(model.gpt2). n_cache: positions per row (default the model's context); chunk: the
     most prompt tokens one step prefills (None: whole prompts at once); budget: a Budget that chooses
     them instead, from the step times it measures (its cap in place of chunk); eot: the token that
-    ends a sequence (None: none does). say(message): where the notes on windows go."""
+    ends a sequence (None: none does). say(message): where the notes on windows go. kv_dtype: the
+    cache's, "float32" or "float16" (model.kv_cache)."""
 
-    def __init__(self, forward_rows, params, config, n_rows, n_cache=None, chunk=None, budget=None, eot=None, say=None):
+    def __init__(
+        self,
+        forward_rows,
+        params,
+        config,
+        n_rows,
+        n_cache=None,
+        chunk=None,
+        budget=None,
+        eot=None,
+        say=None,
+        kv_dtype="float32",
+    ):
         if chunk is not None and budget is not None:
             raise ValueError("give a chunk or a budget (Budget(cap=chunk)), not both")
         self.forward_rows, self.params, self.eot, self.chunk, self.budget = forward_rows, params, eot, chunk, budget
         self.n_ctx = config["n_positions"]
         self.n_cache = min(n_cache or self.n_ctx, self.n_ctx)
         self.hyper = dict(n_head=config["n_head"], eps=config.get("layer_norm_epsilon", 1e-5))
-        self.cache = model.kv_cache(config["n_layer"], config["n_head"], self.n_cache, config["n_embd"], n_rows=n_rows)
+        self.cache = model.kv_cache(
+            config["n_layer"], config["n_head"], self.n_cache, config["n_embd"], n_rows=n_rows, dtype=kv_dtype
+        )
         self.free = list(range(n_rows))
         self.waiting, self.running = deque(), []  # running: in order of admission
         self.say = say or (lambda message: None)
@@ -259,18 +274,31 @@ class Engine:
         return out
 
 
-def decode_rows(forward_rows, params, config, prompts, max_new_tokens, picks, eot, stopped=(), stats=None, say=warn):
+def decode_rows(
+    forward_rows,
+    params,
+    config,
+    prompts,
+    max_new_tokens,
+    picks,
+    eot,
+    stopped=(),
+    stats=None,
+    say=warn,
+    kv_dtype="float32",
+):
     """Decode a fixed batch of prompts together on the engine: each step, yield [(row, token), ...]
     for every row that got a token. picks[row](logits) chooses row's next token; a row stops at
     `eot`, after max_new_tokens, or once the caller adds it to `stopped` (a stop string). A row whose
-    context fills slides its window (Engine.add). say(message): where the notes go (None: nowhere)."""
+    context fills slides its window (Engine.add). say(message): where the notes go (None: nowhere).
+    kv_dtype: the cache's (Engine)."""
     if max_new_tokens == 0:
         return
     # Only as many positions as the rows can reach: a fresh cache's pages are faulted in as they are
     # written, and on this VM pages freed a second before come back slowly (the full context of 1024
     # for 8 rows of gpt2, 600 MB, made an idle process's next prefill 7x slower).
     n_cache = min(config["n_positions"], max(len(ids) for ids in prompts) + max_new_tokens)
-    engine = Engine(forward_rows, params, config, len(prompts), n_cache=n_cache, eot=eot, say=say)
+    engine = Engine(forward_rows, params, config, len(prompts), n_cache=n_cache, eot=eot, say=say, kv_dtype=kv_dtype)
     seqs = [engine.add(ids, max_new_tokens, pick, slide=True) for ids, pick in zip(prompts, picks)]
     row_of = {seq.id: row for row, seq in enumerate(seqs)}
     start, first = time.perf_counter(), True

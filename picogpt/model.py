@@ -58,10 +58,13 @@ def mha(x, c_attn, c_proj, n_head, kv=None, past=0):
     q, k, v = qkv
     if kv is not None:
         # Write this step's keys and values into the preallocated cache, then attend over all of it.
+        # A float16 cache rounds them as they are stored (to nearest even), and attention reads them
+        # widened back, this step's own keys and values included: what the kernels compute.
         k_cache, v_cache = kv  # [n_head, n_ctx, head_dim] each
         k_cache[:, past : past + n_seq] = k
         v_cache[:, past : past + n_seq] = v
-        k, v = k_cache[:, : past + n_seq], v_cache[:, : past + n_seq]
+        k = k_cache[:, : past + n_seq].astype(np.float32, copy=False)  # [n_head, past + n_seq, head_dim]
+        v = v_cache[:, : past + n_seq].astype(np.float32, copy=False)  # (a float32 cache: no copy)
     out = attention(q, k, v, past)  # [n_head, n_seq, head_dim]
     out = out.transpose(1, 0, 2).reshape(n_seq, n_embd)  # merge heads -> [n_seq, n_embd]
     return linear(out, **c_proj)  # [n_seq, n_embd] -> [n_seq, n_embd]
@@ -105,10 +108,16 @@ def token_ids(inputs, wte, wpe, past=0):
     return ids.astype(np.int64)
 
 
-def kv_cache(n_layer, n_head, n_positions, n_embd, n_rows=None):
+KV_DTYPES = ("float32", "float16")
+
+
+def kv_cache(n_layer, n_head, n_positions, n_embd, n_rows=None, dtype="float32"):
     """Preallocated keys and values for every layer, the arguments named as config.json's keys: a list
     of (k, v), each [n_head, n_positions, n_embd // n_head] (n_positions: how many positions it holds,
-    at most the model's); with n_rows, one such cache per row of a batch: [n_rows, n_head, n_positions, head_dim]."""
+    at most the model's); with n_rows, one such cache per row of a batch: [n_rows, n_head, n_positions, head_dim].
+    dtype: "float32", or "float16" (half the bytes; keys and values rounded as they are stored)."""
+    if dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be 'float32' or 'float16', got {dtype!r}")
     head_dim = n_embd // n_head
     shape = (n_head, n_positions, head_dim) if n_rows is None else (n_rows, n_head, n_positions, head_dim)
-    return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(n_layer)]
+    return [(np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(n_layer)]

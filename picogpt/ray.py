@@ -43,7 +43,7 @@ def actor_threads():
 class Actor:
     """Loads the model once per actor, on as many threads as it has CPUs."""
 
-    def __init__(self, model="gpt2", dtype=None, revision=None, field="text", threads=None):
+    def __init__(self, model="gpt2", dtype=None, revision=None, field="text", threads=None, kv_dtype="float32"):
         import numba
 
         from .api import load
@@ -51,7 +51,7 @@ class Actor:
         threads = threads or actor_threads()
         if threads:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        self.model, self.field = load(model, dtype=dtype, revision=revision), field
+        self.model, self.field = load(model, dtype=dtype, revision=revision, kv_dtype=kv_dtype), field
 
 
 class Scorer(Actor):
@@ -59,8 +59,10 @@ class Scorer(Actor):
     Model.score_many's figures as columns (tokens, scored_tokens, nll, perplexity, bits_per_byte,
     bytes; NaN figures and a `reason` for a text under 2 tokens; a null text scores as "")."""
 
-    def __init__(self, model="gpt2", dtype=None, revision=None, field="text", stride=None, threads=None):
-        super().__init__(model, dtype, revision, field, threads)
+    def __init__(
+        self, model="gpt2", dtype=None, revision=None, field="text", stride=None, threads=None, kv_dtype="float32"
+    ):
+        super().__init__(model, dtype, revision, field, threads, kv_dtype)
         self.stride = stride
 
     def __call__(self, batch):
@@ -84,8 +86,18 @@ class Generator(Actor):
     `index` samples with seed + index (else the batch's rows are numbered from 0); a null prompt gets
     nulls."""
 
-    def __init__(self, model="gpt2", dtype=None, revision=None, field="prompt", params=None, rows=8, threads=None):
-        super().__init__(model, dtype, revision, field, threads)
+    def __init__(
+        self,
+        model="gpt2",
+        dtype=None,
+        revision=None,
+        field="prompt",
+        params=None,
+        rows=8,
+        threads=None,
+        kv_dtype="float32",
+    ):
+        super().__init__(model, dtype, revision, field, threads, kv_dtype)
         self.params = params if isinstance(params, SamplingParams) else SamplingParams.named({}, **(params or {}))
         self.rows = rows
 
@@ -177,7 +189,9 @@ def run(job, args, progress=None):
         nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
         per_actor = max(1.0, min(nodes) - READ_CPUS)
         scoring = args.command == "score"
-        model = dict(model=args.model, dtype=args.dtype, revision=args.revision, field=job.field)
+        model = dict(
+            model=args.model, dtype=args.dtype, revision=args.revision, field=job.field, kv_dtype=args.kv_dtype
+        )
         if scoring:
             fn, kwargs = Scorer, dict(model, stride=job.stride)
         else:

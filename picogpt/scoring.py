@@ -31,10 +31,10 @@ def windows(n_tokens, n_ctx, stride):
         prev_end, begin = end, begin + stride
 
 
-def logprobs(forward, params, config, ids, stride=None, progress=None):
+def logprobs(forward, params, config, ids, stride=None, progress=None, kv_dtype="float32"):
     """The log-probability of each token of `ids` given the ones before it: float64 [len(ids)], the
     first entry NaN (nothing comes before it). forward is model.gpt2 or kernels.gpt2; progress(n) is
-    called with the number of tokens each window scores."""
+    called with the number of tokens each window scores; kv_dtype: the cache's (model.kv_cache)."""
     n_ctx, n_head = config["n_positions"], config["n_head"]
     stride = stride_for(stride, n_ctx)
     ids = np.asarray(ids)
@@ -48,7 +48,7 @@ def logprobs(forward, params, config, ids, stride=None, progress=None):
         )
     ids = ids.astype(np.int64)
     run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
-    cache = model.kv_cache(config["n_layer"], n_head, n_ctx, config["n_embd"])
+    cache = model.kv_cache(config["n_layer"], n_head, n_ctx, config["n_embd"], dtype=kv_dtype)
     out = np.full(len(ids), np.nan)
     for begin, first, end in windows(len(ids), n_ctx, stride):
         # The context up to `first` gives the logits for token `first`; tokens first .. end-2, run
@@ -90,7 +90,18 @@ def groups(docs, tokens, most=4096):
         yield batch
 
 
-def logprobs_many(forward_rows, params, config, docs, stride=None, budget=None, group=None, at=log_softmax_at, skip=0):
+def logprobs_many(
+    forward_rows,
+    params,
+    config,
+    docs,
+    stride=None,
+    budget=None,
+    group=None,
+    at=log_softmax_at,
+    skip=0,
+    kv_dtype="float32",
+):
     """`logprobs` of every document of `docs` (an iterable of token id lists), yielded in order, with
     many documents' windows in each forward pass: the same windows, each run whole as one sequence of
     a batch (its context and its scored tokens in one pass, the lm_head only on the scored ones), so
@@ -102,7 +113,7 @@ def logprobs_many(forward_rows, params, config, docs, stride=None, budget=None, 
     passes' worth), whole documents from the first on, their windows sorted by length so that each
     pass wastes no cache on padding: memory stays bounded for any number of documents. A document
     under 2 tokens gets NaN for each token (nothing to score). at: log_softmax_at, or its kernel
-    (kernels.log_softmax_at).
+    (kernels.log_softmax_at). kv_dtype: the cache's (model.kv_cache).
 
     skip: yield None for the first `skip` documents, computing only the group that holds the first
     wanted one, whole: a document's figures depend on the pass it shares (the kernels' paths and
@@ -113,8 +124,11 @@ def logprobs_many(forward_rows, params, config, docs, stride=None, budget=None, 
     budget = max(budget or 1024, n_ctx)
     group = group or 8 * budget
     run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
-    # One scratch cache for every pass: a pass of k windows of up to L tokens views it as [k, n_head, L, head_dim]
-    scratch = np.empty((config["n_layer"], 2, budget * n_embd), np.float32)
+    # One scratch cache for every pass, (k, v) of budget * n_embd values per layer: a pass of k windows
+    # of up to L tokens views it as [k, n_head, L, head_dim]
+    scratch = [
+        (k.reshape(-1), v.reshape(-1)) for k, v in model.kv_cache(config["n_layer"], 1, budget, n_embd, dtype=kv_dtype)
+    ]
     for batch in groups(docs, group):
         if len(batch) <= skip:  # a group before the first wanted document
             skip -= len(batch)

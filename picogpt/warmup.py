@@ -111,6 +111,7 @@ def warm_up(model, prompts=(), max_new_tokens=1, score=False, say=None):
     done = (
         model.forward,
         tuple(formats.dtype_of(w) for w in weights_of(model.params)),
+        model.kv_dtype,  # the decode kernels compile once per cache type too
         tuple(map(tuple, small)),
         fills,
         score,
@@ -122,20 +123,20 @@ def warm_up(model, prompts=(), max_new_tokens=1, score=False, say=None):
     with Compiling(say) as compiling:
         if prompts:
             steps = N_CTX - max(map(len, small)) + 3 if fills else 3
-            stopped = set()
-            for i, _ in enumerate(
-                decode_rows(
-                    forward_rows, params, config, small, steps, [lambda logits: 0] * len(small), None, stopped, say=None
-                )
-            ):
+            stopped, picks = set(), [lambda logits: 0] * len(small)
+            rows = decode_rows(
+                forward_rows, params, config, small, steps, picks, None, stopped, say=None, kv_dtype=model.kv_dtype
+            )
+            for i, _ in enumerate(rows):
                 if i == steps - 2:  # the others stop (at the end of their text): one row left, the batch-1 path
                     stopped.update(range(1, len(small)))
         if score:
-            logprobs(model.forward, params, config, np.zeros(N_CTX + 8, np.int64), N_CTX // 2)
+            logprobs(model.forward, params, config, np.zeros(N_CTX + 8, np.int64), N_CTX // 2, kv_dtype=model.kv_dtype)
             # many documents in one pass: short ones (each token a row of the batched kernels) and long
             docs = [np.zeros(n, np.int64) for n in (5, 3, N_CTX + 8)]
+            at, kv_dtype = model.log_softmax_at, model.kv_dtype
             for some in (docs[:2], docs):
-                list(logprobs_many(forward_rows, params, config, some, N_CTX // 2, at=model.log_softmax_at))
+                list(logprobs_many(forward_rows, params, config, some, N_CTX // 2, at=at, kv_dtype=kv_dtype))
     _warm.add(done)
     return compiling.seconds
 

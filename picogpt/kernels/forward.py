@@ -10,7 +10,9 @@ n_rows=B)), has past[s] tokens there already, and brings inputs[s] new ones (one
 whole prompt when prefilling or sliding its window). Positions are per sequence, so nothing is padded
 and no pad is ever attended: the same as Hugging Face's left padding with an attention mask, without
 the pads. model.py stays one sequence at a time: rows never mix, so the tests compare each sequence
-here with model.gpt2 run on it alone.
+here with model.gpt2 run on it alone. A float16 cache (model.kv_cache(..., dtype="float16")) is
+rounded as model.py rounds it: by NumPy where a prompt is written, by the decode kernels (ops.py, on
+its uint16 bits) where they write; prompts attend over it widened to float32 for BLAS.
 
 The kernels read the weights laid out once per parameter tree (`prepare`): each block as one `Layer`
 named tuple of microkernel panels, built on the first call (by `load`, for a Model) and kept while the
@@ -29,7 +31,7 @@ from .. import formats, model
 from ..checkpoint import safetensors
 from . import microkernel
 from .microkernel import Linear
-from .ops import attend_rows, attention, bias_gelu_, f32, jit, layer_norm_rows, store_kv
+from .ops import attend_rows, attention, bias_gelu_, bits, f32, jit, layer_norm_rows, store_kv
 
 # Prompts up to this many tokens (all prompts of a step together) go through the microkernel, longer
 # ones through BLAS's `@` on the panels widened back. Matrix by matrix (gpt2, gpt2-medium, 2 cores)
@@ -173,13 +175,15 @@ def mha(x, layer, n_head, kv, rows, past, lengths, residual):
             ones.append(s)
         else:  # a prompt: causal attention over its own row, through BLAS
             q = np.ascontiguousarray(qkv[start : start + n, 0].transpose(1, 0, 2))  # [n_head, n, head_dim]
-            a = attention(q, k_cache[row, :, : p + n], v_cache[row, :, : p + n], p)
+            k, v = (c[row, :, : p + n].astype(f32, copy=False) for c in kv)  # a float16 cache widened for BLAS
+            a = attention(q, k, v, p)
             out[start : start + n] = a.transpose(1, 0, 2)
         start += n
     if ones:  # sequences bringing one token each (decoding beside a prompt): one kernel call for all of them
         at = (np.cumsum(lengths) - 1)[ones]  # where their tokens are among the n_tokens
         n_kv = np.asarray(past)[ones] + 1
-        out[at] = attend_rows(np.ascontiguousarray(qkv[at, 0]), k_cache, v_cache, np.asarray(rows)[ones], n_kv)
+        q = np.ascontiguousarray(qkv[at, 0])
+        out[at] = attend_rows(q, bits(k_cache), bits(v_cache), np.asarray(rows)[ones], n_kv)
     return linear(out.reshape(n_tokens, n_embd), layer.attn_c_proj, residual)  # [n_tokens, n_embd]
 
 
@@ -228,7 +232,7 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, la
         # rows, as the server runs, took half the time of the per-sequence path below)
         rows_, n_threads = np.repeat(np.asarray(rows, np.int64), lengths), numba.get_num_threads()
         for (k_cache, v_cache), lay in zip(cache, prepared.layers):
-            x = block_rows(x, lay, k_cache, v_cache, rows_, positions, eps, n_threads)
+            x = block_rows(x, lay, bits(k_cache), bits(v_cache), rows_, positions, eps, n_threads)
     else:  # prompts among the sequences: per-sequence attention, BLAS for long ones
         for kv, lay in zip(cache, prepared.layers):
             x = transformer_block(x, lay, n_head=n_head, eps=eps, kv=kv, rows=rows, past=past, lengths=lengths)

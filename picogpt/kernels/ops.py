@@ -9,7 +9,9 @@ rows, BLAS for long prompts (forward.linear picks).
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 f32 = np.float32
 # error_model="numpy": a float division may give inf instead of raising, which lets LLVM vectorize it.
@@ -131,6 +133,54 @@ def _layer_norm_into(out, x, weight, bias, eps):
     return out
 
 
+# ---- the KV cache: float32, or float16 held as its bits ----------------------------------------------
+# A float16 cache (model.kv_cache(..., dtype="float16")) halves the bytes that decoding's attention
+# reads per step. It stays a float16 NumPy array, so model.py, the engine's row copies and forward.py's
+# prefill read and write it as plain NumPy (which rounds to nearest even). Numba has no float16 type, so
+# the kernels take a uint16 view of its bits (`bits`, no copy) and convert in LLVM IR: fptrunc rounds
+# to nearest even as NumPy does, fpext widens exactly (vcvtps2ph and vcvtph2ps on x86, vectorized in
+# attend_rows' loops). The kernels compile once per cache type; for float32 both are the identity.
+
+
+def bits(cache):
+    """A cache array as the kernels take it: float32 as it is, float16 as a uint16 view of its bits."""
+    return cache.view(np.uint16) if cache.dtype == np.float16 else cache
+
+
+@intrinsic
+def _f16_bits(typingctx, x):  # float32 -> the bits of the nearest float16 (ties to even)
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _f16_value(typingctx, b):  # float16 bits -> float32, exact (microkernel's _widen_f16, one value)
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+def to_kv(x, cache):
+    """float32 x as an element of `cache` (float32, or the uint16 bits of float16)."""
+
+
+def from_kv(v):
+    """An element of a cache as float32."""
+
+
+@overload(to_kv, inline="always")
+def _to_kv(x, cache):
+    return (lambda x, cache: _f16_bits(f32(x))) if cache.dtype == types.uint16 else (lambda x, cache: x)
+
+
+@overload(from_kv, inline="always")
+def _from_kv(v):
+    return (lambda v: _f16_value(v)) if v == types.uint16 else (lambda v: v)
+
+
 # ---- decode: one new token per sequence -------------------------------------------------------------
 
 
@@ -140,19 +190,20 @@ def _layer_norm_into(out, x, weight, bias, eps):
 def store_kv(k_cache, v_cache, past, qkv):  # caches [n_head, n_ctx, head_dim]; qkv [3, n_head, head_dim]
     for h in range(qkv.shape[1]):
         for d in range(qkv.shape[2]):
-            k_cache[h, past, d] = qkv[1, h, d]
-            v_cache[h, past, d] = qkv[2, h, d]
+            k_cache[h, past, d] = to_kv(qkv[1, h, d], k_cache)
+            v_cache[h, past, d] = to_kv(qkv[2, h, d], v_cache)
 
 
 # Replaces model.attention for sequences bringing one new token each: scores, softmax and the weighted
 # sum of values in one pass per (sequence, head), threads over all of them, each reading only its own
-# cache row's first n_kv positions. Head-major: the threads take equal runs of tasks, and a run of
-# whole heads holds every sequence, long and short alike (sequence-major, a thread that drew the
-# long contexts made the other wait: 7.5 against 4.8 ms a step for 4 rows at 600 positions and 4 at 20).
+# cache row's first n_kv positions (a float16 cache's widened as they are read: half the bytes).
+# Head-major: the threads take equal runs of tasks, and a run of whole heads holds every sequence,
+# long and short alike (sequence-major, a thread that drew the long contexts made the other wait:
+# 7.5 against 4.8 ms a step for 4 rows at 600 positions and 4 at 20).
 @njit(parallel=True, **jit)
 def attend_rows(
     q, k_cache, v_cache, rows, n_kv
-):  # q [n_seq, n_head, head_dim]; caches [n_rows, n_head, n_ctx, head_dim]
+):  # q [n_seq, n_head, head_dim]; caches [n_rows, n_head, n_ctx, head_dim] (float32, or bits(float16))
     n_seq, n_head, head_dim = q.shape
     out = np.zeros_like(q)
     scale = f32(1.0 / np.sqrt(head_dim))
@@ -163,12 +214,12 @@ def attend_rows(
         for t in range(n):
             acc = f32(0.0)
             for d in range(head_dim):
-                acc += q[s, h, d] * k[t, d]
+                acc += q[s, h, d] * from_kv(k[t, d])
             scores[t] = acc
         _softmax_(scores, n, scale, ints)
         for t in range(n):
             for d in range(head_dim):
-                out[s, h, d] += scores[t] * v[t, d]
+                out[s, h, d] += scores[t] * from_kv(v[t, d])
     return out
 
 

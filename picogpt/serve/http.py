@@ -366,9 +366,11 @@ def serve(
     parallel=SERVE["parallel"],
     queue_size=SERVE["queue"],
     chunk=SERVE["chunk"],
+    kv_dtype="float32",
 ):
     """Run the server until Ctrl-C or SIGTERM: listen at once (/health says 503 while the model loads),
-    load and warm up the model, then take requests. Running requests end with what they have."""
+    load and warm up the model, then take requests. Running requests end with what they have.
+    kv_dtype: the KV cache's, "float32" or "float16" (half the memory per row of the batch)."""
     import uvicorn
 
     from .. import warmup
@@ -395,7 +397,7 @@ def serve(
 
     def loading():
         try:
-            model = load(name, dtype=dtype, revision=revision)
+            model = load(name, dtype=dtype, revision=revision, kv_dtype=kv_dtype)
             eot, n_ctx = model.tokenizer.eot_token, model.config["n_positions"]
             # the kernels, compiled once: the most prompt tokens a step takes (without a cap, a whole
             # prompt while nothing decodes; 3 short of the context, which serve never slides) beside
@@ -405,7 +407,7 @@ def serve(
             if not web.state.stopping:
                 ready(web, model, parallel, queue_size, chunk)
                 warn(
-                    f"serving {name} ({model.dtype}, up to {parallel} sequence{'s' if parallel != 1 else ''} at once) at http://{host}:{port}/v1 ; Ctrl-C stops"
+                    f"serving {name} ({model.dtype}{'' if kv_dtype == 'float32' else f', {kv_dtype} KV cache'}, up to {parallel} sequence{'s' if parallel != 1 else ''} at once) at http://{host}:{port}/v1 ; Ctrl-C stops"
                 )
         except BaseException as e:  # noqa: BLE001 - reported by the CLI after the server stops
             failed.append(e)

@@ -192,6 +192,7 @@ class Worker:
             parallel,
             budget=Budget(cap=chunk),
             eot=model.tokenizer.eot_token,
+            kv_dtype=model.kv_dtype,
         )
         for k, v in self.engine.cache:  # touch every page now: faulting them in mid-request stalled its first steps
             k.fill(0), v.fill(0)
