@@ -572,8 +572,10 @@ def stop(signum, frame):
 
 def unraisable(info):
     """sys.unraisablehook: a Ctrl-C that landed in a finalizer or a callback, which Python can only
-    report, is already in STOP for `checkpoint`; anything else is reported as usual."""
-    if not issubclass(info.exc_type, KeyboardInterrupt):
+    report, is already in STOP for `checkpoint`; after a Ctrl-C, a finalizer's error is the debris of
+    what it cut short (llvmlite's PassBuilder, interrupted in its constructor while Numba compiled,
+    has no handle for its __del__ to free); anything else is reported as usual."""
+    if not (STOP or issubclass(info.exc_type, KeyboardInterrupt)):
         sys.__unraisablehook__(info)
 
 
