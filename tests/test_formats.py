@@ -135,7 +135,10 @@ def test_cached_decoding_on_packed_weights_equals_a_full_forward(checkpoint, dty
         cache = model.kv_cache(config["n_layer"], n_head, 64, config["n_embd"])
         steps = [forward(ids[:5], **packed, n_head=n_head, cache=cache)]
         steps += [forward([t], **packed, n_head=n_head, cache=cache, past=i) for i, t in enumerate(ids[5:], 5)]
-        assert_close(np.concatenate(steps), model.gpt2(ids, **packed, n_head=n_head))
+        # int8 quantizes each row's activations: a last-bit difference between the cached and the full
+        # pass's float sums can move one value across a rounding half, a q apart (seen: 1.5e-5)
+        rtol = 1e-4 if formats.FORMATS[dtype].integer else 1e-5
+        assert_close(np.concatenate(steps), model.gpt2(ids, **packed, n_head=n_head), rtol=rtol)
 
 
 # ---- converted checkpoints ---------------------------------------------------------------------------
