@@ -155,6 +155,17 @@ def test_a_setting_the_host_cannot_run_is_refused_in_one_line():
             timeout=60,
         )
         assert result.returncode != 0 and message in result.stderr, result.stderr
+        cli = subprocess.run(
+            [sys.executable, "-m", "picogpt", "generate", "x", "--model", "tiny", "-n", "1"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cli.returncode == 1 and cli.stderr.startswith("picogpt: error: ") and "Traceback" not in cli.stderr, (
+            cli.stderr
+        )
+        assert len(cli.stderr.strip().splitlines()) == 1 and message in cli.stderr, cli.stderr
 
 
 def test_vnni_is_emitted_for_a_cpu_that_has_it():

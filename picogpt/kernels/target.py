@@ -20,17 +20,22 @@ DOTS = ("vnni", "avx2", "portable")
 RUNS = {"vnni": VNNI, "avx2": "+avx2" in FEATURES, "portable": True}  # which of DOTS this host can execute
 
 
+class SettingError(OSError):
+    """An environment variable's value the kernels cannot be built for (an OSError: the environment's,
+    so the CLI says it in one line, as it does a missing file)."""
+
+
 def _setting(name, default, allowed):
     value = os.environ.get(name) or default
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}: unset it to use the host's")
+        raise SettingError(f"{name} must be one of {', '.join(allowed)}, got {value!r}: unset it to use the host's")
     return value
 
 
 LANES = int(_setting("PICOGPT_LANES", "16" if AVX512 else "8", ("8", "16")))  # float32 lanes per vector
 DOT = _setting("PICOGPT_INT8_DOT", next(d for d in DOTS if RUNS[d]), DOTS)
 if not RUNS[DOT]:
-    raise ValueError(
+    raise SettingError(
         f"PICOGPT_INT8_DOT={DOT}: this CPU cannot execute it; use one of {', '.join(d for d in DOTS if RUNS[d])}"
     )
 
