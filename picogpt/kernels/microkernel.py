@@ -248,28 +248,28 @@ def _x86(builder, name, ret, *args):
     return builder.call(fn, list(args))
 
 
+def _on_pieces(piece):
+    """A dot product of any width from one on 256-bit pieces: acc <8 x i32>, x, ax, w <32 x i8>."""
+
+    def dot(builder, acc, x, ax, w):
+        parts = (_pieces(builder, acc, 8), *(_pieces(builder, v, 32) for v in (x, ax, w)))
+        return _joined(builder, [piece(builder, *args) for args in zip(*parts)])
+
+    return dot
+
+
+@_on_pieces
 def _dot_avx2(builder, acc, x, ax, w):  # vpsignb, vpmaddubsw (int16 pair sums), vpmaddwd by 1 (int32)
-    out = []
-    for a, xp, axp, wp in zip(
-        _pieces(builder, acc, 8), _pieces(builder, x, 32), _pieces(builder, ax, 32), _pieces(builder, w, 32)
-    ):
-        sw = _x86(builder, "llvm.x86.avx2.psign.b", _i8x(32), wp, xp)
-        pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(ir.IntType(16), 16), axp, sw)
-        ones = ir.Constant(ir.VectorType(ir.IntType(16), 16), [1] * 16)
-        out.append(
-            builder.add(a, _x86(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(ir.IntType(32), 8), pairs, ones))
-        )
-    return _joined(builder, out)
+    sw = _x86(builder, "llvm.x86.avx2.psign.b", _i8x(32), w, x)
+    pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(ir.IntType(16), 16), ax, sw)
+    ones = ir.Constant(ir.VectorType(ir.IntType(16), 16), [1] * 16)
+    return builder.add(acc, _x86(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(ir.IntType(32), 8), pairs, ones))
 
 
+@_on_pieces
 def _dot_vnni(builder, acc, x, ax, w):  # vpsignb, then vpdpbusd: the four products and the add in one
-    out = []
-    for a, xp, axp, wp in zip(
-        _pieces(builder, acc, 8), _pieces(builder, x, 32), _pieces(builder, ax, 32), _pieces(builder, w, 32)
-    ):
-        sw = _x86(builder, "llvm.x86.avx2.psign.b", _i8x(32), wp, xp)
-        out.append(_x86(builder, "llvm.x86.avx512.vpdpbusd.256", a.type, a, axp, sw))
-    return _joined(builder, out)
+    sw = _x86(builder, "llvm.x86.avx2.psign.b", _i8x(32), w, x)
+    return _x86(builder, "llvm.x86.avx512.vpdpbusd.256", acc.type, acc, ax, sw)
 
 
 def _dot_portable(builder, acc, x, ax, w):
