@@ -34,11 +34,11 @@ import numpy as np
 # then prefilled in TARGET / (TARGET - 1) = 1.67x the time of its tokens alone (2x at TARGET 2).
 TARGET = 2.5
 LEAST = 16  # prompt tokens a step takes beside decoding rows however slow they are: prompts always progress
-# The most prompt tokens a step takes beside decoding rows: kernels.forward.ROWS_PROMPT (tested), up
-# to which a step's tokens run as decoding does, each a row of the compiled block; a longer piece of
-# one prompt takes per-sequence attention through BLAS, which beside 8 decoding rows took twice as
-# long (kernels/forward.py).
-MOST = 64
+# The most prompt tokens a step takes beside decoding rows: half of kernels.forward.ROWS_MAX (tested),
+# so that with up to as many decoding rows the step runs as decoding does, each token a row of the
+# compiled block (a longer step of a float format goes through BLAS prompt by prompt). The fit, not
+# this, bounds a step in the usual case: 37 prompt tokens beside 16 decoding rows of gpt2 float32.
+MOST = 128
 IDLE = 1024  # with nothing decoding: GPT-2's context, so that any one prompt is prefilled in one step
 # A step's weight in the fit, one step later: about the last 20 steps count. On simulated step times,
 # when prompt tokens became 4x as slow the fit followed within 100 steps (a second or two) at 0.95,

@@ -503,12 +503,6 @@ def main(argv=None):
         if getattr(args, "threads", None):  # before NumPy (OpenBLAS) and Numba read them at load time
             for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 os.environ[name] = str(args.threads)
-        if args.command == "serve":
-            # Its steps run on the Numba kernels; BLAS only for the prefill attention's small products,
-            # where OpenBLAS's threads, spinning after each call, starved Numba's (a step with a prompt
-            # chunk took 6x as long: README, Serving).
-            for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-                os.environ[name] = "1"
         from .checkpoint.params import CheckpointError
         from .sampling import NonFiniteError
         from .tokenizer import TokenizerError

@@ -181,24 +181,28 @@ def test_attend_rows_on_a_float16_cache_equals_the_reference(n_head, head_dim, l
 
 
 @pytest.mark.parametrize(
-    "lengths",
+    "lengths,rows_max",
     [
-        (1, 7, 30),  # short prompts: every token a row of block_rows, as decoding
-        (100, 1, 5),  # a long prompt: transformer_block's BLAS attention, the others through attend_rows
-        (70,),  # one sequence alone
+        ((1, 7, 30), None),  # short prompts: every token a row of block_rows, as decoding
+        ((100, 1, 5), None),  # a long prompt among short ones, also as decoding
+        ((100, 1, 5), 64),  # past ROWS_MAX: transformer_block's BLAS attention, the others through attend_rows
+        ((70,), None),  # one sequence alone
     ],
 )
-def test_kernels_equal_the_reference_on_a_float16_cache(params, lengths):
+def test_kernels_equal_the_reference_on_a_float16_cache(params, lengths, rows_max, monkeypatch):
+    if rows_max:
+        monkeypatch.setattr(kernels.forward, "ROWS_MAX", rows_max)
     prompts = [list(rng.integers(0, 1000, n)) for n in lengths]
     got, got_cache = decode(kernels.gpt2_rows, params, 4, "float16", prompts, 6, seed=2)
     expected, expected_cache = decode(rows_one_by_one(model.gpt2), params, 4, "float16", prompts, 6, seed=2)
     assert_close(got, expected)
     # The same rounding: the caches hold the same float16 values but where the kernels' float32 sums
     # (another order) put a value the other side of a rounding boundary, rarely (another rounding,
-    # truncation say, would differ in half of them)
+    # truncation say, would differ in half of them): seen up to 0.2% of the values written
     for got_kv, expected_kv in zip(got_cache, expected_cache):
         for a, b in zip(got_kv, expected_kv):
-            assert a.dtype == np.float16 and (a != b).mean() < 1e-3, (a != b).mean()
+            written = b != 0
+            assert a.dtype == np.float16 and (a != b)[written].mean() < 1e-2, (a != b)[written].mean()
             assert_close(a.astype(f32), b.astype(f32), rtol=1e-3)
 
 

@@ -33,14 +33,15 @@ from . import microkernel
 from .microkernel import Linear
 from .ops import attend_rows, attention, bias_gelu_, bits, f32, jit, layer_norm_rows, store_kv
 
-# Prompts up to this many tokens (all prompts of a step together) go through the microkernel, longer
-# ones through BLAS's `@` on the panels widened back. Matrix by matrix (gpt2, gpt2-medium, 2 cores)
-# the microkernel took 0.64 to 0.94x BLAS's time at 64 rows and 0.92 to 1.23x at 192; in the whole
-# prefill, where BLAS also pays the widening and its spinning threads slow the Numba kernels around
-# it, 16 prompts of gpt2-medium (232 tokens) took 405 against 637 ms (float32) with the line at 256
-# rather than 128, and one of 512 tokens 1.3 s through BLAS against 2.1 s through the microkernel.
+# Steps of up to this many tokens (all sequences' together) run as decoding does, each token a row of
+# the compiled block (block_rows): the microkernel for the linears and attend_rows for attention, no
+# BLAS. Longer steps of a float format go through BLAS, prompt by prompt (transformer_block). On a
+# 2-core AVX2 host (gpt2 float32, one prompt) the rows took 333 against 807 ms at 128 tokens and 693
+# against 1449 at 256, where the per-prompt path ran the microkernel's linears beside BLAS's attention
+# and OpenBLAS's threads, spinning after each call, slowed Numba's; from about 512 tokens the two are
+# level and BLAS pulls ahead (3.5 against 3.9 s at 1000), as attention's work grows with the square.
+# int8 multiplies in integers, which BLAS does not: its steps are rows at every length.
 ROWS_MAX = 256
-ROWS_PROMPT = 64  # prompts (or chunks) of up to this many tokens run as decoding does, each token a row (gpt2_rows)
 
 
 class Norm(NamedTuple):
@@ -225,15 +226,12 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, la
     ids = np.concatenate(inputs)
     positions = np.concatenate([p + np.arange(n, dtype=np.int64) for p, n in zip(past, lengths)])
     x = formats.embedding(wte["weight"], ids) + wpe["weight"][positions]  # [n_tokens, n_embd]
-    if (
-        max(lengths) <= ROWS_PROMPT and len(ids) <= ROWS_MAX
-    ):  # decoding, and short prompts or chunks beside it: each token a row of
-        # block_rows at its own position (one compiled call per layer; a chunk of 32 beside 8 decoding
-        # rows, as the server runs, took half the time of the per-sequence path below)
+    if len(ids) <= ROWS_MAX or formats.integer(h[0]["attn"]["c_attn"]["weight"]):
+        # each token a row of block_rows at its own position: one compiled call per layer
         rows_, n_threads = np.repeat(np.asarray(rows, np.int64), lengths), numba.get_num_threads()
         for (k_cache, v_cache), lay in zip(cache, prepared.layers):
             x = block_rows(x, lay, bits(k_cache), bits(v_cache), rows_, positions, eps, n_threads)
-    else:  # prompts among the sequences: per-sequence attention, BLAS for long ones
+    else:  # many tokens of a float format: BLAS, attention prompt by prompt
         for kv, lay in zip(cache, prepared.layers):
             x = transformer_block(x, lay, n_head=n_head, eps=eps, kv=kv, rows=rows, past=past, lengths=lengths)
     if keep is not None or last:  # the lm_head only on the rows whose logits are wanted
