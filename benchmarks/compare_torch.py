@@ -77,6 +77,10 @@ def measure(engines, prompt, long_prompt, new_tokens, repeats):
         generate(prompt, 2)  # warm up (and load compiled kernels)
     for _ in range(repeats):
         for name, generate in engines.items():
+            # the last engine's idle threads (torch's OpenMP pool, llama.cpp's) spin for a while after
+            # its work: in the same process they took the cores from the next engine's first token
+            # (picogpt's 16-token prompt: 120 ms right after another engine, 56 ms alone)
+            time.sleep(1.0)
             times[name]["prefill"].append(seconds(lambda: generate(long_prompt, 1)))
             times[name]["one"].append(seconds(lambda: generate(prompt, 1)))
             times[name]["all"].append(seconds(lambda: generate(prompt, new_tokens)))

@@ -226,9 +226,11 @@ def run(job, args, progress=None):
 
 def blas_threads(cpus):
     """The runtime_env that gives an actor of `cpus` CPUs as many BLAS threads as kernel threads: Ray
-    sets OMP_NUM_THREADS to a task's whole CPUs, 1 for 1.5, which halved long prompts' matmuls."""
+    sets OMP_NUM_THREADS to a task's whole CPUs, 1 for 1.5, which halved long prompts' matmuls; and
+    OpenBLAS's short spin when idle (picogpt/__init__.py), as a worker loads NumPy before picogpt."""
     n = str(math.ceil(cpus))
-    return {"env_vars": {"OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}}
+    timeout = os.environ["OPENBLAS_THREAD_TIMEOUT"]  # set by importing picogpt, unless set already
+    return {"env_vars": {"OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "OPENBLAS_THREAD_TIMEOUT": timeout}}
 
 
 def figures(row, keys):

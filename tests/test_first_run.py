@@ -299,6 +299,17 @@ def test_python_dash_m_and_version():
     assert r.returncode == 0 and r.stdout == run("generate", "The list", "--model", "tiny", "-n", "4", "-t", "0").stdout
 
 
+def test_openblas_idle_threads_sleep_soon_unless_the_user_says_otherwise():
+    # read by OpenBLAS as NumPy loads it: importing picogpt first sets it (its spinning threads took
+    # the cores from the kernels after each BLAS call), and a value of the user's stays
+    code = "import picogpt, numpy, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    for given, expected in ((None, "4"), ("12", "12")):
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+        env |= {"OPENBLAS_THREAD_TIMEOUT": given} if given else {}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == expected, r
+
+
 def test_more_threads_than_cores_are_clamped_with_a_note(tiny):
     r = run("generate", "hi", "--model", tiny[0], "-n", "2", "--threads", "64", "-v")
     cores = cli.cores()
