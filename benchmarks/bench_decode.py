@@ -27,6 +27,10 @@ import sys
 import tempfile
 import time
 
+# Before NumPy loads OpenBLAS, as importing picogpt first would (picogpt/__init__.py): its idle threads
+# sleep after 2^4 cycles rather than spin for 2^28 into the kernels that come next
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 import llama_cpp_engine
 import numpy as np
 import torch
