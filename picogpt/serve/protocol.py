@@ -75,7 +75,10 @@ def options_of(body, n_vocab, served):
     model = body.get("model")
     if model is not None and model != served:
         raise BadRequest(
-            f"the model '{model}' does not exist here: this server has '{served}'", "model", 404, "model_not_found"
+            f"the model {repr(model)[:100]} does not exist here: this server has {served!r}",  # repr: one line
+            "model",
+            404,
+            "model_not_found",
         )
     stop = field(
         body,
