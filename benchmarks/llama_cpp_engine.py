@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-DEFAULT_SOURCE = "/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"
+DEFAULT_SOURCE = "/work/llama/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"  # where the benchmark host unpacked it
 
 # Runs convert_hf_to_gguf.py (argv[1]) as a script, with one fix: GPT-2's causal-mask buffers
 # (h.N.attn.bias, h.N.attn.masked_bias, in the hub's own gpt2 files) are not weights, and the
