@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -531,18 +532,24 @@ def main(argv=None):
         # SystemError as a compiled kernel returns, a RuntimeError inside a class being defined (an
         # import). Any error after Ctrl-C is the interrupt's doing.
         if STOP or any(isinstance(x, KeyboardInterrupt) for x in (e, e.__cause__, e.__context__)):
-            return interrupted()
+            return interrupted(e)
         raise
     return 0
 
 
-def interrupted():
+def interrupted(error=None):
+    """Print that the command was interrupted; 130, its exit code. `error`, the interrupt, is kept with
+    the frames its traceback holds until the process ends (`entry` ends it with os._exit, freeing
+    nothing): freeing what the Ctrl-C cut short, such as a kernel Numba was loading from its cache,
+    could crash the process after this line (a score --jsonl run once ended so, by SIGSEGV)."""
+    KEPT.append(error)
     if any(OPEN_LINE):  # keep what was printed, end its line; a --json run's stdout holds whole objects only
         print(flush=True)
     print("picogpt: interrupted", file=sys.stderr, flush=True)
     return 130
 
 
+KEPT = []  # what an interrupt cut short, never freed (see `interrupted`)
 OPEN_LINE = []  # [True] while streamed text on stdout has no newline at its end
 
 
@@ -556,6 +563,7 @@ def stop(signum, frame):
     `checkpoint` raises it at the next piece of output or progress. Finalizers and weakref callbacks
     (`__del__`, importlib's module locks) swallow it the same way: `unraisable` keeps them quiet."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while stopping: ignored
+    gc.disable()  # nor is anything collected from here to the end (see `interrupted`)
     STOP.append(signum)
     while frame is not None:
         if frame.f_code.co_name.startswith("_raw_object_cache"):  # llvmlite's callbacks
@@ -592,8 +600,8 @@ def entry():
     sys.unraisablehook, sys.excepthook = unraisable, excepthook
     try:
         code = main()
-    except KeyboardInterrupt:  # between main's last line and this one
-        code = interrupted()
+    except KeyboardInterrupt as e:  # between main's last line and this one
+        code = interrupted(e)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
             stream.flush()
