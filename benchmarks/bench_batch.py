@@ -14,22 +14,19 @@ KV cache on every engine, every row decoding --new-tokens tokens (no early end):
 Aggregate decode tokens/s = B * (new_tokens - 1) / the time from an engine's first new tokens to its
 last, so prefill is not counted; time to first token = prefill of all B prompts and the first pick.
 
-Every engine runs in its own process (an engine's idle thread pool spinning into the next engine's
-work halves the next one's speed when they share one), one at a time, engines alternating within each
-round; best of --repeats rounds.
+Every engine runs in its own process (workers.py: an engine's idle thread pool spinning into the next
+engine's work halves the next one's speed when they share one), one at a time, engines alternating
+within each round; best of --repeats rounds.
 """
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
+from workers import Worker, serve
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 GGUF_TYPE = {"float32": "f32", "float16": "f16", "int8": "q8_0"}
 
 
@@ -112,48 +109,28 @@ def llama_engine(path):
 
 
 def worker(spec):
-    """Serve requests on stdin: `B n` -> one timed run of B prompts, n new tokens each, as JSON."""
+    """Answer `B n` with one timed run of B prompts, n new tokens each: {first, decode} seconds."""
     kind, arg, folder = spec.split(":", 2)
     generate = {
         "picogpt": lambda: picogpt_engine(folder, arg),
         "torch": lambda: torch_engine(folder),
         "llama.cpp": lambda: llama_engine(arg),
     }[kind]()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        batch, n = map(int, line.split())
-        first, decode = generate(prompts_for(batch), n)
-        print(json.dumps({"first": first, "decode": decode}), flush=True)
+
+    def run(batch, n):
+        first, decode = generate(prompts_for(int(batch)), int(n))
+        return {"first": first, "decode": decode}
+
+    serve(run)
 
 
 # ---- the driver --------------------------------------------------------------------------------------
 
 
-class Engine:
-    def __init__(self, name, spec):
-        self.name = name
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", spec],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=HERE,
-        )
-        if self.process.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"{name}: the worker did not start")
-
-    def run(self, batch, n):
-        self.process.stdin.write(f"{batch} {n}\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.name}: the worker died")
-        time.sleep(1.0)  # let this engine's threads go idle before the next engine runs
-        return json.loads(line)
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait()
+def run(worker, batch, n):
+    answer = worker.ask(batch, n)
+    time.sleep(1.0)  # let this engine's threads go idle before the next engine runs
+    return answer
 
 
 def main():
@@ -198,16 +175,16 @@ def main():
                     folder, types=[GGUF_TYPE[d] for d in args.dtypes], out_dir=os.path.join(folder, "gguf")
                 )
                 specs |= {f"llama.cpp {GGUF_TYPE[d]}": f"llama.cpp:{paths[GGUF_TYPE[d]]}:{folder}" for d in args.dtypes}
-            engines = {name: Engine(name, spec) for name, spec in specs.items()}
+            engines = {name: Worker(name, spec, script=__file__) for name, spec in specs.items()}
             single = {}
             try:
                 for batch in args.batches:
                     for engine in engines.values():
-                        engine.run(batch, 2)  # warm up: compile, allocate
+                        run(engine, batch, 2)  # warm up: compile, allocate
                     runs = {name: [] for name in engines}
                     for _ in range(args.repeats):
                         for name, engine in engines.items():
-                            runs[name].append(engine.run(batch, args.new_tokens))
+                            runs[name].append(run(engine, batch, args.new_tokens))
                     first = {e: min(r["first"] for r in rs) for e, rs in runs.items()}
                     rate = {e: batch * (args.new_tokens - 1) / min(r["decode"] for r in rs) for e, rs in runs.items()}
                     for e in engines:

@@ -1,5 +1,5 @@
 """Decode and prefill speed of picogpt in every weight format against transformers and llama.cpp,
-in one process and one run, on random weights of GPT-2's real shapes.
+in one run, on random weights of GPT-2's real shapes, each engine in a process of its own (workers.py).
 
     python benchmarks/bench_decode.py [--sizes gpt2 gpt2-medium gpt2-large gpt2-xl] [--dtypes float32 int8]
 
@@ -8,9 +8,9 @@ For each size: a 16-token prompt then 128 new tokens, greedy, batch 1, KV cache 
 first new token). Engines: picogpt's numba kernels in each --dtypes
 format (converted once, as `picogpt convert` does), transformers on torch in float32, and, when
 `llama_cpp` is importable, llama.cpp in f32, f16 and q8_0 from GGUF files that llama.cpp's own
-converter makes of the same weights (benchmarks/llama_cpp_engine.py). Engines are interleaved and
-the best of --repeats is kept; sizes whose engines do not all fit in memory at once (gpt2-large,
-gpt2-xl) run one family at a time (picogpt, torch, llama.cpp), interleaved within it.
+converter makes of the same weights (benchmarks/llama_cpp_engine.py). Engines are interleaved, one
+working at a time, and the best of --repeats is kept; sizes whose engines do not all fit in memory at
+once (gpt2-large, gpt2-xl) run one family at a time (picogpt, torch, llama.cpp), interleaved within it.
 
 Also measured: this machine's memory bandwidth (NumPy's sgemv streaming a 512 MB matrix), which caps
 batch-1 decoding at bandwidth / bytes of weights read per token (the "ceiling", for each format's
@@ -19,7 +19,6 @@ of transformers generating the same tokens, each in a child process after the ti
 """
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -35,7 +34,8 @@ import llama_cpp_engine
 import numpy as np
 import torch
 import transformers
-from compare_torch import SHAPES, best_of, measure, picogpt_generate, random_checkpoint, torch_generate
+from compare_torch import SHAPES, best_of, measure, random_checkpoint
+from workers import streams
 
 import picogpt
 from picogpt import formats
@@ -79,33 +79,21 @@ def child_peak_rss_mb(code, *args):
     return int(result.stderr.split()[-1]) * 1024 / 1e6
 
 
-def families(name, folder, tmp, dtypes, with_llama):
-    """{family: {engine name: () -> generate}}: the engines of one size, built on first use."""
-
-    def picogpt_engines():
-        engines = {}
-        for dtype in dtypes:
+def families(folder, tmp, dtypes, with_llama):
+    """{family: {engine name: worker spec}} of one size; picogpt's formats other than float32 are
+    converted here once, into folders of their own, and run from there as after `picogpt convert`."""
+    found = {"picogpt": {}, "torch": {"torch float32": f"torch::{folder}"}}
+    for dtype in dtypes:
+        where = folder
+        if dtype != "float32":
+            where = os.path.join(tmp, dtype)
             model = picogpt.load(folder, dtype=dtype)
-            if dtype != "float32":  # run from the converted folder, as a user of `picogpt convert` would
-                save_params(model.params, model.config, os.path.join(tmp, dtype), folder)
-                model = picogpt.load(os.path.join(tmp, dtype))
-            engines[f"picogpt {dtype}"] = picogpt_generate(model)
-        return engines
-
-    def torch_engines():
-        return {
-            "torch float32": torch_generate(
-                transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
-            )
-        }
-
-    def llama_engines():
-        paths = llama_cpp_engine.gguf_files(folder, [LLAMA_TYPES[d] for d in dtypes if d in LLAMA_TYPES], out_dir=tmp)
-        return {f"llama.cpp {t}": llama_cpp_engine.llama_generate(path) for t, path in paths.items()}
-
-    found = {"picogpt": picogpt_engines, "torch": torch_engines}
+            save_params(model.params, model.config, where, folder)
+            del model
+        found["picogpt"][f"picogpt {dtype}"] = f"picogpt:numba:{where}"
     if with_llama:
-        found["llama.cpp"] = llama_engines
+        paths = llama_cpp_engine.gguf_files(folder, [LLAMA_TYPES[d] for d in dtypes if d in LLAMA_TYPES], out_dir=tmp)
+        found["llama.cpp"] = {f"llama.cpp {t}": f"llama.cpp::{path}" for t, path in paths.items()}
     return found
 
 
@@ -115,14 +103,16 @@ def bench_size(name, args, bandwidth):
         rng = np.random.default_rng(0)
         prompt = rng.integers(0, 50000, args.prompt_tokens).tolist()
         long_prompt = rng.integers(0, 50000, args.prefill_tokens).tolist()
-        build = families(name, folder, tmp, args.dtypes, args.llama)
-        groups = [list(build)] if name not in BIG else [[family] for family in build]
+        found = families(folder, tmp, args.dtypes, args.llama)
+        groups = [list(found)] if name not in BIG else [[family] for family in found]
         results = {}
         for group in groups:  # one family at a time for the big sizes, all together otherwise
-            engines = {k: v for family in group for k, v in build[family]().items()}
-            results |= measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
-            del engines
-            gc.collect()
+            engines = streams({k: v for family in group for k, v in found[family].items()})
+            try:
+                results |= measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
+            finally:
+                for worker in engines.values():
+                    worker.close()
         per_token = {d: bytes_per_token(picogpt.load(folder, dtype=d).params) for d in args.dtypes}
         n = str(args.new_tokens)
         rss = {

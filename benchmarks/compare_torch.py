@@ -5,7 +5,7 @@
 
 Prints the largest |logit difference|, prefill tokens/s on a long prompt, and decode tokens/s
 (greedy, batch 1, KV cache on both sides), measured the same way for both engines and interleaved so
-that both see the same machine: prefill is the time to the first new token after a long prompt;
+that both see the same machine, each in a process of its own (workers.py): prefill is the time to the first new token after a long prompt;
 decode is (N-1) / (time for N new tokens - time for 1 new token), so the prompt is left out of it.
 """
 
@@ -20,10 +20,10 @@ import torch
 import transformers
 
 import picogpt
-from picogpt.engine import decode_tokens
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 from checkpoints import save_checkpoint  # noqa: E402
+from workers import streams  # noqa: E402
 
 SHAPES = {
     "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),
@@ -51,39 +51,23 @@ def best_of(fn, repeats):
     return min(seconds(fn) for _ in range(repeats))
 
 
-def picogpt_generate(model):
-    greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
-
-    def generate(ids, n):
-        for _ in decode_tokens(model.forward, model.params, model.config, ids, n, greedy):
-            pass
-
-    return generate
-
-
-def torch_generate(hf):
-    def generate(ids, n):
-        with torch.no_grad():
-            hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-    return generate
-
-
 def measure(engines, prompt, long_prompt, new_tokens, repeats):
     """{engine: {prefill_tok_s, decode_tok_s, decode_ms_per_token, first_token_ms}}, best of `repeats`,
-    engines interleaved; first_token_ms: `prompt` to its first new token."""
+    engines (workers.Worker of single-stream engines, each in its own process) interleaved, one at a
+    time; first_token_ms: `prompt` to its first new token."""
     times = {name: {"prefill": [], "one": [], "all": []} for name in engines}
-    for generate in engines.values():
-        generate(prompt, 2)  # warm up (and load compiled kernels)
+
+    def run(worker, ids, n):
+        return worker.ask(n, *ids)["seconds"]
+
+    for worker in engines.values():
+        run(worker, prompt, 2)  # warm up (and load compiled kernels)
     for _ in range(repeats):
-        for name, generate in engines.items():
-            # the last engine's idle threads (torch's OpenMP pool, llama.cpp's) spin for a while after
-            # its work: in the same process they took the cores from the next engine's first token
-            # (picogpt's 16-token prompt: 120 ms right after another engine, 56 ms alone)
-            time.sleep(1.0)
-            times[name]["prefill"].append(seconds(lambda: generate(long_prompt, 1)))
-            times[name]["one"].append(seconds(lambda: generate(prompt, 1)))
-            times[name]["all"].append(seconds(lambda: generate(prompt, new_tokens)))
+        for name, worker in engines.items():
+            time.sleep(1.0)  # the last engine's idle threads stop spinning before this one starts
+            times[name]["prefill"].append(run(worker, long_prompt, 1))
+            times[name]["one"].append(run(worker, prompt, 1))
+            times[name]["all"].append(run(worker, prompt, new_tokens))
     results = {}
     for name, t in times.items():
         decode = (min(t["all"]) - min(t["one"])) / (new_tokens - 1)
@@ -123,8 +107,13 @@ def main():
             expected = hf(torch.tensor([check])).logits[0].numpy()
         diff = np.abs(model.forward(check, **model.params, n_head=model.config["n_head"]) - expected).max()
 
-        engines = {f"picogpt {args.backend}": picogpt_generate(model), "torch": torch_generate(hf)}
-        results = measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
+        del model, hf
+        engines = streams({f"picogpt {args.backend}": f"picogpt:{args.backend}:{folder}", "torch": f"torch::{folder}"})
+        try:
+            results = measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
+        finally:
+            for worker in engines.values():
+                worker.close()
 
     name = args.random and f"random {args.random}" or args.model
     print(

@@ -249,7 +249,8 @@ def prompt_logits(path, ids, **llama_kwargs):
 def main():
     import argparse
 
-    from compare_torch import SHAPES, measure, picogpt_generate, random_checkpoint
+    from compare_torch import SHAPES, measure, random_checkpoint
+    from workers import streams
 
     import picogpt
     from picogpt.engine import decode_tokens
@@ -301,10 +302,17 @@ def main():
             print(f"  picogpt:   {ours}\n  llama.cpp: {theirs}")
 
         long_prompt = np.random.default_rng(1).integers(0, 50000, min(512, n_ctx - 1)).tolist()
-        engines = {f"llama.cpp {t}": engine for t, engine in engines.items()} | {
-            "picogpt numba": picogpt_generate(model)
-        }
-        results = measure(engines, prompt, long_prompt, min(args.new_tokens, n_ctx - len(prompt)), args.repeats)
+        del engines, model
+        threads = args.threads or ""
+        engines = streams(
+            {f"llama.cpp {t}": f"llama.cpp:{threads}:{path}" for t, path in paths.items()}
+            | {"picogpt numba": f"picogpt:numba:{folder}"}
+        )
+        try:
+            results = measure(engines, prompt, long_prompt, min(args.new_tokens, n_ctx - len(prompt)), args.repeats)
+        finally:
+            for worker in engines.values():
+                worker.close()
     print(
         f"quick speeds (best of {args.repeats}, noisy): 16-token prompt + {args.new_tokens} new; prefill {len(long_prompt)} tokens"
     )
