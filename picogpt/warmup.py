@@ -8,6 +8,7 @@ before the real ones, so everything a command needs is compiled up front, once, 
 stderr says what is happening. On a warm cache the whole warm-up takes a few milliseconds.
 """
 
+import math
 import sys
 import time
 
@@ -15,15 +16,23 @@ import numpy as np
 
 from . import formats
 
-N_CTX = 288  # the small model's context: a real prompt is mapped to at most MICROKERNEL_ROWS + 1 tokens
 N_VOCAB = 64  # the small model's vocabulary
-MICROKERNEL_ROWS = (
-    256  # the most prompt tokens the microkernel takes instead of BLAS: kernels.ROWS_MAX, without importing Numba
-)
+ROOM = 31  # the small model's context beyond its longest prompt: decoding steps, and a window to slide
 
 
-def small_params(params, n_embd=64, n_vocab=N_VOCAB):
-    """A one-layer GPT-2 parameter tree whose every weight has the format of the one in `params`."""
+def longest(params):
+    """The longest prompt the small model is given: one token past the longest step the kernels run
+    as rows on these weights (kernels.forward.rows_max: float32 1024 on AVX2, else 256), so that a
+    longer real prompt takes BLAS there too; 257 for int8, whose steps are rows at any length, and
+    for the NumPy backend, which has one path (this module must not import Numba: the kernels'
+    module is read only once a model has loaded it)."""
+    forward = sys.modules.get("picogpt.kernels.forward")
+    rows = forward.rows_max(weights_of(params)[1]) if forward else math.inf
+    return (256 if rows == math.inf else rows) + 1
+
+
+def small_params(params, n_ctx, n_embd=64, n_vocab=N_VOCAB):
+    """A one-layer GPT-2 of context n_ctx whose every weight has the format of the one in `params`."""
 
     def weight(shape, like):  # [in, out]; the values do not matter, only the types
         return formats.pack(np.full(shape, 0.01, np.float32), formats.dtype_of(like))
@@ -49,10 +58,10 @@ def small_params(params, n_embd=64, n_vocab=N_VOCAB):
     wte = params["wte"]["weight"]  # a packed wte holds wte.T
     return {
         "wte": {"weight": weight((n_vocab, n_embd) if isinstance(wte, np.ndarray) else (n_embd, n_vocab), wte)},
-        "wpe": {"weight": np.full((N_CTX, n_embd), 0.01, np.float32)},
+        "wpe": {"weight": np.full((n_ctx, n_embd), 0.01, np.float32)},
         "h": [small],
         "ln_f": {"weight": vector(n_embd), "bias": vector(n_embd)},
-    }, {"n_positions": N_CTX, "n_head": 2, "n_layer": 1, "n_embd": n_embd, "vocab_size": n_vocab}
+    }, {"n_positions": n_ctx, "n_head": 2, "n_layer": 1, "n_embd": n_embd, "vocab_size": n_vocab}
 
 
 class Compiling:
@@ -103,10 +112,10 @@ def warm_up(model, prompts=(), max_new_tokens=1, score=False, say=None):
 
     # Prompts that take the same paths as the real ones: one token, a few (the batched kernels) or
     # more (BLAS); identical where the real ones are (they share one prefill).
-    distinct, small = {}, []
+    distinct, small, most = {}, [], longest(model.params)
     for ids in prompts:
         k = distinct.setdefault(tuple(ids), len(distinct))
-        small.append([k % N_VOCAB] + [0] * (min(len(ids), MICROKERNEL_ROWS + 1) - 1))
+        small.append([k % N_VOCAB] + [0] * (min(len(ids), most) - 1))
     fills = bool(prompts) and max(map(len, prompts)) + max_new_tokens > model.config["n_positions"]  # the window slides
     done = (
         model.forward,
@@ -118,11 +127,12 @@ def warm_up(model, prompts=(), max_new_tokens=1, score=False, say=None):
     )
     if done in _warm:
         return 0.0
-    params, config = small_params(model.params)
+    n_ctx = most + ROOM
+    params, config = small_params(model.params, n_ctx)
     forward_rows = model.forward_rows or rows_one_by_one(model.forward)
     with Compiling(say) as compiling:
         if prompts:
-            steps = N_CTX - max(map(len, small)) + 3 if fills else 3
+            steps = n_ctx - max(map(len, small)) + 3 if fills else 3
             stopped, picks = set(), [lambda logits: 0] * len(small)
             rows = decode_rows(
                 forward_rows, params, config, small, steps, picks, None, stopped, say=None, kv_dtype=model.kv_dtype
@@ -131,12 +141,13 @@ def warm_up(model, prompts=(), max_new_tokens=1, score=False, say=None):
                 if i == steps - 2:  # the others stop (at the end of their text): one row left, the batch-1 path
                     stopped.update(range(1, len(small)))
         if score:
-            logprobs(model.forward, params, config, np.zeros(N_CTX + 8, np.int64), N_CTX // 2, kv_dtype=model.kv_dtype)
-            # many documents in one pass: short ones (each token a row of the batched kernels) and long
-            docs = [np.zeros(n, np.int64) for n in (5, 3, N_CTX + 8)]
+            logprobs(model.forward, params, config, np.zeros(n_ctx + 8, np.int64), n_ctx // 2, kv_dtype=model.kv_dtype)
+            # many documents in one pass: short ones (each token a row of the batched kernels), and
+            # with a long one more than `most` tokens (BLAS for a float format)
+            docs = [np.zeros(n, np.int64) for n in (5, 3, n_ctx + 8)]
             at, kv_dtype = model.log_softmax_at, model.kv_dtype
             for some in (docs[:2], docs):
-                list(logprobs_many(forward_rows, params, config, some, N_CTX // 2, at=at, kv_dtype=kv_dtype))
+                list(logprobs_many(forward_rows, params, config, some, n_ctx // 2, at=at, kv_dtype=kv_dtype))
     _warm.add(done)
     return compiling.seconds
 

@@ -43,7 +43,7 @@ late = {}
 for dtype in ("float32", "int8"):
     model = picogpt.load("tiny", dtype=dtype)
     eot = model.tokenizer.eot_token
-    long = "The list of the " * 60  # past the batched kernels' rows (BLAS); slides a window of 256
+    long = "The list of the " * 60  # slides a window of 256 (and past the rows of int8's kernels, BLAS)
     for name, prompts, n, stop in [
         ("one row, short prompt", ["The list"], 4, ()),
         ("one row, long prompt, window slides", [long], 120, ()),
@@ -333,11 +333,17 @@ def test_wording(tiny, tmp_path):
 
 
 def test_the_warm_up_takes_the_same_paths_as_the_kernels():
-    """warmup.py must not import numba, so it keeps its own copy of the prompt length that divides the
-    microkernel from BLAS, and a context long enough to reach past it."""
-    from picogpt import kernels, warmup
+    """The small model's longest prompt is one token past the steps the kernels run as rows on each
+    format, so that it reaches BLAS where a real prompt would (int8 never does: 257 tokens is enough),
+    and the small model's context holds it with room to decode and slide."""
+    from picogpt import formats, kernels, warmup
 
-    assert warmup.MICROKERNEL_ROWS == kernels.ROWS_MAX and warmup.N_CTX > warmup.MICROKERNEL_ROWS + 3
+    for dtype in formats.DTYPES:
+        params = picogpt.load("tiny", dtype=dtype).params
+        most, rows = warmup.longest(params), kernels.rows_max(warmup.weights_of(params)[1])
+        assert most == (rows + 1 if rows < float("inf") else 257), (dtype, most, rows)
+        small, config = warmup.small_params(params, most + warmup.ROOM)
+        assert config["n_positions"] == len(small["wpe"]["weight"]) > most + 3
 
 
 def test_each_kernel_compiles_once_per_weight_format():

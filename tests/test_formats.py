@@ -90,9 +90,12 @@ def long_context():
 
 
 @pytest.mark.parametrize("dtype", formats.DTYPES)
-def test_prefills_past_several_attention_blocks(long_context, dtype):
+@pytest.mark.parametrize("rows_max", [None, 64])  # this host's rows, then BLAS for every float format's longer steps
+def test_prefills_past_several_attention_blocks(long_context, dtype, rows_max, monkeypatch):
     """ops.attention takes queries in blocks of 128: prompts of 300 tokens, whole and in two
     pieces through the cache (the second starting mid-block), one sequence and several at once."""
+    if rows_max:
+        monkeypatch.setattr(kernels.forward, "ROWS_MAX", dict.fromkeys(kernels.forward.ROWS_MAX, rows_max))
     params, config = long_context
     params = formats.convert(params, dtype)
     n_head = config["n_head"]

@@ -191,7 +191,7 @@ def test_attend_rows_on_a_float16_cache_equals_the_reference(n_head, head_dim, l
 )
 def test_kernels_equal_the_reference_on_a_float16_cache(params, lengths, rows_max, monkeypatch):
     if rows_max:
-        monkeypatch.setattr(kernels.forward, "ROWS_MAX", rows_max)
+        monkeypatch.setitem(kernels.forward.ROWS_MAX, "float32", rows_max)
     prompts = [list(rng.integers(0, 1000, n)) for n in lengths]
     got, got_cache = decode(kernels.gpt2_rows, params, 4, "float16", prompts, 6, seed=2)
     expected, expected_cache = decode(rows_one_by_one(model.gpt2), params, 4, "float16", prompts, 6, seed=2)

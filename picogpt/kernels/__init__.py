@@ -54,7 +54,7 @@ def use_cache(folder):
 use_cache(cache_dir())
 
 from . import microkernel, ops  # noqa: E402  (after the cache folder is set)
-from .forward import ROWS_MAX, Layer, block_rows, forget, gpt2, gpt2_rows, linear, prepare  # noqa: E402
+from .forward import ROWS_MAX, Layer, block_rows, forget, gpt2, gpt2_rows, linear, prepare, rows_max  # noqa: E402
 from .ops import log_softmax_at  # noqa: E402
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "block_rows",
     "Layer",
     "ROWS_MAX",
+    "rows_max",
     "ops",
     "microkernel",
 ]

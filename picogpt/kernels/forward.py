@@ -20,6 +20,7 @@ tree lives. After changing a weight in place, call `forget()`.
 """
 
 import functools
+import math
 import weakref
 from typing import NamedTuple
 
@@ -29,19 +30,29 @@ from numba import njit
 
 from .. import formats, model
 from ..checkpoint import safetensors
-from . import microkernel
+from . import microkernel, target
 from .microkernel import Linear
 from .ops import attend_rows, attention, bias_gelu_, bits, f32, jit, layer_norm_rows, store_kv
 
 # Steps of up to this many tokens (all sequences' together) run as decoding does, each token a row of
 # the compiled block (block_rows): the microkernel for the linears and attend_rows for attention, no
-# BLAS. Longer steps of a float format go through BLAS, prompt by prompt (transformer_block). On a
-# 2-core AVX2 host (gpt2 float32, one prompt) the rows took 333 against 807 ms at 128 tokens and 693
-# against 1449 at 256, where the per-prompt path ran the microkernel's linears beside BLAS's attention
-# and OpenBLAS's threads, spinning after each call, slowed Numba's; from about 512 tokens the two are
-# level and BLAS pulls ahead (3.5 against 3.9 s at 1000), as attention's work grows with the square.
-# int8 multiplies in integers, which BLAS does not: its steps are rows at every length.
-ROWS_MAX = 256
+# BLAS. Longer steps of a float format go through BLAS, prompt by prompt (transformer_block); int8
+# multiplies in integers, which BLAS does not: its steps are rows at every length (`rows_max`). Per
+# format and vector width, as measured (a lone prompt, the two paths alternating in one run):
+# - float32 on AVX2 (2-core Zen 1): rows at every length GPT-2 has. A 512-token prompt as rows
+#   against all through BLAS: 258 against 224 tokens/s (gpt2), 90 against 75 (gpt2-medium); at 1000
+#   tokens 224 against 206 and 76 against 71. Below 256 tokens the gap is wider (128: 366 against 730 ms).
+# - float16 and bfloat16 on AVX2: 256. The tile widens every weight it reads, once per 4 rows, which
+#   bounds it at about 46 GFLOP/s there (float32: 58); BLAS, on panels widened once per step, took a
+#   gpt2 prompt of 512 tokens at 188 against 170 tokens/s, of 1000 at 191 against 153.
+# - every float format on AVX-512: 256. There sgemm ran a 512-token gpt2-medium prompt in 1.3 s
+#   against 2.1 as rows (measured before attend_rows took four keys at a time: worth measuring again).
+ROWS_MAX = {"float32": 1024 if target.LANES == 8 else 256, "float16": 256, "bfloat16": 256}
+
+
+def rows_max(w):
+    """The most tokens of one step that run as rows on weights of w's format (int8: any number)."""
+    return math.inf if formats.integer(w) else ROWS_MAX[formats.dtype_of(w)]
 
 
 class Norm(NamedTuple):
@@ -112,10 +123,9 @@ _scratch = {}  # shape -> the float32 [in, out] buffer that panels are widened i
 
 def linear(x, lin, residual=None):
     """model.linear (+ GELU if lin.gelu, + residual) on [n_tokens, in]: the microkernel, or for more
-    than ROWS_MAX rows of a float format BLAS on the panels widened back into a reused float32
-    [in, out] buffer (that copy costs a few % of such a product, and spares keeping the weights twice
-    in memory). int8 multiplies in integers, which BLAS does not: the microkernel at any row count."""
-    if len(x) <= ROWS_MAX or formats.integer(lin.weight):
+    rows than `rows_max` BLAS on the panels widened back into a reused float32 [in, out] buffer (that
+    copy costs a few % of such a product, and spares keeping the weights twice in memory)."""
+    if len(x) <= rows_max(lin.weight):
         none = np.empty((0, 0), f32)
         x = np.ascontiguousarray(x, f32)  # the microkernel addresses C-order rows
         return microkernel.linear(x, *lin, none if residual is None else residual, numba.get_num_threads())
@@ -226,7 +236,7 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, la
     ids = np.concatenate(inputs)
     positions = np.concatenate([p + np.arange(n, dtype=np.int64) for p, n in zip(past, lengths)])
     x = formats.embedding(wte["weight"], ids) + wpe["weight"][positions]  # [n_tokens, n_embd]
-    if len(ids) <= ROWS_MAX or formats.integer(h[0]["attn"]["c_attn"]["weight"]):
+    if len(ids) <= rows_max(h[0]["attn"]["c_attn"]["weight"]):
         # each token a row of block_rows at its own position: one compiled call per layer
         rows_, n_threads = np.repeat(np.asarray(rows, np.int64), lengths), numba.get_num_threads()
         for (k_cache, v_cache), lay in zip(cache, prepared.layers):
