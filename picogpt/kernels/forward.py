@@ -124,7 +124,8 @@ _scratch = {}  # shape -> the float32 [in, out] buffer that panels are widened i
 def linear(x, lin, residual=None):
     """model.linear (+ GELU if lin.gelu, + residual) on [n_tokens, in]: the microkernel, or for more
     rows than `rows_max` BLAS on the panels widened back into a reused float32 [in, out] buffer (that
-    copy costs a few % of such a product, and spares keeping the weights twice in memory)."""
+    copy took 0.9 of the 7.5 s of a 512-token gpt2-medium prompt on a 2-core AVX2 host, at about the
+    speed of a plain copy; it spares keeping the weights twice in memory)."""
     if len(x) <= rows_max(lin.weight):
         none = np.empty((0, 0), f32)
         x = np.ascontiguousarray(x, f32)  # the microkernel addresses C-order rows
