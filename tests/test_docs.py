@@ -79,7 +79,9 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
 
 
 def masked(line):
-    return NUMBER.sub("#", line).rstrip()
+    """A stderr line without its numbers, nor the compile time that a run on a cold kernel cache puts
+    before the -v figures (the first run after a kernel's source changed)."""
+    return NUMBER.sub("#", line.replace("kernels compiled in ", "").rstrip()).replace("# s (once); ", "")
 
 
 VARIES = ("id", "created", "timings")  # JSON keys whose values differ from run to run
