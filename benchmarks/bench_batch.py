@@ -25,7 +25,7 @@ import tempfile
 import time
 
 import numpy as np
-from workers import Worker, serve
+from workers import running, serve
 
 GGUF_TYPE = {"float32": "f32", "float16": "f16", "int8": "q8_0"}
 
@@ -175,9 +175,8 @@ def main():
                     folder, types=[GGUF_TYPE[d] for d in args.dtypes], out_dir=os.path.join(folder, "gguf")
                 )
                 specs |= {f"llama.cpp {GGUF_TYPE[d]}": f"llama.cpp:{paths[GGUF_TYPE[d]]}:{folder}" for d in args.dtypes}
-            engines = {name: Worker(name, spec, script=__file__) for name, spec in specs.items()}
-            single = {}
-            try:
+            with running(specs, script=__file__) as engines:
+                single = {}
                 for batch in args.batches:
                     for engine in engines.values():
                         run(engine, batch, 2)  # warm up: compile, allocate
@@ -196,9 +195,6 @@ def main():
                             f"| {size} | {e} | {batch} | {rate[e]:.1f} | {rate[e] / single[e]:.2f}x | {torch_ratio} | {llama_ratio} | {1000 * first[e]:.0f} |",
                             flush=True,
                         )
-            finally:
-                for engine in engines.values():
-                    engine.close()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import transformers
 from compare_torch import SHAPES, best_of, measure, random_checkpoint
-from workers import streams
 
 import picogpt
 from picogpt import formats
@@ -107,12 +106,8 @@ def bench_size(name, args, bandwidth):
         groups = [list(found)] if name not in BIG else [[family] for family in found]
         results = {}
         for group in groups:  # one family at a time for the big sizes, all together otherwise
-            engines = streams({k: v for family in group for k, v in found[family].items()})
-            try:
-                results |= measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
-            finally:
-                for worker in engines.values():
-                    worker.close()
+            engines = {k: v for family in group for k, v in found[family].items()}
+            results |= measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
         per_token = {d: bytes_per_token(picogpt.load(folder, dtype=d).params) for d in args.dtypes}
         n = str(args.new_tokens)
         rss = {

@@ -23,7 +23,7 @@ import picogpt
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 from checkpoints import save_checkpoint  # noqa: E402
-from workers import streams  # noqa: E402
+from workers import running  # noqa: E402
 
 SHAPES = {
     "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),
@@ -51,23 +51,24 @@ def best_of(fn, repeats):
     return min(seconds(fn) for _ in range(repeats))
 
 
-def measure(engines, prompt, long_prompt, new_tokens, repeats):
+def measure(specs, prompt, long_prompt, new_tokens, repeats):
     """{engine: {prefill_tok_s, decode_tok_s, decode_ms_per_token, first_token_ms}}, best of `repeats`,
-    engines (workers.Worker of single-stream engines, each in its own process) interleaved, one at a
-    time; first_token_ms: `prompt` to its first new token."""
-    times = {name: {"prefill": [], "one": [], "all": []} for name in engines}
+    the engines of {name: spec} (single-stream engines of workers.py, each in its own process)
+    interleaved, one at a time; first_token_ms: `prompt` to its first new token."""
+    times = {name: {"prefill": [], "one": [], "all": []} for name in specs}
 
     def run(worker, ids, n):
         return worker.ask(n, *ids)["seconds"]
 
-    for worker in engines.values():
-        run(worker, prompt, 2)  # warm up (and load compiled kernels)
-    for _ in range(repeats):
-        for name, worker in engines.items():
-            time.sleep(1.0)  # the last engine's idle threads stop spinning before this one starts
-            times[name]["prefill"].append(run(worker, long_prompt, 1))
-            times[name]["one"].append(run(worker, prompt, 1))
-            times[name]["all"].append(run(worker, prompt, new_tokens))
+    with running(specs) as engines:
+        for worker in engines.values():
+            run(worker, prompt, 2)  # warm up (and load compiled kernels)
+        for _ in range(repeats):
+            for name, worker in engines.items():
+                time.sleep(1.0)  # the last engine's idle threads stop spinning before this one starts
+                times[name]["prefill"].append(run(worker, long_prompt, 1))
+                times[name]["one"].append(run(worker, prompt, 1))
+                times[name]["all"].append(run(worker, prompt, new_tokens))
     results = {}
     for name, t in times.items():
         decode = (min(t["all"]) - min(t["one"])) / (new_tokens - 1)
@@ -108,12 +109,8 @@ def main():
         diff = np.abs(model.forward(check, **model.params, n_head=model.config["n_head"]) - expected).max()
 
         del model, hf
-        engines = streams({f"picogpt {args.backend}": f"picogpt:{args.backend}:{folder}", "torch": f"torch::{folder}"})
-        try:
-            results = measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
-        finally:
-            for worker in engines.values():
-                worker.close()
+        engines = {f"picogpt {args.backend}": f"picogpt:{args.backend}:{folder}", "torch": f"torch::{folder}"}
+        results = measure(engines, prompt, long_prompt, args.new_tokens, args.repeats)
 
     name = args.random and f"random {args.random}" or args.model
     print(

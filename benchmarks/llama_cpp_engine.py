@@ -250,7 +250,6 @@ def main():
     import argparse
 
     from compare_torch import SHAPES, measure, random_checkpoint
-    from workers import streams
 
     import picogpt
     from picogpt.engine import decode_tokens
@@ -304,15 +303,9 @@ def main():
         long_prompt = np.random.default_rng(1).integers(0, 50000, min(512, n_ctx - 1)).tolist()
         del engines, model
         threads = args.threads or ""
-        engines = streams(
-            {f"llama.cpp {t}": f"llama.cpp:{threads}:{path}" for t, path in paths.items()}
-            | {"picogpt numba": f"picogpt:numba:{folder}"}
-        )
-        try:
-            results = measure(engines, prompt, long_prompt, min(args.new_tokens, n_ctx - len(prompt)), args.repeats)
-        finally:
-            for worker in engines.values():
-                worker.close()
+        engines = {f"llama.cpp {t}": f"llama.cpp:{threads}:{path}" for t, path in paths.items()}
+        engines["picogpt numba"] = f"picogpt:numba:{folder}"
+        results = measure(engines, prompt, long_prompt, min(args.new_tokens, n_ctx - len(prompt)), args.repeats)
     print(
         f"quick speeds (best of {args.repeats}, noisy): 16-token prompt + {args.new_tokens} new; prefill {len(long_prompt)} tokens"
     )

@@ -12,6 +12,7 @@ core), and the request `N ID ID ...` is answered with the seconds it took to gen
 after the prompt of those ids, the KV cache built afresh.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -90,9 +91,18 @@ def stream(spec):
     raise ValueError(f"unknown engine {kind!r}")
 
 
-def streams(specs):
-    """{name: Worker} of single-stream engines, from {name: spec}."""
-    return {name: Worker(name, spec) for name, spec in specs.items()}
+@contextlib.contextmanager
+def running(specs, script=__file__):
+    """{name: Worker} from {name: spec}, each started now and closed on leaving (this file's workers:
+    the single-stream engines)."""
+    started = {}
+    try:
+        for name, spec in specs.items():
+            started[name] = Worker(name, spec, script)
+        yield started
+    finally:
+        for worker in started.values():
+            worker.close()
 
 
 def main():

@@ -18,17 +18,17 @@ from . import formats
 
 N_VOCAB = 64  # the small model's vocabulary
 ROOM = 31  # the small model's context beyond its longest prompt: decoding steps, and a window to slide
+ONE_PATH = 256  # the longest prompt but one where the kernels have one path at every length (int8, NumPy)
 
 
 def longest(params):
     """The longest prompt the small model is given: one token past the longest step the kernels run
-    as rows on these weights (kernels.forward.rows_max: float32 1024 on AVX2, else 256), so that a
-    longer real prompt takes BLAS there too; 257 for int8, whose steps are rows at any length, and
-    for the NumPy backend, which has one path (this module must not import Numba: the kernels'
-    module is read only once a model has loaded it)."""
+    as rows on these weights (kernels.forward.rows_max), so that a longer real prompt takes BLAS
+    there too; ONE_PATH + 1 for int8, whose steps are rows at any length, and for the NumPy backend
+    (this module must not import Numba: the kernels' module is read only once a model has loaded it)."""
     forward = sys.modules.get("picogpt.kernels.forward")
     rows = forward.rows_max(weights_of(params)[1]) if forward else math.inf
-    return (256 if rows == math.inf else rows) + 1
+    return (ONE_PATH if rows == math.inf else rows) + 1
 
 
 def small_params(params, n_ctx, n_embd=64, n_vocab=N_VOCAB):
