@@ -255,8 +255,9 @@ def test_a_full_queue_answers_429_and_loading_503(model):
         assert http.get("/health").status_code == 503
         worker = server.ready(web, slow, parallel=1, queue_size=0, chunk=16)
         first = {}
-        busy = threading.Thread(
-            target=lambda: first.update(r=http.post("/v1/completions", json={"prompt": "The", "max_tokens": 3}))
+        no_end = {"prompt": "The", "max_tokens": 3, "logit_bias": {str(model.tokenizer.eot_token): -100}}
+        busy = threading.Thread(  # sampled, so the end of text is barred: all 3 tokens come
+            target=lambda: first.update(r=http.post("/v1/completions", json=no_end))
         )
         busy.start()
         end = time.monotonic() + 30
