@@ -216,6 +216,16 @@ def check_corpus(args):
         raise ValueError(f"--rows must be from 1 to 256, got {args.rows}")
 
 
+def job_of(args):
+    """The corpus.Job of score --jsonl or generate --jsonl."""
+    from . import corpus
+
+    return corpus.Job(
+        args.jsonl, args.output, args.field, args.id_field, getattr(args, "stride", None),
+        getattr(args, "buckets", False), getattr(args, "rows", 8),
+    )  # fmt: skip
+
+
 def corpus(args):
     """score --jsonl or generate --jsonl: a result line for each input line (corpus.py), a progress bar,
     and one line on stderr at the end."""
@@ -226,10 +236,7 @@ def corpus(args):
     from . import corpus
     from .log import warn
 
-    job = corpus.Job(
-        args.jsonl, args.output, args.field, args.id_field, getattr(args, "stride", None),
-        getattr(args, "buckets", False), getattr(args, "rows", 8),
-    )  # fmt: skip
+    job = job_of(args)
     scoring = args.command == "score"
     total = corpus.size_of(args.jsonl)
     bar = tqdm(

@@ -43,7 +43,9 @@ def actor_threads():
 class Actor:
     """Loads the model once per actor, on as many threads as it has CPUs."""
 
-    def __init__(self, model="gpt2", dtype=None, revision=None, field="text", threads=None, kv_dtype="float32"):
+    def __init__(
+        self, model="gpt2", dtype=None, revision=None, field="text", threads=None, kv_dtype="float32", backend="numba"
+    ):
         import numba
 
         from .api import load
@@ -51,7 +53,8 @@ class Actor:
         threads = threads or actor_threads()
         if threads:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        self.model, self.field = load(model, dtype=dtype, revision=revision, kv_dtype=kv_dtype), field
+        self.model = load(model, backend=backend, dtype=dtype, revision=revision, kv_dtype=kv_dtype)
+        self.field = field
 
 
 class Scorer(Actor):
@@ -60,9 +63,17 @@ class Scorer(Actor):
     bytes; NaN figures and a `reason` for a text under 2 tokens; a null text scores as "")."""
 
     def __init__(
-        self, model="gpt2", dtype=None, revision=None, field="text", stride=None, threads=None, kv_dtype="float32"
+        self,
+        model="gpt2",
+        dtype=None,
+        revision=None,
+        field="text",
+        stride=None,
+        threads=None,
+        kv_dtype="float32",
+        backend="numba",
     ):
-        super().__init__(model, dtype, revision, field, threads, kv_dtype)
+        super().__init__(model, dtype, revision, field, threads, kv_dtype, backend)
         self.stride = stride
 
     def __call__(self, batch):
@@ -96,8 +107,9 @@ class Generator(Actor):
         rows=8,
         threads=None,
         kv_dtype="float32",
+        backend="numba",
     ):
-        super().__init__(model, dtype, revision, field, threads, kv_dtype)
+        super().__init__(model, dtype, revision, field, threads, kv_dtype, backend)
         self.params = params if isinstance(params, SamplingParams) else SamplingParams.named({}, **(params or {}))
         self.rows = rows
 
@@ -189,13 +201,7 @@ def run(job, args, progress=None):
         nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
         per_actor = max(1.0, min(nodes) - READ_CPUS)
         scoring = args.command == "score"
-        model = dict(
-            model=args.model, dtype=args.dtype, revision=args.revision, field=job.field, kv_dtype=args.kv_dtype
-        )
-        if scoring:
-            fn, kwargs = Scorer, dict(model, stride=job.stride)
-        else:
-            fn, kwargs = Generator, dict(model, params=args.params, rows=job.rows)
+        fn, kwargs = actor_of(job, args)
 
         def compute(texts, done):
             ds = ray.data.read_datasource(datasource(job, done), num_cpus=READ_CPUS)
@@ -222,6 +228,22 @@ def run(job, args, progress=None):
         raise corpus.CorpusError(f"the Ray job failed: {lines[-1] if lines else type(e).__name__}") from None
     finally:
         ray.shutdown()
+
+
+def actor_of(job, args):
+    """The map_batches class for the command and its fn_constructor_kwargs: every option of the model
+    that the command without --ray would load it with."""
+    model = dict(
+        model=args.model,
+        backend=args.backend,
+        dtype=args.dtype,
+        revision=args.revision,
+        field=job.field,
+        kv_dtype=args.kv_dtype,
+    )
+    if args.command == "score":
+        return Scorer, dict(model, stride=job.stride)
+    return Generator, dict(model, params=args.params, rows=job.rows)
 
 
 def blas_threads(cpus):

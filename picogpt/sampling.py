@@ -16,7 +16,9 @@ def penalize(logits, seen, penalty):
         return logits
     seen = np.unique(np.asarray(seen, np.int64))
     logits, repeated = logits.copy(), logits[seen]
-    logits[seen] = np.where(repeated < 0, repeated * penalty, repeated / penalty)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # a penalty near 0 or past float32's range
+        penalized = np.where(repeated < 0, repeated * penalty, repeated / penalty)
+    logits[seen] = np.nan_to_num(penalized, nan=0.0)  # as their limits: +-inf the largest float32, 0 / 0 still 0
     return logits
 
 
@@ -71,7 +73,12 @@ def sample(logits, rng, temperature=1.0, top_k=None, top_p=1.0):
     candidates = np.arange(len(logits))
     if top_k is not None and top_k < len(logits):
         candidates = np.argpartition(logits, -top_k)[-top_k:]  # the k largest, unordered
-    probs = softmax(logits[candidates] / temperature)  # [n_candidates]
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        scaled = logits[candidates] / temperature  # [n_candidates]
+        top = scaled.max()
+        if np.isnan(top) or np.isposinf(top):  # a temperature so near 0 it overflows (or is 0 in float32): its limit
+            scaled = np.where(logits[candidates] == logits[candidates].max(), 0.0, -np.inf)  # the best alike
+        probs = softmax(scaled)
     if top_p < 1:
         order = np.argsort(-probs, kind="stable")
         mass_before = np.cumsum(probs[order]) - probs[order]

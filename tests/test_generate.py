@@ -146,3 +146,63 @@ def test_a_top_p_below_float32s_smallest_keeps_the_most_likely_token():
     logits = np.random.default_rng(0).standard_normal(100).astype(np.float32)
     for top_p in [1e-170, 1e-45, 1e-8]:
         assert sample(logits, np.random.default_rng(1), temperature=1.0, top_p=top_p) == int(np.argmax(logits))
+
+
+# ---- temperatures and penalties at the ends of float64 -----------------------------------------------------
+
+
+def reference_probs(logits, temperature):
+    """softmax(logits / temperature) in float64 after subtracting the largest, so a temperature near 0
+    tends to greedy and never overflows: the independent oracle of what `sample` may pick."""
+    with np.errstate(over="ignore"):  # to -inf: a probability of 0
+        x = (logits.astype(np.float64) - logits.max()) / temperature
+    p = np.exp(x)
+    return p / p.sum()
+
+
+@pytest.mark.filterwarnings("error")  # no overflow or divide-by-zero warning leaks to the user either
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(min_value=0, max_value=2, exclude_min=True),  # down to subnormals: 5e-324
+    st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_any_positive_temperature_picks_a_token_the_float64_softmax_allows(temperature, seed):
+    """Before: a temperature under about 1e-38 overflowed logits / temperature to infinity and softmax
+    to NaN, so the pick was whatever searchsorted made of NaN."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal(50) * 10).astype(np.float32)
+    token = sample(logits, np.random.default_rng(seed), temperature=temperature, top_k=None)
+    assert reference_probs(logits, temperature)[token] > 0
+    if temperature < 1e-40:
+        assert token == int(np.argmax(logits))
+
+
+@pytest.mark.filterwarnings("error")
+@settings(max_examples=300, deadline=None)
+@given(st.floats(min_value=0, max_value=1e308, exclude_min=True), st.integers(min_value=0, max_value=2**32 - 1))
+def test_any_positive_repetition_penalty_gives_finite_logits_as_its_float64_limit(penalty, seed):
+    """penalize in float32 equals the same rule in float64 clipped to float32's range (a logit of 0 stays
+    0): before, a penalty under float32's smallest divided by 0 and gave infinite or NaN logits."""
+    from picogpt.sampling import penalize
+
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal(40) * 10).astype(np.float32)
+    logits[3] = 0.0
+    seen = [0, 3, 5, 7, 5, 20]
+    got = penalize(logits, seen, penalty)
+    x = logits.astype(np.float64)
+    want = x.copy()
+    s = np.unique(seen)
+    with np.errstate(over="ignore"):
+        want[s] = np.where(x[s] < 0, x[s] * penalty, x[s] / penalty)
+    big = float(np.finfo(np.float32).max)
+    want = np.clip(want, -big, big)
+    assert np.isfinite(got).all() and got.dtype == np.float32
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-30)  # under 1e-30: float32 subnormals, 0 as a logit
+    assert sample(got, np.random.default_rng(seed), temperature=1.0, top_k=None) in range(40)
+
+
+def test_a_temperature_near_0_generates_the_greedy_text(model):
+    greedy = model.generate("Once upon a time", max_new_tokens=12, temperature=0)
+    for temperature in [1e-300, 5e-324]:
+        assert model.generate("Once upon a time", max_new_tokens=12, temperature=temperature, seed=1) == greedy

@@ -4,6 +4,7 @@ Generator classes work under Dataset.map_batches as docs/corpora.md shows."""
 import json
 import random
 
+import numpy as np
 import pytest
 from conftest import random_gpt2, save_checkpoint
 from helpers import assert_one_line_error, run
@@ -85,3 +86,32 @@ def test_a_failing_actor_is_one_line(tmp_path):
     r = run("score", "--jsonl", source, "--model", str(tmp_path / "nope"), "--ray")
     assert_one_line_error(r, "the Ray job failed", "nope")
     assert r.returncode == 1
+
+
+@pytest.mark.parametrize("command", ["score", "generate"])
+def test_the_actors_load_the_model_as_the_command_without_ray_would(short, tmp_path, command):
+    """--backend, --dtype and --kv-dtype reach the actors (before, --ray dropped --backend): the actor's
+    answers for a batch equal those of the model the command loads without --ray."""
+    import picogpt.ray
+    from picogpt import cli
+
+    field = "text" if command == "score" else "prompt"
+    batch = [t for t in texts(random.Random(4), 8) if t]
+    source = write_corpus(tmp_path / "in.jsonl", batch, field=field)
+    options = ["--backend", "numpy", "--dtype", "float16", "--kv-dtype", "float16", "--ray"]
+    options += ["--seed", "5", "-n", "6"] if command == "generate" else []
+    args = cli.parser().parse_args([command, "--jsonl", source, "--model", short, *options])
+    cli.check(args)
+    fn, kwargs = picogpt.ray.actor_of(cli.job_of(args), args)
+    actor = fn(**kwargs)
+    want = picogpt.load(short, backend="numpy", dtype="float16", kv_dtype="float16")
+    assert repr(actor.model) == repr(want) and "numpy backend, float16 KV cache" in repr(want)
+    out = actor({field: np.array(batch, dtype=object)})
+    if command == "score":
+        scores = list(want.score_many(batch))
+        assert list(out["tokens"]) == [s["tokens"] for s in scores]
+        assert list(out["nll"]) == pytest.approx(
+            [np.nan if s["nll"] is None else s["nll"] for s in scores], nan_ok=True
+        )
+    else:
+        assert list(out["text"]) == [g["text"] for g in want.generate_many(batch, args.params)]
