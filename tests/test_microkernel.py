@@ -39,6 +39,21 @@ def test_every_row_count_and_fusion_equals_the_reference(dtype, n_in, n_out):
 
 
 @pytest.mark.parametrize("dtype", formats.DTYPES)
+def test_a_row_is_the_same_bits_alone_two_panels_at_a_time_as_in_a_tile_of_four(dtype):
+    """Up to WIDE_ROWS rows, a float tile takes two panels at once (a thread's odd panel alone); each
+    output still sums in the same order, so one or two rows give the bits they get among five rows (a
+    tile of four and one of one, a panel at a time), on any number of threads."""
+    n_in, n_out = 75, 5 * microkernel.P - 3  # five panels, the last one partial
+    w, b = formats.pack(randn(n_in, n_out, scale=0.3), dtype), randn(n_out)
+    lin, x = microkernel.linear_of(w, b), randn(5, n_in)
+    five = microkernel.linear(x, *lin, NONE, 1)
+    assert_close(five, model.linear(x, w, b))
+    for threads in (1, 2, 3):
+        for rows in range(1, microkernel.WIDE_ROWS + 1):
+            assert np.array_equal(microkernel.linear(x[:rows], *lin, NONE, threads), five[:rows]), (threads, rows)
+
+
+@pytest.mark.parametrize("dtype", formats.DTYPES)
 @pytest.mark.parametrize("n_in,n_out,n_rows", [(768, 2304, 1), (3072, 768, 8), (48, 50257, 3)])
 def test_model_sized_matrices(dtype, n_in, n_out, n_rows):
     w = formats.pack(randn(n_in, n_out, scale=0.05), dtype)

@@ -51,6 +51,12 @@ LANES = target.LANES  # float32 lanes per vector register
 C = 4 if LANES == 16 else 2  # vectors per panel row
 R = 4  # rows per tile
 P = C * LANES  # outputs per panel: 64 with AVX-512, which divides every GPT-2 width
+# Up to this many rows, a float tile takes two panels at once (2 x C accumulators a row, two weight
+# streams): one row alone has only C chains of dependent FMAs to hide their latency behind. On an AVX2
+# Zen 1, bench_kernels at 1 and 2 rows, alternating runs: float32 and bfloat16 2 to 12% more GB/s,
+# float16 up to 5% (it waits on vcvtph2ps instead: about 11 GB/s a core either way). Each output still
+# sums the same products in the same order, so a row's outputs are the same bits in any tile.
+WIDE_ROWS = 2
 GROUP = 4  # int8 weights of one output that one 32-bit lane of an integer dot product sums
 
 
@@ -132,9 +138,10 @@ def _kind(w):
 
 
 @intrinsic
-def _tile(typingctx, x, r0, n, w, p, tile):
-    """tile[:n, :P] = x[r0 : r0 + n] @ panel p of w, for 1 <= n <= R: one loop over `in` (>= 1) per n.
-    The addresses are computed for C-contiguous arrays, so other layouts are refused when compiling."""
+def _tile(typingctx, x, r0, n, w, p, q, tile):
+    """tile[j * R : j * R + n, :P] = x[r0 : r0 + n] @ panel p + j of w, for j < q: q = 1 and
+    1 <= n <= R, or q = 2 and n <= WIDE_ROWS. One loop over `in` (>= 1) per shape. The addresses are
+    computed for C-contiguous arrays, so other layouts are refused when compiling."""
     kind = _kind(w)
     arrays = [x, tile, w] if kind == "float32" else [x, tile, *w.types]
     if any(a.layout != "C" for a in arrays) or x.dtype != types.float32 or tile.dtype != types.float32:
@@ -143,8 +150,8 @@ def _tile(typingctx, x, r0, n, w, p, tile):
         raise TypingError(f"microkernel._tile widens float formats; {kind} has its own tile")
 
     def codegen(context, builder, sig, args):
-        x_, r0_, n_, w_, p_, tile_ = args
-        tx, _, _, tw, _, ttile = sig.args
+        x_, r0_, n_, w_, p_, q_, tile_ = args
+        tx, _, _, tw, _, _, ttile = sig.args
         i64, i32, f = ir.IntType(64), ir.IntType(32), ir.FloatType()
         vec = ir.VectorType(f, LANES)
         xa = context.make_array(tx)(context, builder, x_)
@@ -165,49 +172,54 @@ def _tile(typingctx, x, r0, n, w, p, tile):
         w_base = builder.gep(data.data, [builder.mul(builder.mul(p_, n_in), const(P))])  # panel p: [in, P]
         t_base = context.make_array(ttile)(context, builder, tile_).data
 
-        def widen(k, c):  # weight vector c of panel row k, as LANES float32
-            ptr = builder.gep(w_base, [builder.add(builder.mul(k, const(P)), const(c * LANES))])
-            v = builder.load(builder.bitcast(ptr, ir.VectorType(elem, LANES).as_pointer()), align=size)
+        def widen(k, c):  # weight vector c of panel row k (c >= C: of the next panel), as LANES float32
+            j, c = divmod(c, C)
+            at = builder.add(builder.mul(builder.add(k, builder.mul(const(j), n_in)), const(P)), const(c * LANES))
+            v = builder.load(
+                builder.bitcast(builder.gep(w_base, [at]), ir.VectorType(elem, LANES).as_pointer()), align=size
+            )
             return WIDEN[kind](builder, v)
 
         done = builder.append_basic_block("tile.done")
-        switch = builder.switch(n_, done)
-        for rows in range(1, R + 1):  # one loop per row count: the accumulators must be named registers
-            entry = builder.append_basic_block(f"tile.{rows}")
-            switch.add_case(ir.Constant(n_.type, rows), entry)
+        switch = builder.switch(builder.add(n_, builder.mul(builder.sub(q_, const(1)), const(R))), done)
+        shapes = [(rows, 1) for rows in range(1, R + 1)] + [(rows, 2) for rows in range(1, WIDE_ROWS + 1)]
+        for rows, q in shapes:  # one loop per shape: the accumulators must be named registers
+            entry = builder.append_basic_block(f"tile.{rows}x{q}")
+            switch.add_case(ir.Constant(n_.type, rows + (q - 1) * R), entry)
             loop, store = (
-                builder.append_basic_block(f"tile.{rows}.loop"),
-                builder.append_basic_block(f"tile.{rows}.store"),
+                builder.append_basic_block(f"tile.{rows}x{q}.loop"),
+                builder.append_basic_block(f"tile.{rows}x{q}.store"),
             )
             builder.position_at_end(entry)
             builder.branch(loop)
             builder.position_at_end(loop)
             k = builder.phi(i64)
-            acc = [[builder.phi(vec) for _ in range(C)] for _ in range(rows)]
-            ws = [widen(k, c) for c in range(C)]
+            acc = [[builder.phi(vec) for _ in range(q * C)] for _ in range(rows)]
+            ws = [widen(k, c) for c in range(q * C)]
             new = []
             for r in range(rows):
                 xk = builder.load(builder.gep(x_base, [builder.add(builder.mul(const(r), n_in), k)]), align=4)
                 xb = builder.shuffle_vector(builder.insert_element(undef, xk, ir.Constant(i32, 0)), undef, splat_mask)
-                new.append([builder.call(fma, [xb, ws[c], acc[r][c]]) for c in range(C)])
+                new.append([builder.call(fma, [xb, ws[c], acc[r][c]]) for c in range(q * C)])
             k_next = builder.add(k, const(1))
             k.add_incoming(const(0), entry)
             k.add_incoming(k_next, loop)
             for r in range(rows):
-                for c in range(C):
+                for c in range(q * C):
                     acc[r][c].add_incoming(zeros, entry)
                     acc[r][c].add_incoming(new[r][c], loop)
             builder.cbranch(builder.icmp_signed("<", k_next, n_in), loop, store)
             builder.position_at_end(store)
             for r in range(rows):
-                for c in range(C):
-                    ptr = builder.gep(t_base, [const(r * P + c * LANES)])
+                for c in range(q * C):
+                    j, c_ = divmod(c, C)  # panel p + j's rows start at tile row j * R
+                    ptr = builder.gep(t_base, [const((j * R + r) * P + c_ * LANES)])
                     builder.store(new[r][c], builder.bitcast(ptr, vec.as_pointer()), align=4)
             builder.branch(done)
         builder.position_at_end(done)
         return context.get_dummy_value()
 
-    return types.void(x, r0, n, w, p, tile), codegen
+    return types.void(x, r0, n, w, p, q, tile), codegen
 
 
 # ---- the int8 tile: integer dot products ---------------------------------------------------------
@@ -425,15 +437,26 @@ def _activations_overload(x, w):
     return lambda x, w: (np.empty((0, 0), np.int8), np.empty((0, 0), f32))
 
 
-def _multiply(x, xq, xs, r0, n, w, p, tile):
-    """tile = rows r0 .. r0 + n of x @ panel p of w, in w's arithmetic."""
+def _multiply(x, xq, xs, r0, n, w, p, q, tile):
+    """tile = rows r0 .. r0 + n of x @ panels p .. p + q of w, in w's arithmetic (q as _panels says)."""
 
 
 @overload(_multiply, inline="always")
-def _multiply_overload(x, xq, xs, r0, n, w, p, tile):
+def _multiply_overload(x, xq, xs, r0, n, w, p, q, tile):
     if _kind(w) == "int8":
-        return lambda x, xq, xs, r0, n, w, p, tile: _tile_q8(xq, xs, r0, n, w, p, tile)
-    return lambda x, xq, xs, r0, n, w, p, tile: _tile(x, r0, n, w, p, tile)
+        return lambda x, xq, xs, r0, n, w, p, q, tile: _tile_q8(xq, xs, r0, n, w, p, tile)
+    return lambda x, xq, xs, r0, n, w, p, q, tile: _tile(x, r0, n, w, p, q, tile)
+
+
+def _panels(w, n_rows, left):
+    """How many panels one tile of n_rows rows takes, with `left` panels left in the thread's run."""
+
+
+@overload(_panels, inline="always")
+def _panels_overload(w, n_rows, left):
+    if _kind(w) == "int8":  # memory-bound at one row already: 1.1x a plain read (bench_kernels)
+        return lambda w, n_rows, left: 1
+    return lambda w, n_rows, left: 2 if n_rows <= WIDE_ROWS and left >= 2 else 1
 
 
 def _data(w):
@@ -461,21 +484,24 @@ def linear(x, weight, bias, gelu, residual, n_threads):  # [n_rows, in] -> [n_ro
     out = np.empty((n_rows, n_out), f32)
     xq, xs = _activations(x, weight)  # int8 weights: x quantized per block, once
     for t in prange(n_threads):
-        tile = np.empty((R, P), f32)
-        for p in range(t * n_panels // n_threads, (t + 1) * n_panels // n_threads):
-            j0 = p * P
-            width = min(P, n_out - j0)
+        tile = np.empty((2 * R, P), f32)
+        p, end = t * n_panels // n_threads, (t + 1) * n_panels // n_threads
+        while p < end:
+            q = _panels(weight, n_rows, end - p)
             for r0 in range(0, n_rows, R):
                 n = min(R, n_rows - r0)
-                _multiply(x, xq, xs, r0, n, weight, p, tile)
-                for r in range(n):
-                    for j in range(width):
-                        v = tile[r, j] + bias[j0 + j]
-                        if gelu:
-                            v = gelu_one(v)
-                        if residual.size:
-                            v += residual[r0 + r, j0 + j]
-                        out[r0 + r, j0 + j] = v
+                _multiply(x, xq, xs, r0, n, weight, p, q, tile)
+                for i in range(q):
+                    j0 = (p + i) * P
+                    for r in range(n):
+                        for j in range(min(P, n_out - j0)):
+                            v = tile[i * R + r, j] + bias[j0 + j]
+                            if gelu:
+                                v = gelu_one(v)
+                            if residual.size:
+                                v += residual[r0 + r, j0 + j]
+                            out[r0 + r, j0 + j] = v
+            p += q
     return out
 
 
