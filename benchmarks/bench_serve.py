@@ -4,7 +4,7 @@ measured at the client.
 
     python benchmarks/bench_serve.py [--sizes gpt2 gpt2-medium] [--dtypes float32 int8] [--concurrency 1 4 8 16]
                                      [--requests N] [--think SECONDS] [--servers picogpt llama-server llama.cpp]
-                                     [--llama-server PATH]
+                                     [--llama-server PATH] [--kv-dtype float16]
 
 llama-server is what llama.cpp's users run: continuous batching over --parallel slots, here `-np
 <largest concurrency> -c <1024 per slot> -cb -kvu -t 2` (unified KV cache, 2 threads). It is found as
@@ -151,18 +151,24 @@ async def level(url, clients, use_ids, timeout, level_timeout):
     return results, errors, wall
 
 
-def engine_alone(folder, dtype, clients, parallel):
+def engine_alone(folder, dtype, clients, parallel, kv_dtype="float32"):
     """The same requests through picogpt's Engine in this process, `parallel` rows kept full, as the
     server runs it (its prefill budget, greedy, end-of-text banned): returns what level() does."""
     import picogpt
     from picogpt import budget, engine, options, sampling, warmup
 
-    model = picogpt.load(folder, dtype=dtype)
+    model = picogpt.load(folder, dtype=dtype, kv_dtype=kv_dtype)
     chunk, eot = options.SERVE["chunk"], model.tokenizer.eot_token
     longest = min(chunk or budget.IDLE, model.config["n_positions"] - 3)  # as serve's warm-up
     warmup.warm_up(model, [[eot] * longest, [eot]], 3, say=None)
     run = engine.Engine(
-        model.forward_rows, model.params, model.config, parallel, budget=budget.Budget(cap=chunk), eot=eot
+        model.forward_rows,
+        model.params,
+        model.config,
+        parallel,
+        budget=budget.Budget(cap=chunk),
+        eot=eot,
+        kv_dtype=kv_dtype,
     )
     for k, v in run.cache:  # the pages touched before timing, as the server does
         k.fill(0), v.fill(0)
@@ -243,7 +249,7 @@ def tail(path, n=20):
         return "".join(f.readlines()[-n:])
 
 
-def server_command(server, size_folder, dtype, gguf, port, parallel, llama_server=None):
+def server_command(server, size_folder, dtype, gguf, port, parallel, llama_server=None, kv_dtype="float32"):
     if server == "llama-server":
         return [
             llama_server,
@@ -264,6 +270,8 @@ def server_command(server, size_folder, dtype, gguf, port, parallel, llama_serve
             str(port),
             "--parallel",
             str(parallel),
+            "--kv-dtype",
+            kv_dtype,
         ], "/health"
     return [
         sys.executable,
@@ -340,9 +348,16 @@ def main():
         choices=["picogpt", "llama-server", "llama.cpp", "engine"],
     )
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"))
+    p.add_argument(
+        "--kv-dtype",
+        default="float32",
+        choices=["float32", "float16"],
+        help="picogpt's KV cache (llama-server's is f16 by default)",
+    )
     p.add_argument("--timeout", type=float, default=300, help="seconds per request")
     p.add_argument("--level-timeout", type=float, default=1800, help="seconds per concurrency level of one server")
     args = p.parse_args()
+    kv_note = ", float16 KV cache" if args.kv_dtype == "float16" else ""
 
     from compare_torch import random_checkpoint
     from llama_cpp_engine import available, gguf_files
@@ -395,10 +410,10 @@ def main():
                 for server in servers:
                     if server == "engine":  # the ceiling: no HTTP, no waits
                         for c in args.concurrency:
-                            results, errors, wall = engine_alone(folder, dtype, plans[c], c)
+                            results, errors, wall = engine_alone(folder, dtype, plans[c], c, args.kv_dtype)
                             rates[server, c] = row(
                                 size,
-                                f"picogpt {dtype}, engine alone",
+                                f"picogpt {dtype}{kv_note}, engine alone",
                                 c,
                                 results,
                                 errors,
@@ -407,7 +422,7 @@ def main():
                                 rates.get((peer_name, c)),
                             )
                         continue
-                    name = f"picogpt {dtype}" if server == "picogpt" else f"{server} {GGUF_TYPE[dtype]}"
+                    name = f"picogpt {dtype}{kv_note}" if server == "picogpt" else f"{server} {GGUF_TYPE[dtype]}"
                     port = free_port()
                     command, ready = server_command(
                         server,
@@ -417,6 +432,7 @@ def main():
                         port,
                         max(args.concurrency),
                         args.llama_server,
+                        args.kv_dtype,
                     )
                     url = f"http://127.0.0.1:{port}"
                     log_path = os.path.join(tmp, f"{server}-{dtype}.log")
