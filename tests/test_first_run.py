@@ -151,7 +151,8 @@ def test_ctrl_c_is_clean_at_any_moment(command, long_text, larger, tmp_path):
         "info --check": ["info", "--check", "--model", larger],
         "convert": ["convert", larger, str(tmp_path / "out"), "--dtype", "int8"],
     }[command]
-    env = {**os.environ, "PICOGPT_CACHE": str(tmp_path / "cache")}
+    # faulthandler: a crash (CI once saw a SIGSEGV after "interrupted") prints its Python stack in `err`
+    env = {**os.environ, "PICOGPT_CACHE": str(tmp_path / "cache"), "PYTHONFAULTHANDLER": "1"}
     warm = args[:2] + [str(tmp_path / "warm")] + args[3:] if command == "convert" else args
     subprocess.run([PICOGPT, *warm], capture_output=True, env=env)
     start = time.perf_counter()  # timed warm: the runs below find the kernels compiled
