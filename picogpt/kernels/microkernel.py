@@ -5,10 +5,10 @@ A weight is laid out once, at load, in column panels: [n_panels, in, P], P = C *
 of panels front to back (`panels`). For each panel and each tile of up to R rows, `_tile` keeps R x C
 vector accumulators of LANES float32 outputs in registers across the whole reduction: it loads each
 weight vector once, widens it once (float16: `fpext <L x half>`; bfloat16: a shift) and feeds it to
-all R rows with one FMA each. llamafile's tinyBLAS (`gemm_bloc<RM, RN>`) is the same idea. The loop is
-written in LLVM IR rather than left to LLVM's loop vectorizer, which vectorized each row on its own and
-sent the sums back to memory after every weight row (issue 14); the same IR lowers to any vector
-width. On AVX-512 (`inspect_asm`) the 4-row loop is 16 `vfmadd231ps` on zmm registers, 4
+all R rows with one FMA each (up to WIDE_ROWS rows, two panels at once, for twice the FMA chains).
+llamafile's tinyBLAS (`gemm_bloc<RM, RN>`) is the same idea. The loop is written in LLVM IR rather
+than left to LLVM's loop vectorizer, which vectorized each row on its own and sent the sums back to
+memory after every weight row (issue 14); the same IR lowers to any vector width. On AVX-512 (`inspect_asm`) the 4-row loop is 16 `vfmadd231ps` on zmm registers, 4
 `vbroadcastss` of x, and 4 weight loads, widened by `vcvtph2ps` (float16) or `vpmovzxwd` + `vpslld`
 (bfloat16).
 
