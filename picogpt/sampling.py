@@ -73,12 +73,11 @@ def sample(logits, rng, temperature=1.0, top_k=None, top_p=1.0):
     candidates = np.arange(len(logits))
     if top_k is not None and top_k < len(logits):
         candidates = np.argpartition(logits, -top_k)[-top_k:]  # the k largest, unordered
+    x = logits[candidates]  # [n_candidates]
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        scaled = logits[candidates] / temperature  # [n_candidates]
-        top = scaled.max()
-        if np.isnan(top) or np.isposinf(top):  # a temperature so near 0 it overflows (or is 0 in float32): its limit
-            scaled = np.where(logits[candidates] == logits[candidates].max(), 0.0, -np.inf)  # the best alike
-        probs = softmax(scaled)
+        probs = softmax(x / temperature)
+        if np.isnan(probs[0]):  # all NaN: x / temperature overflowed (or it is 0 in float32)
+            probs = softmax(np.where(x == x.max(), 0.0, -np.inf))  # the limit: the largest alike
     if top_p < 1:
         order = np.argsort(-probs, kind="stable")
         mass_before = np.cumsum(probs[order]) - probs[order]
