@@ -365,9 +365,9 @@ def test_each_kernel_compiles_once_per_weight_format():
             m.generate(["The list", "A module of"], max_new_tokens=3)
             m.generate("x " * 200, max_new_tokens=2)
             m.score("The list of the things " * 20)
-        kernels = (microkernel.linear, microkernel.widen_, kernels.block_rows, ops.layer_norm_rows, ops.bias_gelu_,
-                   ops.causal_softmax_)
-        print(json.dumps({k.__name__: [str(s) for s in k.signatures] for k in kernels}))
+        compiled = (microkernel.linear, microkernel.widen_, kernels.block_rows, ops.layer_norm_rows, ops.bias_gelu_,
+                    ops.causal_softmax_)
+        print(json.dumps({k.__name__: [str(s) for s in k.signatures] for k in compiled}))
     """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
