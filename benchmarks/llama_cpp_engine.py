@@ -122,9 +122,10 @@ def gguf_files(folder, types=("f32", "f16", "q8_0"), out_dir=None):
     return paths
 
 
-def llama_generate(path, n_threads=None, n_ctx=1024, **llama_kwargs):
+def llama_generate(path, n_threads=None, n_ctx=1024, streaming=False, **llama_kwargs):
     """Load the GGUF model at `path` once; return generate(ids, n) -> the n greedy new token ids after
-    the prompt `ids`, processing the prompt afresh on every call like the other engines.
+    the prompt `ids`, processing the prompt afresh on every call like the other engines (streaming:
+    a generator of them, each as it is chosen).
     Extra keyword arguments go to llama_cpp.Llama (e.g. type_k/type_v for the KV cache's type)."""
     import llama_cpp
 
@@ -147,20 +148,21 @@ def llama_generate(path, n_threads=None, n_ctx=1024, **llama_kwargs):
         pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
         return int(np.ctypeslib.as_array(pointer, shape=(n_vocab,)).argmax())
 
-    def generate(ids, n):
+    def stream(ids, n):
         if len(ids) + n - 1 > n_ctx:
             raise ValueError(f"{len(ids)} prompt tokens + {n} new ones do not fit in n_ctx={n_ctx}")
         # reset() sets n_tokens to 0, so eval() first drops the whole KV cache: nothing is reused from
         # the last call (the prefix reuse of llama-cpp-python lives in Llama.generate, not used here).
         llm.reset()
         llm.eval(ids)
-        tokens = [greedy()]
-        while len(tokens) < n:  # exactly n tokens: end-of-text is just another token here
-            llm.eval(tokens[-1:])
-            tokens.append(greedy())
-        return tokens
+        token = greedy()
+        yield token
+        for _ in range(n - 1):  # exactly n tokens: end-of-text is just another token here
+            llm.eval([token])
+            token = greedy()
+            yield token
 
-    return generate
+    return stream if streaming else lambda ids, n: list(stream(ids, n))
 
 
 def _quiet_log(level, text, user_data):  # llama.cpp's log lines: none

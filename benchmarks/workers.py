@@ -25,22 +25,34 @@ import numpy as np
 class Worker:
     """`python script --worker spec`, started now and ready for `ask`."""
 
-    def __init__(self, name, spec, script=__file__):
+    def __init__(self, name, spec, script=__file__, prefix=(), wait=True):
         self.name = name
         self.process = subprocess.Popen(
-            [sys.executable, script, "--worker", spec],
+            [*prefix, sys.executable, script, "--worker", spec],  # prefix: a command that runs the rest
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             cwd=os.path.dirname(os.path.abspath(script)),
         )
+        if wait:
+            self.ready()
+
+    def ready(self):
+        """Wait until the worker has built its engine (several can start at once: wait=False, then this)."""
         if self.process.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"{name}: the worker did not start")
+            raise RuntimeError(f"{self.name}: the worker did not start")
 
     def ask(self, *words):
         """The worker's answer to one request, as JSON."""
+        self.send(*words)
+        return self.answer()
+
+    def send(self, *words):
+        """Send a request; `answer` waits for what it says (several workers can work at once)."""
         self.process.stdin.write(" ".join(map(str, words)) + "\n")
         self.process.stdin.flush()
+
+    def answer(self):
         line = self.process.stdout.readline()
         if not line:
             raise RuntimeError(f"{self.name}: the worker died")

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from .. import formats, model
+from .. import formats, model, threads
 from ..checkpoint import safetensors
 from . import microkernel, target
 from .microkernel import Linear
@@ -225,7 +225,20 @@ def interruptible(forward):
     return run
 
 
+def adapted(forward):
+    """Each call on as many threads as pay for calls of its number of tokens, under the load the
+    process finds (threads.py: measured call by call)."""
+
+    @functools.wraps(forward)
+    def run(inputs, wte, wpe, h, *args, **kwargs):
+        with threads.step((id(h), sum(map(len, inputs)).bit_length())):
+            return forward(inputs, wte, wpe, h, *args, **kwargs)
+
+    return run
+
+
 @interruptible
+@adapted
 def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, last=True, keep=None):
     """Many sequences: sequence s continues row rows[s] of the batch cache, which holds past[s] tokens,
     with the token ids inputs[s]. Returns the logits after each sequence's last new token,

@@ -1,0 +1,292 @@
+"""How many threads the kernels run on: what the process may use, and how many pay under the load it finds.
+
+`available()` is what the process may really use: its CPU affinity (`taskset`, a cpuset), capped by
+its container's CPU limit (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`, the
+lowest on the way up the hierarchy), rounded up, as Go's runtime and the JVM size themselves:
+`os.cpu_count()` says 2 under a limit of one CPU, and two threads there ran at 0.65x one.
+
+`Adaptive` then chooses, call by call, how many of those threads a forward pass uses. A step is on the
+order of a hundred parallel regions, each ending in a barrier; when another process wants the cores
+too, a thread that still has work waits for a time slice while its partner spins, and two threads ran
+at 0.57x one beside one busy process, at a quarter with two copies of picogpt. No count is right for
+every load, and the load comes and goes, so the controller measures: each kind of call (its number
+of tokens, to a power of two) keeps a moving average of its seconds on the count in use, and now and
+then tries the next count down or up for PROBE calls. A count whose calls are HYSTERESIS faster takes
+over. The tries grow rarer while the choice holds (every 4, 8, ... up to EVERY calls) and frequent
+again when the calls' times move, so an idle machine pays about 1% for them and a change of load is
+found within a second or two.
+"""
+
+import math
+import os
+import time
+from typing import NamedTuple
+
+PROBE = 2  # calls a try lasts: one call is noisy on a busy machine
+FIRST = 4  # calls before the first try of a kind of call, and after a change of count
+CHECK = 8  # calls between looks at the spare CPUs while no count is worth a try
+EVERY = 64  # the most calls between tries while the choice holds: idle, a try of the slower count costs about 1%
+HYSTERESIS = 0.08  # a tried count takes over when its calls are this much faster
+WEIGHT = 0.25  # a new call's weight in its count's moving average
+MOVED, SLOW = 1.5, 3  # SLOW calls in a row this many times slower than the average: the load came, try now
+STALE = 5.0  # seconds after which a kind of call unseen since is measured afresh
+
+
+class Cpus(NamedTuple):
+    """How many CPUs the process may use, and why (for `picogpt info` and -v)."""
+
+    n: int
+    why: str
+
+
+def available(root="/", affinity=None, cores=None):
+    """The CPUs this process may use: its affinity, capped by its container's CPU limit (rounded up).
+    Tests pass a folder of fake /proc and /sys files as root, a set of CPUs as affinity and a count of cores."""
+    cores = cores or os.cpu_count() or 1
+    if affinity is None:
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(cores)
+    n = len(affinity)
+    mine = f"{n} of {plural(cores, 'core')} (CPU affinity)" if n < cores else plural(cores, "core")
+    limit = cgroup_limit(root)
+    if limit is not None and math.ceil(limit[0] - 1e-9) < n:
+        quota, where = limit
+        return Cpus(max(1, math.ceil(quota - 1e-9)), f"a CPU limit of {quota:g} ({where}) on {mine}")
+    return Cpus(n, mine)
+
+
+def plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def cgroup_limit(root="/"):
+    """(CPUs, which file said so) of the lowest CPU limit over this process's cgroup and its parents,
+    or None where there is none (or no cgroup file system to read)."""
+    try:
+        memberships = _read(root, "proc/self/cgroup").splitlines()
+        mounts = [m for m in map(_mount, _read(root, "proc/self/mountinfo").splitlines()) if m]
+    except (OSError, ValueError):  # no such files (not Linux), or not text
+        return None
+    found = []
+    for line in memberships:  # "0::/path" (v2) or "4:cpu,cpuacct:/path" (v1)
+        if line.count(":") < 2:
+            continue
+        _, controllers, path = line.split(":", 2)
+        version = 2 if controllers == "" else 1 if "cpu" in controllers.split(",") else None
+        for kind, options, mount_root, point in mounts:
+            if version == 2 and kind == "cgroup2" or version == 1 and kind == "cgroup" and "cpu" in options:
+                found += _limits(root, version, point, _relative(path, mount_root))
+                break
+    return min(found, default=None)
+
+
+def _read(root, path):
+    with open(os.path.join(root, path)) as f:
+        return f.read()
+
+
+def _mount(line):
+    """(file system type, super options, root within the hierarchy, mount point) of a mountinfo line
+    (None for a line that is not one)."""
+    fields = line.split()
+    if "-" not in fields[5:-1]:
+        return None
+    rest = fields[fields.index("-", 5) + 1 :]  # after the optional fields: type, source, super options
+    return rest[0], set(rest[2].split(",")) if len(rest) > 2 else set(), fields[3], fields[4]
+
+
+def _relative(path, mount_root):
+    """The cgroup path below its mount (a container often mounts its own cgroup as the root)."""
+    if mount_root != "/" and (path == mount_root or path.startswith(mount_root + "/")):
+        path = path[len(mount_root) :]
+    return path.strip("/")
+
+
+def _limits(root, version, point, path):
+    """The CPU limits of the cgroup at `path` under the mount point and of each parent up to the mount."""
+    parts = path.split("/") if path else []
+    out = []
+    for depth in range(len(parts), -1, -1):
+        folder = os.path.join(root, point.lstrip("/"), *parts[:depth])
+        try:
+            if version == 2:
+                quota, period = _read(folder, "cpu.max").split()[:2]
+                name = "cgroup v2 cpu.max"
+            else:
+                quota, period = _read(folder, "cpu.cfs_quota_us"), _read(folder, "cpu.cfs_period_us")
+                name = "cgroup v1 cpu.cfs_quota_us"
+            cpus = int(quota) / int(period) if quota.strip() not in ("max", "-1") else None
+        except (OSError, ValueError, ZeroDivisionError):  # no such file, or not a limit
+            continue
+        if cpus is not None and cpus > 0:
+            out.append((cpus, name))
+    return out
+
+
+def ladder(most):
+    """The thread counts tried: most, halved down to 1 (2: 2 and 1; 8: 8, 4, 2, 1)."""
+    counts = [most]
+    while counts[-1] > 1:
+        counts.append(counts[-1] // 2)
+    return counts
+
+
+class Spare:
+    """free(): how many of this process's CPUs the rest of the machine left it since the last call
+    (its CPUs less what other processes, and a hypervisor's steal, used of them), from /proc/stat and
+    os.times(). root, cpus, clock: tests pass fake files, CPUs and time."""
+
+    def __init__(self, root="/", cpus=None, clock=time.monotonic):
+        self.root, self.clock = root, clock
+        self.cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.last, self.spare = self._read(), float(len(self.cpus))
+
+    def _read(self):
+        """(when, CPU seconds used on our CPUs by anyone, by this process), or None without /proc/stat."""
+        try:
+            with open(os.path.join(self.root, "proc/stat")) as f:
+                lines = [line.split() for line in f if line.startswith("cpu") and not line.startswith("cpu ")]
+            busy = 0
+            for fields in lines:
+                if int(fields[0][3:]) in self.cpus:  # user nice system idle iowait irq softirq steal ...
+                    busy += sum(int(v) for v in fields[1:4]) + sum(int(v) for v in fields[6:9])
+        except (OSError, ValueError, IndexError):
+            return None
+        mine = os.times()
+        return self.clock(), busy / self.hz, mine.user + mine.system
+
+    def free(self, window=0.05):
+        """The CPUs left to this process on average since the last reading at least `window` s ago."""
+        now = self._read()
+        if now is None or self.last is None or now[0] - self.last[0] < window:
+            return self.spare
+        (then, busy0, mine0), (when, busy1, mine1) = self.last, now
+        others = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / (when - then)
+        self.last, self.spare = now, max(0.0, len(self.cpus) - others)
+        return self.spare
+
+
+class Kind:
+    """What the controller knows of one kind of call: the latest seconds of each count."""
+
+    def __init__(self, using):
+        self.seconds = {}  # count -> seconds a call (a moving average for the count in use)
+        self.using = using
+        self.trying, self.tried = None, []  # a count being tried, and its calls' seconds so far
+        self.since, self.every = 0, FIRST  # calls since the last try, and between tries
+        self.due = FIRST  # the call (counted in `since`) at which to look for a count to try
+        self.slow = 0  # calls in a row far slower than the average
+        self.seen = 0.0  # when the last call ended
+
+
+class Adaptive:
+    """Chooses each call's thread count among ladder(most) from the seconds calls of its kind took.
+    fixed: always that count (`--threads N`). spare(): the CPUs the machine leaves this process
+    (Spare.free); clock: seconds (tests pass their own)."""
+
+    def __init__(self, most, fixed=None, spare=None, clock=time.monotonic):
+        self.most, self.fixed, self.clock = most, fixed, clock
+        self.spare = spare or SPARE.free
+        self.counts = ladder(most)[::-1]  # 1 first
+        self.kinds = {}
+        self.calls = dict.fromkeys(self.counts, 0)  # calls on each count, for -v
+
+    def __repr__(self):
+        if self.fixed:
+            return f"<picogpt.threads.Adaptive: fixed at {self.fixed}>"
+        using = {k: kind.using for k, kind in self.kinds.items()}
+        return f"<picogpt.threads.Adaptive: up to {self.most}; in use by kind of call {using}>"
+
+    def fits(self, free):
+        """The largest count that the CPUs left to this process hold (half a CPU's slack)."""
+        return max([n for n in self.counts if n <= free + 0.5], default=1)
+
+    def choose(self, key):
+        """The thread count for the next call of kind `key`."""
+        if self.fixed:
+            return self.fixed
+        kind = self.kinds.get(key)
+        if kind is None or self.clock() - kind.seen > STALE:
+            kind = self.kinds[key] = Kind(self.fits(self.spare()))
+        elif kind.trying is None and kind.since >= kind.due:
+            kind.trying = self._next(kind)
+            if kind.trying is None:  # nothing worth a try now: look again soon
+                kind.due = kind.since + CHECK
+        return kind.using if kind.trying is None else kind.trying
+
+    def _next(self, kind):
+        """The count to try next, or None: one up the ladder if the machine leaves the CPUs for it; one
+        down if it does not leave those in use, and every EVERY calls regardless (a neighbour's load
+        that /proc/stat does not show, such as a hypervisor's that it does not count as steal)."""
+        i, fits = self.counts.index(kind.using), self.fits(self.spare())
+        if i + 1 < len(self.counts) and self.counts[i + 1] <= fits:
+            return self.counts[i + 1]
+        if i and (fits < kind.using or kind.since >= min(4 * kind.every, EVERY)):
+            return self.counts[i - 1]
+        return None
+
+    def took(self, key, n, seconds):
+        """A call of kind `key` on n threads took `seconds`."""
+        self.calls[n] = self.calls.get(n, 0) + 1
+        kind = self.kinds.get(key)
+        if self.fixed or kind is None:
+            return
+        kind.seen = self.clock()
+        if n == kind.trying:
+            kind.tried.append(seconds)
+            if len(kind.tried) < PROBE:
+                return
+            mean, before = sum(kind.tried) / len(kind.tried), kind.seconds[kind.using]
+            kind.seconds[n] = mean  # a try's own figure: the latest there is of that count
+            kind.trying, kind.tried, kind.since = None, [], 0
+            if mean < before * (1 - HYSTERESIS):
+                kind.using, kind.every = n, FIRST
+            else:
+                kind.every = min(2 * kind.every, EVERY)
+            kind.due = kind.every
+        elif n == kind.using:
+            average = kind.seconds.get(n, seconds)
+            kind.slow = kind.slow + 1 if seconds > MOVED * average else 0
+            if kind.slow >= SLOW:  # the load came: look for another count now
+                kind.due, kind.every, kind.slow = kind.since, FIRST, 0
+            kind.seconds[n] = (1 - WEIGHT) * average + WEIGHT * seconds
+            kind.since += 1
+
+
+SPARE = Spare()  # read from here on: the first kernels' call knows what the machine did while the model loaded
+_control = []  # [the process's Adaptive], made on first use
+
+
+def use(n=None, most=None):
+    """Run the kernels on n threads always (`--threads n`), or, with n None, adapt the count to the
+    load up to `most` (default: every CPU `available()` gives, and no more than Numba's pool)."""
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    _control[:] = [Adaptive(min(most or available().n, pool), fixed=min(n, pool) if n else None)]
+    return _control[0]
+
+
+def control():
+    """The process's Adaptive: the one `use` set, else adaptive up to `available()`."""
+    return _control[0] if _control else use()
+
+
+class step:
+    """`with step(key):` runs the kernels inside on the count chosen for calls of kind `key`, and
+    tells the controller how long they took (a call that fails is not counted)."""
+
+    def __init__(self, key):
+        self.control, self.key = control(), key
+
+    def __enter__(self):
+        import numba
+
+        self.n = self.control.choose(self.key)
+        numba.set_num_threads(self.n)  # Numba's count is the calling thread's own
+        self.began = time.perf_counter()
+        return self.n
+
+    def __exit__(self, kind, *_):
+        if kind is None:
+            self.control.took(self.key, self.n, time.perf_counter() - self.began)
