@@ -19,6 +19,13 @@ import pkgutil
 # NumPy loads OpenBLAS: import picogpt before NumPy, or set it in the environment, for it to apply.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+from . import threads  # noqa: E402  (standard library only)
+
+# OpenBLAS starts a thread per core it sees, not per CPU a container's limit allows (threads.py): held
+# to those, when NumPy loads it, as above. The kernels' own threads follow threads.available() anyway.
+if threads.available().n < (os.cpu_count() or 1):
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads.available().n))
+
 __version__ = "0.2.0"
 
 _WHERE = {

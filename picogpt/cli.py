@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from . import __version__
+from . import __version__, threads
 from .options import FIELDS, FLAGS, SERVE, SamplingParams
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")  # formats.DTYPES, without importing NumPy before --threads
@@ -337,7 +337,8 @@ def generate(args):
             f"{compiled}prompt: {plural(stats['prompt_tokens'], 'token')} in {stats['prefill_seconds']:.2f} s ({prompt_rate:.1f} tokens/s); "
             f"generated: {plural(stats['new_tokens'], 'token')} in {stats.get('decode_seconds', 0):.2f} s ({decode_rate:.1f} tokens/s"
             f"{f', {args.num_samples} rows at once' if args.num_samples > 1 else ''}); "
-            f"{args.backend} backend, {model.dtype} weights, {plural(threads(), 'thread')}"
+            f"{args.backend} backend, {model.dtype} weights, {threads.describe(args.backend == 'numba')}"
+            f"{f', {threads.used()}' if threads.used() else ''}"
             f"{'' if model.kv_dtype == 'float32' else f', {model.kv_dtype} KV cache'}"
         )
 
@@ -406,7 +407,7 @@ def score(args):
 def info(args):
     from .checkpoint import manage
 
-    about = manage.info(args.model, args.revision)
+    about = manage.info(args.model, args.revision) | {"threads": threads.describe()}
     if args.check:
         from tqdm import tqdm
 
@@ -427,6 +428,7 @@ def info(args):
         for name, size in about["files"].items():
             print(f"  {name:<34} {mb(size):>10}")
         print("weights in  " + ", ".join(f"{dtype} {mb(n)}" for dtype, n in about["memory"].items()))
+        print(f"threads     {about['threads']}")
         for i, (dtype, copy) in enumerate(about["converted"].items()):  # what --dtype has kept (converted.py)
             print(f"{'converted' if i == 0 else '':<12}{dtype:<9}{mb(copy['bytes']):>10}  {copy['folder']}")
         if args.check:
@@ -492,14 +494,6 @@ def cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def threads():
-    if "numba" in sys.modules:
-        import numba
-
-        return numba.get_num_threads()
-    return os.environ.get("OPENBLAS_NUM_THREADS", os.cpu_count())
-
-
 def main(argv=None):
     try:
         args = parser().parse_args(argv)
@@ -511,6 +505,7 @@ def main(argv=None):
         if getattr(args, "threads", None):  # before NumPy (OpenBLAS) and Numba read them at load time
             for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 os.environ[name] = str(args.threads)
+            threads.use(args.threads, why="--threads")  # fixed: not adapted to the load
         from .checkpoint.params import CheckpointError
         from .sampling import NonFiniteError
         from .tokenizer import TokenizerError

@@ -41,18 +41,17 @@ def actor_threads():
 
 
 class Actor:
-    """Loads the model once per actor, on as many threads as it has CPUs."""
+    """Loads the model once per actor, on as many threads as it has CPUs at most (threads.py adapts the
+    count to what else runs on the node)."""
 
     def __init__(
         self, model="gpt2", dtype=None, revision=None, field="text", threads=None, kv_dtype="float32", backend="numba"
     ):
-        import numba
-
+        from . import threads as kernel_threads
         from .api import load
 
-        threads = threads or actor_threads()
-        if threads:
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        # threads: a fixed count (--threads); else adapted to the load, up to the CPUs Ray gave the actor
+        kernel_threads.use(threads, most=actor_threads(), why="--threads" if threads else "Ray's CPUs for the actor")
         self.model = load(model, backend=backend, dtype=dtype, revision=revision, kv_dtype=kv_dtype)
         self.field = field
 

@@ -46,11 +46,11 @@ def available(root="/", affinity=None, cores=None):
     if affinity is None:
         affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(cores)
     n = len(affinity)
-    mine = f"{n} of {plural(cores, 'core')} (CPU affinity)" if n < cores else plural(cores, "core")
+    mine = f"{n} of {plural(cores, 'core')} by CPU affinity" if n < cores else plural(cores, "core")
     limit = cgroup_limit(root)
     if limit is not None and math.ceil(limit[0] - 1e-9) < n:
         quota, where = limit
-        return Cpus(max(1, math.ceil(quota - 1e-9)), f"a CPU limit of {quota:g} ({where}) on {mine}")
+        return Cpus(max(1, math.ceil(quota - 1e-9)), f"a CPU limit of {quota:g} by {where}, on {mine}")
     return Cpus(n, mine)
 
 
@@ -255,21 +255,46 @@ class Adaptive:
 
 SPARE = Spare()  # read from here on: the first kernels' call knows what the machine did while the model loaded
 _control = []  # [the process's Adaptive], made on first use
+_wanted = {"n": None, "most": None, "why": None}  # what `use` asked for
 
 
-def use(n=None, most=None):
+def use(n=None, most=None, why=None):
     """Run the kernels on n threads always (`--threads n`), or, with n None, adapt the count to the
-    load up to `most` (default: every CPU `available()` gives, and no more than Numba's pool)."""
-    import numba
-
-    pool = numba.config.NUMBA_NUM_THREADS
-    _control[:] = [Adaptive(min(most or available().n, pool), fixed=min(n, pool) if n else None)]
-    return _control[0]
+    load up to `most` (default: every CPU `available()` gives). why: what set them, for `describe`.
+    Numba's pool (NUMBA_NUM_THREADS, read when Numba loads) bounds both."""
+    _wanted.update(n=n, most=most, why=why)
+    _control.clear()
 
 
 def control():
-    """The process's Adaptive: the one `use` set, else adaptive up to `available()`."""
-    return _control[0] if _control else use()
+    """The process's Adaptive, as `use` asked (by default adaptive up to `available()`)."""
+    if not _control:
+        import numba
+
+        pool, n, most = numba.config.NUMBA_NUM_THREADS, _wanted["n"], _wanted["most"]
+        _control.append(Adaptive(min(most or available().n, pool), fixed=min(n, pool) if n else None))
+    return _control[0]
+
+
+def describe(adapted=True):
+    """How many threads and why, for `picogpt info` and -v: '2 threads at most (2 cores), adapted to
+    the load' (adapted=False, for the NumPy backend, whose BLAS threads are not: '2 threads (2 cores)')."""
+    if _wanted["n"]:
+        return f"{plural(_wanted['n'], 'thread')} ({_wanted['why'] or 'fixed'})"
+    cpus = available()
+    most = min(_wanted["most"] or cpus.n, int(os.environ.get("NUMBA_NUM_THREADS") or cpus.n))
+    why = _wanted["why"] or (cpus.why if most == cpus.n else "NUMBA_NUM_THREADS")
+    if most > 1 and adapted:
+        return f"{plural(most, 'thread')} at most ({why}), adapted to the load"
+    return f"{plural(most, 'thread')} ({why})"
+
+
+def used():
+    """'1 thread on most steps' (of the forward calls made so far), or '' before any."""
+    calls = _control[0].calls if _control and not _control[0].fixed else {}
+    if len(calls) < 2 or not any(calls.values()):
+        return ""
+    return f"{plural(max(calls, key=calls.get), 'thread')} on most steps"
 
 
 class step:

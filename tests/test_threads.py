@@ -45,13 +45,13 @@ def v1(root, path, limits, mount_root="/"):
 def test_no_limit_gives_the_affinity(tmp_path):
     v2(tmp_path, "/user.slice", {"": "max 100000\n", "user.slice": "max 100000\n"})
     assert threads.available(tmp_path, affinity={0, 1, 2, 3}, cores=4) == (4, "4 cores")
-    assert threads.available(tmp_path, affinity={2}, cores=4) == (1, "1 of 4 cores (CPU affinity)")
+    assert threads.available(tmp_path, affinity={2}, cores=4) == (1, "1 of 4 cores by CPU affinity")
 
 
 def test_v2_limit_rounds_up_and_takes_the_lowest_ancestor(tmp_path):
     v2(tmp_path, "/a/b", {"a": "150000 100000\n", "a/b": "max 100000\n"})
     n, why = threads.available(tmp_path, affinity=range(4), cores=4)
-    assert n == 2 and why == "a CPU limit of 1.5 (cgroup v2 cpu.max) on 4 cores"
+    assert n == 2 and why == "a CPU limit of 1.5 by cgroup v2 cpu.max, on 4 cores"
     v2(tmp_path, "/a/b", {"a": "300000 100000\n", "a/b": "50000 100000\n"})
     assert threads.available(tmp_path, affinity=range(4), cores=4).n == 1  # half a CPU: one thread
 
@@ -62,7 +62,7 @@ def test_v1_quota_in_a_container_whose_cgroup_is_its_mount_root(tmp_path):
     v1(tmp_path, "/docker/abc", {"": (100000, 100000)}, mount_root="/docker/abc")
     assert threads.available(tmp_path, affinity={0, 1}, cores=2) == (
         1,
-        "a CPU limit of 1 (cgroup v1 cpu.cfs_quota_us) on 2 cores",
+        "a CPU limit of 1 by cgroup v1 cpu.cfs_quota_us, on 2 cores",
     )
 
 
@@ -255,10 +255,12 @@ def test_use_fixes_or_adapts_the_process_count():
     import numba
 
     try:
-        assert threads.use(1).fixed == 1
+        threads.use(1)
+        assert threads.control().fixed == 1
         with threads.step("k") as n:
             assert n == 1 and numba.get_num_threads() == 1
-        control = threads.use()
+        threads.use()
+        control = threads.control()
         assert control.fixed is None and control.most == min(threads.available().n, numba.config.NUMBA_NUM_THREADS)
         with pytest.raises(ZeroDivisionError), threads.step("k"):
             raise ZeroDivisionError

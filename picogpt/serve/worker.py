@@ -13,6 +13,7 @@ import time
 import traceback
 from typing import NamedTuple
 
+import numba
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .. import sampling
@@ -37,6 +38,9 @@ class Metrics:
             "picogpt_sequences_reserved",
             "Sequences admitted and not yet retired (running, waiting or being set up)",
             registry=r,
+        )
+        self.threads = Gauge(
+            "picogpt_threads", "Kernel threads the last step ran on (adapted to the load: threads.py)", registry=r
         )
         self.prompt_tokens = Counter("picogpt_prompt_tokens", "Prompt tokens received", registry=r)
         self.generated = Counter("picogpt_generation_tokens", "Tokens generated", registry=r)
@@ -256,6 +260,7 @@ class Worker:
                 self.retire(quiet=True)
                 continue
             now = time.perf_counter()
+            self.metrics.threads.set(numba.get_num_threads())  # the engine thread's own count, as the step set it
             for seq, token in step:
                 if self.live[seq.id].token(token, now, self.metrics):
                     self.engine.cancel(seq)
