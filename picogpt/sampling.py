@@ -72,7 +72,9 @@ def sample(logits, rng, temperature=1.0, top_k=None, top_p=1.0):
         return int(np.argmax(logits))
     candidates = np.arange(len(logits))
     if top_k is not None and top_k < len(logits):
-        candidates = np.argpartition(logits, -top_k)[-top_k:]  # the k largest, unordered
+        # the k largest, in token order: argpartition's own order differs between NumPy's SIMD paths
+        # (AVX-512 sorts with x86-simd-sort), and the draw walks the candidates in order
+        candidates = np.sort(np.argpartition(logits, -top_k)[-top_k:])
     x = logits[candidates]  # [n_candidates]
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         probs = softmax(x / temperature)

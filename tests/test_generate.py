@@ -76,6 +76,29 @@ def test_top_k_and_top_p_keep_the_tokens_transformers_keeps():
         assert drawn == allowed, (top_k, top_p)
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 60), st.integers(0, 2**32 - 1))
+def test_top_k_draws_the_same_token_whatever_order_argpartition_gives(top_k, seed):
+    # NumPy's argpartition returns the k largest in an order that depends on its SIMD path (AVX-512
+    # selects with x86-simd-sort): a seeded draw must not, or the same seed gives other text on
+    # another CPU. The oracle: the same draw over the top-k tokens taken in token order.
+    logits = np.random.default_rng(seed).standard_normal(100).astype(np.float32) * 2
+    keep = np.sort(np.argsort(-logits, kind="stable")[:top_k])
+    probs = picogpt.softmax(logits[keep] / 0.8)
+    u = np.random.default_rng(seed).random()
+    cdf = np.cumsum(probs, dtype=np.float64)
+    expected = keep[min(np.searchsorted(cdf, u * cdf[-1], side="right"), top_k - 1)]
+    assert sample(logits, np.random.default_rng(seed), 0.8, top_k) == expected
+
+    def scrambled(a, kth):  # the k largest last, as argpartition promises, in a random order among them
+        order = np.argsort(a, kind="stable")
+        return np.concatenate([order[:kth], np.random.default_rng(seed + 1).permutation(order[kth:])])
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(np, "argpartition", scrambled)
+        assert sample(logits, np.random.default_rng(seed), 0.8, top_k) == expected
+
+
 def test_sampling_frequencies_follow_softmax_over_temperature():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
     rng = np.random.default_rng(1)
