@@ -153,6 +153,10 @@ def sampling_params(args):
 def check(args):
     """Reject bad options before spending time on loading a model."""
     if args.command == "convert":
+        if os.path.exists(args.out_folder) and not os.path.isdir(args.out_folder):
+            raise ValueError(
+                f"{args.out_folder} is a file, not a folder: give OUT_FOLDER a folder to write (it is made if missing)"
+            )
         if os.path.exists(os.path.join(args.out_folder, "model.safetensors")):
             raise ValueError(f"{args.out_folder} already holds a model.safetensors: remove it or pick another folder")
         return

@@ -99,6 +99,20 @@ def test_unknown_model_without_network(tmp_path):
     assert_one_line_error(run("generate", "hi", "--model", "./no-such-folder", env=env), "no such folder")
 
 
+def test_a_file_given_as_model_or_output_folder(tiny, tmp_path):
+    weights = os.path.join(tiny[0], "model.safetensors")  # a file that exists: the likeliest mistake
+    for model in (weights, os.path.relpath(weights)):
+        result = run("generate", "hi", "--model", model)
+        assert_one_line_error(result, "is a file, not a checkpoint folder", "config.json", "tiny")
+        assert result.returncode == 1 and "no such folder" not in result.stderr
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    result = run("convert", "tiny", str(taken), "--dtype", "int8")
+    assert_one_line_error(result, str(taken), "is a file, not a folder")
+    assert result.returncode == 2 and "Errno" not in result.stderr
+    assert taken.read_text() == "not a folder"
+
+
 @pytest.fixture
 def broken(tiny, tmp_path):
     return save_checkpoint(tiny[1], str(tmp_path / "ckpt"), layout="hub")

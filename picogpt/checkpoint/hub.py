@@ -50,6 +50,11 @@ def resolve(name_or_path, revision=None, refresh=False):
         return _check_folder(folder)
     if name_or_path == "tiny":  # the small GPT-2 that ships inside the package: no network needed
         return _check_folder(TINY)
+    if os.path.exists(folder) and name_or_path not in ALIASES:  # a file: "no such folder" would mislead
+        raise CheckpointError(
+            f"{name_or_path} is a file, not a checkpoint folder: give a model name ({', '.join([*ALIASES, 'tiny'])}), "
+            "a hub repo id (org/name) or a folder holding config.json, model.safetensors, vocab.json and merges.txt"
+        )
     if local:
         raise CheckpointError(f"no such folder: {name_or_path}")
     return _download(ALIASES.get(name_or_path, name_or_path), revision, refresh)
