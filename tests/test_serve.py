@@ -5,6 +5,7 @@ each request sent alone. Every request loop is bounded in count and in time."""
 
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -13,7 +14,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from helpers import PICOGPT, expect_error, metric, start, stop
+from helpers import PICOGPT, assert_one_line_error, expect_error, metric, start, stop
 
 import picogpt
 
@@ -417,3 +418,15 @@ def test_ctrl_c_ends_running_streams_with_what_they_have():
         assert process.returncode == 0 and "Traceback" not in err, err
     finally:
         process.kill()
+
+
+def test_a_port_in_use_is_told_without_claiming_to_listen():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [PICOGPT, "serve", "--model", "tiny", "--port", str(port)], capture_output=True, text=True, timeout=120
+        )
+    assert result.returncode == 1 and "listening on" not in result.stderr and "loading" not in result.stderr
+    assert_one_line_error(result, f"127.0.0.1:{port}", "the port is in use", "--port")

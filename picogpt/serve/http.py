@@ -6,8 +6,10 @@ engine, once.
 """
 
 import asyncio
+import errno
 import json
 import logging
+import socket
 import threading
 import time
 import traceback
@@ -376,9 +378,21 @@ def serve(
     from .. import warmup
     from ..api import load
 
-    web, failed = app(name), []
+    web, failed, unbound = app(name), [], []
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            """Bind the port, then say so and start loading: a port that cannot be bound is told
+            alone, never after a line that claims it listens (uvicorn exits, the bind's OSError as
+            its context)."""
+            try:
+                await super().startup(sockets)
+            except SystemExit as e:
+                unbound.append(e.__context__)
+                raise
+            warn(f"loading {name}; listening on http://{host}:{port} (/health answers 503 until the model is ready)")
+            threading.Thread(target=loading, name="picogpt-load", daemon=True).start()
+
         def handle_exit(self, sig, frame):  # stop the engine first: running streams end and close
             web.state.stopping = True
             if web.state.worker is not None:
@@ -413,15 +427,25 @@ def serve(
             failed.append(e)
             server.should_exit = True
 
-    warn(f"loading {name}; listening on http://{host}:{port} (/health answers 503 until the model is ready)")
-    threading.Thread(target=loading, name="picogpt-load", daemon=True).start()
     try:
-        server.run()
+        server.run()  # binds, then startup above starts loading
     except SystemExit:  # uvicorn exits when it cannot bind
         server.started = False
     if failed:
         raise failed[0]
     if not server.started:
-        raise OSError(
-            f"could not listen on {host}:{port} (in use, or not an address here): pick another --port or --host"
-        )
+        raise OSError(cannot_listen(host, port, unbound[0] if unbound else None))
+
+
+def cannot_listen(host, port, error):
+    """The one line for a port uvicorn could not bind, from the bind's OSError (None: unknown)."""
+    where = f"could not listen on {host}:{port}"
+    code = getattr(error, "errno", None)
+    if code == errno.EADDRINUSE:
+        return f"{where}: the port is in use (by another server, or another picogpt serve): pick another --port"
+    if code == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges): pick another --port"
+    if code == errno.EADDRNOTAVAIL or isinstance(error, socket.gaierror):
+        return f"{where}: {host} is not an address of this machine: pick another --host (127.0.0.1, or 0.0.0.0 for every interface)"
+    why = (getattr(error, "strerror", None) or str(error)) if error is not None else "in use, or not an address here"
+    return f"{where} ({why}): pick another --port or --host"
