@@ -5,6 +5,7 @@ import contextlib
 import gc
 import json
 import os
+import secrets
 import signal
 import sys
 
@@ -106,7 +107,7 @@ def parser():
     g.add_argument("--top-k", type=int, default=FIELDS["top_k"].default, help="sample from the k most likely tokens only (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=FIELDS["top_p"].default, help="sample from the smallest set of tokens whose probability reaches p; 1 turns it off (default: %(default)s)")
     g.add_argument("--repetition-penalty", type=float, default=FIELDS["repetition_penalty"].default, help="divide the positive logits of tokens already in the text by P, multiply the negative ones, as transformers does; 1 turns it off (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text (default: a fresh one each run)")
+    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text (default: a fresh one each run, which --json and --jsonl report)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop before this text appears; may be given more than once (default: none)")
     g.add_argument("--num-samples", type=int, default=1, help="how many continuations, decoded together as one batch (sample i uses seed + i) and separated by a line of dashes (default: %(default)s)")
     g.add_argument("--json", action="store_true", help="print one JSON object per sample (text, token ids, finish reason, counts, timings) and nothing else")
@@ -186,6 +187,8 @@ def check(args):
         return
     if args.command != "generate":
         return
+    if args.seed is None:  # a seed of its own, reported (--json, --jsonl lines) so the run can be repeated
+        args.seed = secrets.randbits(32)
     args.params = sampling_params(args)
     if args.logprobs and not args.json:
         raise ValueError("--logprobs goes with --json: add --json")
@@ -311,7 +314,7 @@ def generate(args):
     params = args.params
     if args.json:  # one JSON object per sample, when the batch is done, and nothing else on stdout
         for i, sample in enumerate(model.complete([prompt] * args.num_samples, logprobs=args.logprobs, params=params)):
-            seed = None if args.seed is None else args.seed + i
+            seed = args.seed + i  # check drew one if --seed was not given
             print(
                 json.dumps({"sample": i, "seed": seed, **sample, "model": args.model, "dtype": model.dtype}), flush=True
             )

@@ -41,6 +41,19 @@ def test_prompt_from_stdin(tiny):
     )
 
 
+def test_json_without_a_seed_reports_the_one_it_drew():
+    args = ["generate", "The list", "--model", "tiny", "--json", "-n", "8", "-t", "1.0", "--num-samples", "2"]
+    first = run(*args)
+    assert first.returncode == 0, first.stderr
+    samples = [json.loads(line) for line in first.stdout.splitlines()]
+    seed = samples[0]["seed"]
+    assert isinstance(seed, int) and [s["seed"] for s in samples] == [seed, seed + 1]  # sample i: seed + i
+    again = [json.loads(line) for line in run(*args, "--seed", str(seed)).stdout.splitlines()]
+    assert [s["text"] for s in again] == [s["text"] for s in samples] and [s["seed"] for s in again] == [seed, seed + 1]
+    plain = run("generate", "The list", "--model", "tiny", "-n", "8", "-t", "1.0", "--seed", str(seed))
+    assert plain.stdout == samples[0]["text"] + "\n"
+
+
 def test_verbose_reports_speed_on_stderr(tiny):
     result = run("generate", "Hello", "--model", tiny[0], "-n", "5", "--verbose")
     assert result.returncode == 0 and "tokens/s" in result.stderr and "tokens/s" not in result.stdout

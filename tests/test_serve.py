@@ -237,6 +237,29 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
     )
 
 
+def test_a_request_without_a_seed_samples_with_a_drawn_one(model, monkeypatch):
+    """No seed: the server draws one (secrets.randbits) and samples choice i with it + i, as with a
+    given seed; the response keeps OpenAI's shape, with no field for it."""
+    from starlette.testclient import TestClient
+
+    from picogpt.serve import http as server
+
+    drawn = []
+    monkeypatch.setattr(server.secrets, "randbits", lambda bits: drawn.append(bits) or 1234)
+    web = server.app("tiny")
+    with TestClient(web) as http:
+        worker = server.ready(web, model, parallel=4, queue_size=4, chunk=16)
+        body = {"prompt": "The list", "max_tokens": 12, "n": 2, "temperature": 1, "top_k": None}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200 and "seed" not in r.json() and drawn == [32]
+        texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+        assert texts == [c["text"] for c in http.post("/v1/completions", json=body | {"seed": 1234}).json()["choices"]]
+        assert drawn == [32]  # a given seed is used as it is
+        worker.stop()
+    for i, text in enumerate(texts):
+        assert text == model.generate("The list", max_new_tokens=12, seed=1234 + i, top_k=None, temperature=1.0)
+
+
 def test_a_full_queue_answers_429_and_loading_503(model):
     """In the app itself (no port): a step that waits on a gate holds the one row while a second
     request comes, so the queue is full however fast the machine is; and before the engine starts,

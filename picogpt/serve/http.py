@@ -9,6 +9,7 @@ import asyncio
 import errno
 import json
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -181,13 +182,14 @@ async def completions(request):
         )
     job = Job(asyncio.get_running_loop(), arrived)
     texts = []
+    # No seed: one drawn here, used as a given one would be (OpenAI's response has no field to report it).
+    seed = o.params.seed if o.params.seed is not None else secrets.randbits(32)
     with worker.reserve(n_seq) as reservation:  # given back if anything below fails
         for p, (ids, text) in enumerate(prompts):
             scores = Logprobs(state.tokenizer, o.logprobs) if o.echo and o.logprobs is not None else None
             texts.append(state.tokenizer.decode(ids) if text is None else text)
             for i in range(o.n):  # choice i of a prompt samples with seed + i, as `picogpt generate --num-samples` does
-                seed = None if o.params.seed is None else o.params.seed + i
-                job.choices.append(Choice(job, p * o.n + i, ids, o, state.tokenizer, state.n_vocab, seed, scores))
+                job.choices.append(Choice(job, p * o.n + i, ids, o, state.tokenizer, state.n_vocab, seed + i, scores))
         worker.submit(job, reservation)
     n_prompt = sum(len(ids) for ids, _ in prompts)
     state.metrics.prompt_tokens.inc(n_prompt)
