@@ -294,7 +294,8 @@ def load(name_or_path="gpt2", backend="numba", dtype=None, revision=None, kv_dty
     dtype: the weight format to run in, "float32", "float16", "bfloat16" or "int8" (see formats.py);
     None keeps what the checkpoint holds (float32 for ordinary checkpoints, whatever their width on
     disk; the packed format of one written by `picogpt convert`). Another format than the stored one
-    is converted once and kept (converted.py), so later loads map it from the file.
+    is converted once and kept (converted.py), so later loads map it from the file; float16 or
+    bfloat16 asked of an ordinary checkpoint that stores its weights so already loads them as they are.
 
     kv_dtype: the KV cache's, for everything the model runs (generate, score, the server): "float32"
     (the default: logits as torch's), or "float16", half the cache's memory per sequence and the

@@ -98,6 +98,27 @@ def test_a_second_load_maps_the_copy_and_converts_nothing(tiny, cache, capsys, m
     assert np.array_equal(logits(again.params, again.config), logits(expected, again.config))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_checkpoint_stored_in_the_format_loads_as_it_is_and_writes_nothing(tmp_path, cache, capsys, dtype):
+    folder = save_checkpoint(random_gpt2(seed=8).to(getattr(torch, dtype)), str(tmp_path / dtype))
+    loaded = picogpt.load(folder, backend="numpy", dtype=dtype)
+    assert loaded.dtype == dtype and not os.path.exists(cache) and "converted" not in capsys.readouterr().err
+    assert_same_params(loaded.params, in_memory(folder, dtype))  # exactly what a converted copy holds
+    assert np.array_equal(logits(loaded.params, loaded.config), logits(in_memory(folder, dtype), loaded.config))
+    other = "bfloat16" if dtype == "float16" else "float16"
+    assert picogpt.load(folder, backend="numpy", dtype=other).dtype == other  # another format: converted and kept
+    assert os.listdir(cache) == [os.path.basename(converted.folder(folder, other))]
+
+
+def test_the_tiny_model_in_float16_writes_no_converted_copy(cache, capsys):
+    """The shipped tiny model is stored as float16: --dtype float16 runs it as it is."""
+    tiny = picogpt.load("tiny", dtype="float16")
+    assert tiny.dtype == "float16" and not os.path.exists(cache) and "converted" not in capsys.readouterr().err
+    expected = picogpt.Model(in_memory(tiny.folder, "float16"), tiny.config, tiny.tokenizer)  # the NumPy reference
+    options = dict(max_new_tokens=8, temperature=0.8, seed=4)
+    assert tiny.generate("The list", **options) == expected.generate("The list", **options)
+
+
 @pytest.mark.parametrize("source_dtype", ["float32", "int8"])
 def test_chunked_conversion_is_exact_for_odd_shapes(tmp_path, cache, monkeypatch, source_dtype):
     # n_embd 50 and n_inner 37 leave partial int8 blocks; a 1 kB chunk splits every matrix into many

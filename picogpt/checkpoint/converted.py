@@ -1,5 +1,7 @@
 """Converted copies: `load(name, dtype=D)` converts a checkpoint stored in another format once,
-keeps the result as an ordinary checkpoint folder and memory-maps it on every later start.
+keeps the result as an ordinary checkpoint folder and memory-maps it on every later start. An
+ordinary checkpoint whose linears and wte are already float16 (or bfloat16) loads in that format as
+it is, with no copy written (`as_stored`).
 
 Copies live in $PICOGPT_CACHE (else $XDG_CACHE_HOME/picogpt, else ~/.cache/picogpt), under
 converted/<model>-<dtype>-<12 hex of sha256(source folder's realpath, dtype)>/, laid out exactly as
@@ -119,6 +121,9 @@ def load_params(source, dtype=None):
     stored = weights.read_checkpoint(source)[1] or "float32"
     if dtype is None or dtype == stored:
         return weights.read_params(source)
+    held = as_stored(source, dtype)
+    if held is not None:
+        return held
     copy = folder(source, dtype)
     if valid(copy, source):
         with contextlib.suppress(weights.CheckpointError, OSError):  # damaged, or being replaced: written again below
@@ -134,6 +139,26 @@ def load_params(source, dtype=None):
         return formats.convert(params, dtype), config, dtype
     except formats.FormatError as e:
         raise weights.CheckpointError(f"{source}: {e}") from None
+
+
+def as_stored(source, dtype):
+    """(params, config, dtype) of an ordinary checkpoint whose block linears and wte are all stored in
+    `dtype` already (float16 or bfloat16: the tiny model, a checkpoint saved in half precision), packed
+    from their bits as they are: nothing is rounded, so these are exactly the weights a converted copy
+    would hold, and nothing is written. None for any other checkpoint."""
+    if dtype not in ("float16", "bfloat16"):
+        return None
+    config = weights.read_config(source)
+    tensors, packed = weights.read_checkpoint(source)
+    if packed is not None:  # written by picogpt convert in another format
+        return None
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    shapes, want = weights.expected_shapes(config), safetensors.VIEW[formats.FORMATS[dtype].tag]
+    names = weights.packed_names(config)
+    if not all(n in tensors and tensors[n].dtype == want and tuple(tensors[n].shape) == shapes[n] for n in names):
+        return None  # not all of them in dtype (or a shape wrong: the ordinary path says which)
+    tensors["wte.weight"] = np.ascontiguousarray(tensors["wte.weight"].T)  # a packed wte holds wte.T
+    return weights.to_params(tensors, config, source, packed=dtype), config, dtype
 
 
 def keep(source, dtype, copy):
