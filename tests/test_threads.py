@@ -2,6 +2,7 @@
 a container and out of it), and the controller that adapts the count, driven by simulated call times
 (no timed test: the clock and the seconds are the test's own)."""
 
+import json
 import os
 
 import pytest
@@ -267,3 +268,33 @@ def test_use_fixes_or_adapts_the_process_count():
         assert sum(control.calls.values()) == 0  # a failed call is not counted
     finally:
         threads.use()
+
+
+# ---- what the command line says ------------------------------------------------------------------------
+
+
+def test_info_and_verbose_say_the_threads_and_why(tiny):
+    import subprocess
+
+    from helpers import PICOGPT
+
+    def picogpt(*args, cpus=None):
+        return subprocess.run(
+            [PICOGPT, *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
+
+    cores = os.cpu_count()
+    info = picogpt("info", "--model", tiny[0])
+    assert info.returncode == 0, info.stderr
+    assert f"threads     {threads.available().n}" in info.stdout.splitlines()[-1]
+    pinned = picogpt("info", "--model", tiny[0], "--json", cpus={0})
+    assert json.loads(pinned.stdout)["threads"] == f"1 thread (1 of {cores} cores by CPU affinity)" or cores == 1
+    verbose = picogpt("generate", "x", "--model", tiny[0], "-n", "4", "-v", "--threads", "1")
+    assert verbose.returncode == 0 and verbose.stderr.rstrip().endswith("weights, 1 thread (--threads)"), verbose.stderr
+    adapted = picogpt("generate", "x", "--model", tiny[0], "-n", "4", "-v")
+    if threads.available().n > 1:
+        assert "at most" in adapted.stderr and "adapted to the load" in adapted.stderr
