@@ -64,6 +64,30 @@ def test_cached_decoding_equals_full_forward(checkpoint):
     assert np.abs(np.concatenate(cached) - full).max() <= 1e-4
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_cache_of_the_wrong_shape_is_one_value_error_naming_kv_cache(tiny, backend):
+    """kv_cache's last argument is n_embd: a cache made with head_dim there (as it once took) is told at
+    the edge, in one line, not deep in a kernel."""
+    model = picogpt.load(tiny[0], backend=backend)
+    c, ids = model.config, [464, 1351, 286]
+    n_layer, n_head, n_embd = c["n_layer"], c["n_head"], c["n_embd"]
+    head_dim = n_embd // n_head
+    wrong = picogpt.kv_cache(n_layer, n_head, c["n_positions"], head_dim)
+    with pytest.raises(ValueError) as e:
+        model.forward(ids, **model.params, n_head=n_head, cache=wrong)
+    message = str(e.value)
+    assert (
+        "\n" not in message and f"kv_cache(n_layer={n_layer}, n_head={n_head}, n_positions, n_embd={n_embd})" in message
+    )
+    assert f"not ({n_head}, n_positions, {head_dim})" in message and str(wrong[0][0].shape) in message
+    short = picogpt.kv_cache(n_layer, n_head, 2, n_embd)  # too few positions: told too, not written past its end
+    with pytest.raises(ValueError, match="holds 2 positions and the inputs run to position 3"):
+        model.forward(ids, **model.params, n_head=n_head, cache=short)
+    right = picogpt.kv_cache(n_layer, n_head, c["n_positions"], n_embd)
+    expected = model.forward(ids, **model.params, n_head=n_head)
+    assert np.abs(model.forward(ids, **model.params, n_head=n_head, cache=right) - expected).max() <= 1e-5
+
+
 def test_cached_decoding_across_the_sliding_window(tiny, capfd):
     """Every step's logits equal a full forward pass over the tokens in the window, through 3 slides."""
     folder, _ = tiny

@@ -245,6 +245,8 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, la
     [len(inputs), n_vocab], or with last=False after every new token, [n_tokens, n_vocab], or after
     the new tokens whose indices (among all n_tokens, in order) `keep` lists, [len(keep), n_vocab]."""
     inputs = [model.token_ids(ids, wte["weight"], wpe["weight"], p) for ids, p in zip(inputs, past)]
+    needed = max((p + len(ids) for ids, p in zip(inputs, past)), default=0)
+    model.check_cache(cache, len(h), n_head, wpe["weight"].shape[1], needed, rows)
     prepared = prepare(wte, h)
     lengths = [len(ids) for ids in inputs]
     ids = np.concatenate(inputs)
@@ -270,5 +272,6 @@ def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=F
     inputs = model.token_ids(inputs, wte["weight"], wpe["weight"], past)
     if cache is None:  # the kernels always attend over a cache: use a scratch one
         cache = model.kv_cache(len(h), n_head, past + len(inputs), wpe["weight"].shape[1])
+    model.check_cache(cache, len(h), n_head, wpe["weight"].shape[1], past + len(inputs))  # a user's, before [None]
     cache = [(k[None], v[None]) for k, v in cache]  # one sequence: row 0 of a batch cache
     return gpt2_rows([inputs], wte, wpe, h, ln_f, n_head, cache, rows=[0], past=[past], eps=eps, last=last)
