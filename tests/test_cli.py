@@ -181,7 +181,7 @@ def test_ctrl_c_keeps_what_was_printed(tiny):
 def test_threads_and_backends_give_the_same_text(tiny):
     args = ["generate", "Hello", "--model", tiny[0], "-n", "16", "--seed", "5", "-v"]
     one = run(*args, "--threads", "1")
-    assert one.returncode == 0 and "numba backend, float32 weights, 1 thread\n" in one.stderr
+    assert one.returncode == 0 and "numba backend, float32 weights, 1 thread (--threads)\n" in one.stderr
     two = run(*args, "--threads", "2")
     assert "numba backend, float32 weights, 2 threads" in two.stderr
     reference = run(*args, "--backend", "numpy")
