@@ -164,12 +164,13 @@ def shares(calls):
     return ", ".join(f"{n}: {100 * k / every:.0f}%" for n, k in sorted(total.items(), reverse=True) if k)
 
 
-def engines(folder, tmp, dtype, cores, with_llama):
-    """{name: spec} for one format: picogpt default and each fixed count, llama.cpp each count."""
+def engines(folder, base, tmp, dtype, cores, with_llama):
+    """{name: spec} for one format: picogpt default and each fixed count on `folder`, llama.cpp each
+    count on the GGUF of `base` (the float32 weights: llama.cpp's converter quantizes them itself)."""
     specs = {"picogpt default": f"picogpt::{folder}"}
     specs |= {f"picogpt {n}": f"picogpt:{n}:{folder}" for n in range(cores, 0, -1)}
     if with_llama:
-        path = llama_cpp_engine.gguf_files(folder, [LLAMA_TYPES[dtype]], out_dir=tmp)[LLAMA_TYPES[dtype]]
+        path = llama_cpp_engine.gguf_files(base, [LLAMA_TYPES[dtype]], out_dir=tmp)[LLAMA_TYPES[dtype]]
         specs |= {f"llama.cpp {n}": f"llama.cpp:{n}:{path}" for n in range(cores, 0, -1)}
     return specs
 
@@ -219,7 +220,7 @@ def main():
                     model = picogpt.load(base, dtype=dtype)
                     save_params(model.params, model.config, folder, base)
                     del model
-                specs = engines(folder, tmp, dtype, cores, args.llama)
+                specs = engines(folder, base, tmp, dtype, cores, args.llama)
                 names = list(specs)
                 print(f"\n{dtype}: decode tokens/s (copies: each, and their sum)")
                 print(

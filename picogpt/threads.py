@@ -11,10 +11,12 @@ too, a thread that still has work waits for a time slice while its partner spins
 at 0.57x one beside one busy process, at a quarter with two copies of picogpt. No count is right for
 every load, and the load comes and goes, so the controller measures: each kind of call (its number
 of tokens, to a power of two) keeps a moving average of its seconds on the count in use, and now and
-then tries the next count down or up for PROBE calls. A count whose calls are HYSTERESIS faster takes
-over. The tries grow rarer while the choice holds (every 4, 8, ... up to EVERY calls) and frequent
-again when the calls' times move, so an idle machine pays about 1% for them and a change of load is
-found within a second or two.
+then tries the next count up or down the ladder for PROBE calls; one HYSTERESIS faster takes over.
+`Spare` says whether a try can pay: more threads are tried only when /proc/stat shows the machine
+leaving this process the CPUs for them, so beside a busy neighbour no call is spent on tries that
+cannot win; fewer are tried when the CPUs in use are not left free, when SLOW calls in a row are
+MOVED times slower than their average, and otherwise from 16 calls in up to every EVERY, so an idle
+machine pays about 1% for them.
 """
 
 import math
@@ -28,7 +30,7 @@ CHECK = 8  # calls between looks at the spare CPUs while no count is worth a try
 EVERY = 64  # the most calls between tries while the choice holds: idle, a try of the slower count costs about 1%
 HYSTERESIS = 0.08  # a tried count takes over when its calls are this much faster
 WEIGHT = 0.25  # a new call's weight in its count's moving average
-MOVED, SLOW = 1.5, 3  # SLOW calls in a row this many times slower than the average: the load came, try now
+MOVED, SLOW = 1.5, 2  # SLOW calls in a row this many times slower than the average: the load came
 STALE = 5.0  # seconds after which a kind of call unseen since is measured afresh
 
 
@@ -137,7 +139,9 @@ class Spare:
 
     def __init__(self, root="/", cpus=None, clock=time.monotonic):
         self.root, self.clock = root, clock
-        self.cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
+        if cpus is None:
+            cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        self.cpus = set(cpus)
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.last, self.spare = self._read(), float(len(self.cpus))
 
@@ -197,9 +201,9 @@ class Adaptive:
         using = {k: kind.using for k, kind in self.kinds.items()}
         return f"<picogpt.threads.Adaptive: up to {self.most}; in use by kind of call {using}>"
 
-    def fits(self, free):
-        """The largest count that the CPUs left to this process hold (half a CPU's slack)."""
-        return max([n for n in self.counts if n <= free + 0.5], default=1)
+    def fits(self, free, slack=0.5):
+        """The largest count that the CPUs left to this process hold, give or take `slack` of a CPU."""
+        return max([n for n in self.counts if n <= free + slack], default=1)
 
     def choose(self, key):
         """The thread count for the next call of kind `key`."""
@@ -209,21 +213,25 @@ class Adaptive:
         if kind is None or self.clock() - kind.seen > STALE:
             kind = self.kinds[key] = Kind(self.fits(self.spare()))
         elif kind.trying is None and kind.since >= kind.due:
-            kind.trying = self._next(kind)
-            if kind.trying is None:  # nothing worth a try now: look again soon
-                kind.due = kind.since + CHECK
+            self._look(kind)
         return kind.using if kind.trying is None else kind.trying
 
-    def _next(self, kind):
-        """The count to try next, or None: one up the ladder if the machine leaves the CPUs for it; one
-        down if it does not leave those in use, and every EVERY calls regardless (a neighbour's load
-        that /proc/stat does not show, such as a hypervisor's that it does not count as steal)."""
-        i, fits = self.counts.index(kind.using), self.fits(self.spare())
-        if i + 1 < len(self.counts) and self.counts[i + 1] <= fits:
-            return self.counts[i + 1]
-        if i and (fits < kind.using or kind.since >= min(4 * kind.every, EVERY)):
-            return self.counts[i - 1]
-        return None
+    def _look(self, kind):
+        """What to do next on kind's calls: try one count up the ladder if the machine leaves the CPUs
+        for it; go one down at once if it does not leave those in use; try one down now and then
+        regardless, from 16 calls in up to every EVERY (a neighbour's load that /proc/stat does not
+        show, such as a hypervisor's that it does not count as steal); else look again soon."""
+        i, free = self.counts.index(kind.using), self.spare()
+        # a band between going down and trying up: /proc/stat's figure over a few calls is noisy,
+        # and a try of more threads beside a neighbour's busy thread costs time slices
+        if i + 1 < len(self.counts) and self.counts[i + 1] <= self.fits(free, slack=0.25):
+            kind.trying = self.counts[i + 1]
+        elif i and self.fits(free) < kind.using:
+            self._down(kind)
+        elif i and kind.since >= min(4 * kind.every, EVERY):
+            kind.trying = self.counts[i - 1]
+        else:
+            kind.due = kind.since + CHECK
 
     def took(self, key, n, seconds):
         """A call of kind `key` on n threads took `seconds`."""
@@ -236,21 +244,31 @@ class Adaptive:
             kind.tried.append(seconds)
             if len(kind.tried) < PROBE:
                 return
-            mean, before = sum(kind.tried) / len(kind.tried), kind.seconds[kind.using]
+            mean, before = sum(kind.tried) / len(kind.tried), kind.seconds.get(kind.using)
             kind.seconds[n] = mean  # a try's own figure: the latest there is of that count
             kind.trying, kind.tried, kind.since = None, [], 0
-            if mean < before * (1 - HYSTERESIS):
+            if before is not None and mean < before * (1 - HYSTERESIS):
                 kind.using, kind.every = n, FIRST
             else:
                 kind.every = min(2 * kind.every, EVERY)
             kind.due = kind.every
         elif n == kind.using:
-            average = kind.seconds.get(n, seconds)
+            average = kind.seconds.get(n) or seconds
             kind.slow = kind.slow + 1 if seconds > MOVED * average else 0
-            if kind.slow >= SLOW:  # the load came: look for another count now
-                kind.due, kind.every, kind.slow = kind.since, FIRST, 0
             kind.seconds[n] = (1 - WEIGHT) * average + WEIGHT * seconds
             kind.since += 1
+            if kind.slow >= SLOW:  # the load came: fewer threads now (a try of more follows if CPUs are spare)
+                self._down(kind)
+
+    def _down(self, kind):
+        """One count down the ladder at once, without a try: a neighbour's load is what made the calls
+        slow, and each call on too many threads costs time slices; more are tried again when the
+        CPUs are spare (one call in `FIRST` looks)."""
+        i = self.counts.index(kind.using)
+        if i:
+            kind.using = self.counts[i - 1]
+            kind.seconds[kind.using] = None
+        kind.trying, kind.tried, kind.since, kind.due, kind.every, kind.slow = None, [], 0, FIRST, FIRST, 0
 
 
 SPARE = Spare()  # read from here on: the first kernels' call knows what the machine did while the model loaded
