@@ -10,13 +10,13 @@ order of a hundred parallel regions, each ending in a barrier; when another proc
 too, a thread that still has work waits for a time slice while its partner spins, and two threads ran
 at 0.57x one beside one busy process, at a quarter with two copies of picogpt. No count is right for
 every load, and the load comes and goes, so the controller measures: each kind of call (its number
-of tokens, to a power of two) keeps a moving average of its seconds on the count in use, and now and
-then tries the next count up or down the ladder for PROBE calls; one HYSTERESIS faster takes over.
-`Spare` says whether a try can pay: more threads are tried only when /proc/stat shows the machine
-leaving this process the CPUs for them, so beside a busy neighbour no call is spent on tries that
-cannot win; fewer are tried when the CPUs in use are not left free, when SLOW calls in a row are
-MOVED times slower than their average, and otherwise from 16 calls in up to every EVERY, so an idle
-machine pays about 1% for them.
+of tokens, to a power of two) keeps a moving average of its seconds on the count in use. A
+neighbour's load moves the count one down the ladder at once, with no try (a call on too many threads
+costs time slices): when SLOW calls in a row are MOVED times slower than their average, or when
+`Spare` (from /proc/stat) shows the CPUs in use taken. One count up is tried for PROBE calls only when
+`Spare` shows the CPUs for it left free, and takes over if HYSTERESIS faster; so beside a busy
+neighbour no call is spent on a try that cannot win. One down is also tried now and then whatever
+/proc/stat says, from 16 calls in up to every EVERY: idle, about 1% of the calls.
 """
 
 import math
