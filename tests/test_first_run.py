@@ -159,6 +159,8 @@ def test_ctrl_c_is_clean_at_any_moment(command, long_text, larger, tmp_path):
     whole = subprocess.run([PICOGPT, *args], capture_output=True, text=True, env=env)
     took = time.perf_counter() - start
     assert whole.returncode == 0, whole.stderr
+    if took < 0.3:  # info --check scans 120 MB in 0.17 s on an AVX-512 host: done before a Ctrl-C may land
+        pytest.skip(f"{command} took {took:.2f} s: no moment after Python's start to cut it short")
     # From 0.25 s on: before that, Python is starting and importing picogpt.cli (70 to 80 ms on an idle
     # 2-core VM, more on a busy one; a run at 0.08 s failed so), and a Ctrl-C ends it as it does any program
     rng, interrupted, latest = random.Random(command), 0, took
@@ -318,7 +320,7 @@ def test_more_threads_than_cores_are_clamped_with_a_note(tiny):
     r = run("generate", "hi", "--model", tiny[0], "-n", "2", "--threads", "64", "-v")
     cores = cli.cores()
     assert r.returncode == 0 and f"--threads 64 is more than the {cores} core" in r.stderr, r.stderr
-    assert f"{cli.plural(cores, 'thread')}\n" in r.stderr
+    assert f"{cli.plural(cores, 'thread')} (--threads)\n" in r.stderr
 
 
 def test_wording(tiny, tmp_path):
