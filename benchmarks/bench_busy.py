@@ -32,7 +32,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # as importing picogpt do
 
 import llama_cpp_engine
 import numpy as np
-from compare_torch import SHAPES, random_checkpoint
+from compare_torch import SHAPES, converted, random_checkpoint
 from workers import Worker, serve
 
 LLAMA_TYPES = {"float32": "f32", "int8": "q8_0"}
@@ -192,7 +192,6 @@ def main():
     args = p.parse_args()
 
     from picogpt import threads
-    from picogpt.checkpoint.params import save_params
     from picogpt.kernels import target
 
     cores = threads.available().n
@@ -212,14 +211,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             base = random_checkpoint(args.size, os.path.join(tmp, "float32"))
             for dtype in args.dtypes:
-                folder = base
-                if dtype != "float32":
-                    import picogpt
-
-                    folder = os.path.join(tmp, dtype)
-                    model = picogpt.load(base, dtype=dtype)
-                    save_params(model.params, model.config, folder, base)
-                    del model
+                folder = converted(base, dtype, os.path.join(tmp, dtype))
                 specs = engines(folder, base, tmp, dtype, cores, args.llama)
                 names = list(specs)
                 print(f"\n{dtype}: decode tokens/s (copies: each, and their sum)")

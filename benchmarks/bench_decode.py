@@ -34,11 +34,10 @@ import llama_cpp_engine
 import numpy as np
 import torch
 import transformers
-from compare_torch import SHAPES, best_of, measure, random_checkpoint
+from compare_torch import SHAPES, best_of, converted, measure, random_checkpoint
 
 import picogpt
 from picogpt import formats
-from picogpt.checkpoint.params import save_params
 
 # Each child prints its own peak RSS (VmHWM, in KiB) last: ru_maxrss of a child would also count the
 # pages it shared with this process between fork and exec.
@@ -83,12 +82,7 @@ def families(folder, tmp, dtypes, with_llama):
     converted here once, into folders of their own, and run from there as after `picogpt convert`."""
     found = {"picogpt": {}, "torch": {"torch float32": f"torch::{folder}"}}
     for dtype in dtypes:
-        where = folder
-        if dtype != "float32":
-            where = os.path.join(tmp, dtype)
-            model = picogpt.load(folder, dtype=dtype)
-            save_params(model.params, model.config, where, folder)
-            del model
+        where = converted(folder, dtype, os.path.join(tmp, dtype))
         found["picogpt"][f"picogpt {dtype}"] = f"picogpt:numba:{where}"
     if with_llama:
         paths = llama_cpp_engine.gguf_files(folder, [LLAMA_TYPES[d] for d in dtypes if d in LLAMA_TYPES], out_dir=tmp)

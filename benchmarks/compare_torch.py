@@ -41,6 +41,17 @@ def random_checkpoint(name, folder):
     return save_checkpoint(transformers.GPT2LMHeadModel(config).eval(), folder)
 
 
+def converted(folder, dtype, where):
+    """The checkpoint `folder` in `dtype`: written once into `where` as `picogpt convert` writes it
+    (float32: `folder` itself)."""
+    if dtype == "float32":
+        return folder
+    from picogpt.checkpoint import converted as convert
+
+    convert.write(folder, dtype, where)
+    return where
+
+
 def seconds(fn):
     start = time.perf_counter()
     fn()
