@@ -240,18 +240,25 @@ def test_clients_that_leave_are_cancelled_at_once_and_logged_with_what_they_got(
     dropped after some chunks is logged with the tokens those chunks held (before: 0)."""
     process, url = start("--parallel", "8", "--queue", "64", "--chunk", "16")
     try:
-        # 64 sequences of 250 tokens on 8 rows: eight waves, many seconds of work
+        # 64 sequences of 250 tokens on 8 rows: eight waves; the client leaves after about one wave
+        # (four are allowed), timed on this host first (a fast host decoded over 4000 tokens in a fixed second)
         body = {"prompt": "The", "max_tokens": 250, "n": 64, "logit_bias": {"4095": -100}}
+        waves = []
+        for _ in range(2):  # the faster of two, the first being warm-up
+            began = time.monotonic()
+            assert httpx.post(f"{url}/v1/completions", json=body | {"n": 8}, timeout=60).status_code == 200
+            waves.append(time.monotonic() - began)
+        wave = min(waves)
         before = metric(url, "picogpt_generation_tokens_total")
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/completions", json=body, timeout=1.0)
+            httpx.post(f"{url}/v1/completions", json=body, timeout=wave)
         left = time.monotonic()
         while metric(url, "picogpt_sequences_reserved") and time.monotonic() - left < 10:
             time.sleep(0.01)
         gone_after = time.monotonic() - left
         assert metric(url, "picogpt_sequences_reserved") == 0 and metric(url, "picogpt_sequences_running") == 0
         decoded = metric(url, "picogpt_generation_tokens_total") - before
-        assert gone_after < 1.0 and decoded < 64 * 250 / 4, (gone_after, decoded)
+        assert gone_after < 1.0 and decoded < 64 * 250 / 2, (gone_after, decoded, wave)
         time.sleep(0.5)
         assert metric(url, "picogpt_generation_tokens_total") - before == decoded  # nothing more for nobody
         assert metric(url, 'picogpt_requests_total{status="499"}') == 1
