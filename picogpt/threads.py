@@ -32,6 +32,7 @@ HYSTERESIS = 0.08  # a tried count takes over when its calls are this much faste
 WEIGHT = 0.25  # a new call's weight in its count's moving average
 MOVED, SLOW = 1.5, 2  # SLOW calls in a row this many times slower than the average: the load came
 STALE = 5.0  # seconds after which a kind of call unseen since is measured afresh
+GAP = 0.05  # seconds after which a kind of call unseen since asks /proc/stat before it runs (a prompt between tokens)
 
 
 class Cpus(NamedTuple):
@@ -161,8 +162,10 @@ class Spare:
 
     def free(self, window=0.05):
         """The CPUs left to this process on average since the last reading at least `window` s ago."""
+        if self.last is not None and self.clock() - self.last[0] < window:
+            return self.spare  # not read again: a look per call would cost 26 us
         now = self._read()
-        if now is None or self.last is None or now[0] - self.last[0] < window:
+        if now is None or self.last is None:
             return self.spare
         (then, busy0, mine0), (when, busy1, mine1) = self.last, now
         others = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / (when - then)
@@ -214,6 +217,8 @@ class Adaptive:
             kind = self.kinds[key] = Kind(self.fits(self.spare()))
         elif kind.trying is None and kind.since >= kind.due:
             self._look(kind)
+        elif kind.trying is None and self.clock() - kind.seen > GAP and self.fits(self.spare()) < kind.using:
+            self._down(kind)  # a rare kind's own times are old: the load came meanwhile (two copies' prompts)
         return kind.using if kind.trying is None else kind.trying
 
     def _look(self, kind):

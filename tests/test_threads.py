@@ -246,6 +246,25 @@ def test_a_kind_unseen_for_long_is_measured_afresh():
     assert control.choose("decode") == 1
 
 
+def test_a_rare_kind_asks_the_spare_cpus_after_a_gap():
+    """A prompt between tokens (two copies each starting a generation): its kind last ran on two threads
+    while the machine was idle; when it comes again after a gap and /proc/stat shows a neighbour, it
+    runs on one at once, not after two slow calls (the calls of a kind that keeps running never ask
+    between its looks)."""
+    now, spare = [0.0], [2.0]
+    control = controller(spare=lambda: spare[0], clock=lambda: now[0])
+    for key in ("prompt", "decode"):
+        control.took(key, control.choose(key), 0.01)
+    assert control.choose("prompt") == 2
+    spare[0] = 1.0
+    assert control.choose("decode") == 2  # seen just now: its own times still speak for it
+    now[0] += threads.GAP * 2
+    assert control.choose("prompt") == 1
+    spare[0] = 2.0  # and more is only tried, never taken, when the CPUs come back
+    now[0] += threads.GAP * 2
+    assert control.choose("prompt") == 1
+
+
 def test_fixed_count_is_never_changed():
     control = threads.Adaptive(4, fixed=3, clock=lambda: 0.0)
     used, _ = drive(control, lambda i, n: 1.0 if n == 3 else 0.001, 100)
