@@ -11,6 +11,7 @@ from . import tokenizer as tok
 from .checkpoint import converted, hub
 from .checkpoint import params as weights
 from .engine import Engine, decode_rows, rows_one_by_one
+from .inside import Inside
 from .log import warn
 from .options import SamplingParams
 from .text import detokenizer
@@ -34,7 +35,7 @@ def sampling_params(params, options):
 
 
 @dataclass(repr=False)
-class Model:
+class Model(Inside):
     """A loaded checkpoint: `.params` (nested HF-layout dict), `.config` (config.json), `.tokenizer` (tiktoken)."""
 
     params: dict
@@ -61,17 +62,21 @@ class Model:
         """The weight format of the block linears and wte: float32, float16, bfloat16 or int8."""
         return formats.dtype_of(self.params["wte"]["weight"])
 
-    def stream(self, prompt, params=None, stats=None, **options):
+    def stream(self, prompt, params=None, stats=None, hooks=(), steer=None, **options):
         """Yield the continuation of `prompt` piece by piece as it is decoded, sampled as `params` (a
         SamplingParams) or the keyword `options` (its fields: max_new_tokens=50, temperature=1.0,
         top_k=50, top_p=1.0, seed=None, stop=None, repetition_penalty=1.0, ...) say.
 
         `prompt` may also be a list of prompts, decoded together as one batch: then the pieces come as
         (i, piece) pairs, i the prompt's index, and prompt i samples with its own random stream, seed + i,
-        so it gets the text a single run with seed + i gives."""
+        so it gets the text a single run with seed + i gives.
+
+        hooks: [(name or filter, fn)] at TransformerLens's hook points on every step, as run_with_hooks
+        takes them (the hooks see each step's new positions only); steer: a picogpt.inside.Steer, a
+        vector added to the residual stream (docs/inside.md)."""
         batch = not isinstance(prompt, str)
         for row, _, piece, _ in self._decode(
-            prompt if batch else [prompt], sampling_params(params, options), stats=stats
+            prompt if batch else [prompt], sampling_params(params, options), stats=stats, hooks=hooks, steer=steer
         ):
             if piece:
                 yield (row, piece) if batch else piece
@@ -86,7 +91,7 @@ class Model:
             texts[row] += piece
         return texts
 
-    def complete(self, prompts, logprobs=False, params=None, **options):
+    def complete(self, prompts, logprobs=False, params=None, hooks=(), steer=None, **options):
         """Everything about each continuation of a list of prompts (one batch; `stream`'s options): a
         list of dicts with the text, token_ids (the new tokens, without a final <|endoftext|>),
         finish_reason ("length", "eos" or "stop"), prompt_tokens, generated_tokens (counting that
@@ -101,7 +106,7 @@ class Model:
             dict(text="", token_ids=[], finish_reason="length", prompt_tokens=0, generated_tokens=0) for _ in prompts
         ]
         for row, token, piece, finish in self._decode(
-            prompts, sampling_params(params, options), stats=stats, logprobs=chosen
+            prompts, sampling_params(params, options), stats=stats, logprobs=chosen, hooks=hooks, steer=steer
         ):
             out[row]["text"] += piece
             if token is not None:
@@ -116,7 +121,7 @@ class Model:
                 o["logprobs"] = chosen[row][: len(o["token_ids"])]
         return out
 
-    def _decode(self, prompts, params, stats=None, logprobs=None):
+    def _decode(self, prompts, params, stats=None, logprobs=None, hooks=(), steer=None):
         """Decode a list of prompts as one batch, as `params` says. Yield (row, token, piece, finish) for
         every new token: piece the new text (maybe ""), finish None, "eos" or "stop"; then (row, None,
         piece, "length") for each row that used up max_new_tokens. logprobs: a list per row to append
@@ -140,7 +145,7 @@ class Model:
 
         texts = [detokenizer(self.tokenizer, params.stop) for _ in prompts]
         stopped = set()  # rows at end of text or a stop string: decode_rows drops them
-        forward_rows = self.forward_rows or rows_one_by_one(self.forward)
+        forward_rows = self.rows_with(hooks, steer)
         max_new_tokens = params.max_new_tokens
         if max_new_tokens:  # compile every kernel this will need now, not at the prompt and again after it
             compiled = warmup.warm_up(self, ids, max_new_tokens, say=warn)
@@ -168,17 +173,18 @@ class Model:
             if row not in stopped:
                 yield row, None, texts[row](None)[0], "length"
 
-    def generate_many(self, prompts, params=None, rows=8, start=0, **options):
+    def generate_many(self, prompts, params=None, rows=8, start=0, hooks=(), steer=None, **options):
         """Model.generate over any number of prompts (an iterable of strings), decoded `rows` at a time
         with continuous batching: a row that finishes takes the next prompt at once. Yields a dict for
         each prompt, in order: text, finish_reason ("length", "eos" or "stop"), prompt_tokens,
         generated_tokens, seed. Prompt i samples with seed + i, so its text is the one
         `generate(prompt, seed=seed + i)` gives, whatever the batching. Memory stays bounded: finished
         texts wait for the ones before them, and no more than 64 per row are held. start: the number
-        of the first prompt (a run resumed after `start` prompts). A prompt None gets None."""
+        of the first prompt (a run resumed after `start` prompts). A prompt None gets None. hooks,
+        steer: as `stream`'s."""
         params = sampling_params(params, options)
         eot, n_vocab = self.tokenizer.eot_token, self.tokenizer.n_vocab
-        forward_rows = self.forward_rows or rows_one_by_one(self.forward)
+        forward_rows = self.rows_with(hooks, steer)
         engine = Engine(forward_rows, self.params, self.config, rows, eot=eot, say=warn, kv_dtype=self.kv_dtype)
         prompts, running, done, first, next_i, end = iter(prompts), {}, {}, start, start, object()
         while True:

@@ -115,6 +115,9 @@ def parser():
     g.add_argument("--verbose", "-v", action="store_true", help="print prompt and generation speed (tokens/s) to stderr (default: off)")
     corpus_options(g, "prompt", "each line's continuation: id, text, finish_reason, prompt_tokens, generated_tokens, seed (line i, counting from 0, samples with --seed + i)")
     g.add_argument("--rows", type=int, default=8, help="with --jsonl: prompts decoded together; a finished row takes the next prompt at once (default: %(default)s)")
+    g.add_argument("--steer", metavar="FILE.npy", default=None, help="add this vector (a NumPy .npy file of n_embd numbers, for instance from Model.direction) to the residual stream at every position, as llama.cpp's control vectors do; see docs/inside.md")
+    g.add_argument("--steer-layer", type=int, default=None, metavar="L", help="with --steer: add it before block L (its hook_resid_pre; default: the middle block)")
+    g.add_argument("--steer-scale", type=float, default=1.0, metavar="S", help="with --steer: multiply it by S first (default: %(default)s)")
     s = commands.add_parser("score", help="perplexity of a text file", description="Score FILE's text: token count, mean negative log-likelihood, perplexity, bits per byte. Texts longer than the context slide a window of the context length by --stride tokens.")
     s.add_argument("file", nargs="?", help="a UTF-8 text file, or - for standard input")
     model_options(s)
@@ -192,8 +195,47 @@ def check(args):
     args.params = sampling_params(args)
     if args.logprobs and not args.json:
         raise ValueError("--logprobs goes with --json: add --json")
+    args.steer_vector = steer_vector(args)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+
+
+def steer_vector(args):
+    """--steer's vector, read now (its length and layer are checked against the model once loaded)."""
+    if args.steer is not None and getattr(args, "ray", False):
+        raise ValueError("--steer does not go with --ray (the actors load their own models): run without --ray")
+    if args.steer is None:
+        if args.steer_layer is not None or args.steer_scale != 1.0:
+            raise ValueError("--steer-layer and --steer-scale go with --steer FILE.npy: add it")
+        return None
+    import numpy as np
+
+    try:
+        vector = np.load(args.steer, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(
+            f"--steer {args.steer}: not a NumPy .npy file of numbers ({e}); write one with numpy.save"
+        ) from None
+    if vector.ndim != 1 or vector.dtype.kind not in "fiu" or not np.isfinite(vector).all():
+        raise ValueError(
+            f"--steer {args.steer}: it must hold one row of finite numbers, got {vector.dtype} {vector.shape}"
+        )
+    if not np.isfinite(args.steer_scale):
+        raise ValueError(f"--steer-scale must be a finite number, got {args.steer_scale}")
+    return vector
+
+
+def steer_of(args, model):
+    """The Steer --steer asks for, on the loaded model: BadOption (exit 2) if it does not fit."""
+    if getattr(args, "steer_vector", None) is None:
+        return None
+    from .inside import Steer
+
+    layer = model.config["n_layer"] // 2 if args.steer_layer is None else args.steer_layer
+    try:
+        return Steer(args.steer_vector, layer, args.steer_scale).checked(model.config)
+    except ValueError as e:
+        raise BadOption(f"--steer: {e}") from None
 
 
 def check_corpus(args):
@@ -278,7 +320,9 @@ def corpus(args):
                 args.model, backend=args.backend, dtype=args.dtype, revision=args.revision, kv_dtype=args.kv_dtype
             )
             counts = (
-                corpus.score(model, job, progress) if scoring else corpus.generate(model, job, args.params, progress)
+                corpus.score(model, job, progress)
+                if scoring
+                else corpus.generate(model, job, args.params, progress, steer=steer_of(args, model))
             )
     except corpus.CorpusError as e:
         raise Failed(str(e)) from None
@@ -311,9 +355,10 @@ def generate(args):
 
     prompt = read_text("-") if args.prompt == "-" else args.prompt
     model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision, kv_dtype=args.kv_dtype)
-    params = args.params
+    params, steer = args.params, steer_of(args, model)
     if args.json:  # one JSON object per sample, when the batch is done, and nothing else on stdout
-        for i, sample in enumerate(model.complete([prompt] * args.num_samples, logprobs=args.logprobs, params=params)):
+        samples = model.complete([prompt] * args.num_samples, logprobs=args.logprobs, params=params, steer=steer)
+        for i, sample in enumerate(samples):
             seed = args.seed + i  # check drew one if --seed was not given
             print(
                 json.dumps({"sample": i, "seed": seed, **sample, "model": args.model, "dtype": model.dtype}), flush=True
@@ -322,7 +367,7 @@ def generate(args):
     stats, later = {}, [""] * args.num_samples
     # --num-samples N: one batch of N rows, row i sampled with seed + i. Row 0 streams as it is decoded,
     # the others print when the batch is done (they finish at about the same time).
-    for row, piece in model.stream([prompt] * args.num_samples, params, stats=stats):
+    for row, piece in model.stream([prompt] * args.num_samples, params, stats=stats, steer=steer):
         checkpoint()
         if row == 0:
             print(piece, end="", flush=True)

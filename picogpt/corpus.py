@@ -207,10 +207,13 @@ def score(model, job, progress=None):
     return run(job, lambda texts, done: model.score_many((t or "" for t in texts), job.stride, skip=done), progress)
 
 
-def generate(model, job, params, progress=None):
-    """Continue every prompt of the job's input on `model` (Model.generate_many); returns the Counts."""
+def generate(model, job, params, progress=None, steer=None):
+    """Continue every prompt of the job's input on `model` (Model.generate_many, steered if asked);
+    returns the Counts."""
     return run(
         job,
-        lambda texts, done: model.generate_many(itertools.islice(texts, done, None), params, rows=job.rows, start=done),
+        lambda texts, done: model.generate_many(
+            itertools.islice(texts, done, None), params, rows=job.rows, start=done, steer=steer
+        ),
         progress,
     )

@@ -239,11 +239,12 @@ def adapted(forward):
 
 @interruptible
 @adapted
-def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, last=True, keep=None):
+def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, last=True, keep=None, steer=None):
     """Many sequences: sequence s continues row rows[s] of the batch cache, which holds past[s] tokens,
     with the token ids inputs[s]. Returns the logits after each sequence's last new token,
     [len(inputs), n_vocab], or with last=False after every new token, [n_tokens, n_vocab], or after
-    the new tokens whose indices (among all n_tokens, in order) `keep` lists, [len(keep), n_vocab]."""
+    the new tokens whose indices (among all n_tokens, in order) `keep` lists, [len(keep), n_vocab].
+    steer: {block: vector [n_embd]} added to the residual stream before those blocks (inside.Steer)."""
     inputs = [model.token_ids(ids, wte["weight"], wpe["weight"], p) for ids, p in zip(inputs, past)]
     needed = max((p + len(ids) for ids, p in zip(inputs, past)), default=0)
     model.check_cache(cache, len(h), n_head, wpe["weight"].shape[1], needed, rows)
@@ -255,10 +256,12 @@ def gpt2_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, la
     if len(ids) <= rows_max(h[0]["attn"]["c_attn"]["weight"]):
         # each token a row of block_rows at its own position: one compiled call per layer
         rows_, n_threads = np.repeat(np.asarray(rows, np.int64), lengths), numba.get_num_threads()
-        for (k_cache, v_cache), lay in zip(cache, prepared.layers):
+        for i, ((k_cache, v_cache), lay) in enumerate(zip(cache, prepared.layers)):
+            x = x if steer is None or i not in steer else x + steer[i]
             x = block_rows(x, lay, bits(k_cache), bits(v_cache), rows_, positions, eps, n_threads)
     else:  # many tokens of a float format: BLAS, attention prompt by prompt
-        for kv, lay in zip(cache, prepared.layers):
+        for i, (kv, lay) in enumerate(zip(cache, prepared.layers)):
+            x = x if steer is None or i not in steer else x + steer[i]
             x = transformer_block(x, lay, n_head=n_head, eps=eps, kv=kv, rows=rows, past=past, lengths=lengths)
     if keep is not None or last:  # the lm_head only on the rows whose logits are wanted
         x = np.ascontiguousarray(x[np.cumsum(lengths) - 1 if keep is None else keep])
