@@ -68,12 +68,16 @@ def random_ids(rng, n_vocab, shape):
 # ---- every hook point, against TransformerLens -------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["small", "gpt2_shaped"])
+@pytest.mark.parametrize("which", ["small", "shipped", "gpt2_shaped"])
 def test_every_hook_point_matches_transformer_lens(which, request):
-    made = request.getfixturevalue(which)
-    folder, m = made[0], made[2]
+    if which == "shipped":  # the tiny model in the package: trained weights, stored in float16
+        m = picogpt.load("tiny")
+        folder = m.folder
+    else:
+        made = request.getfixturevalue(which)
+        folder, m = made[0], made[2]
     tl = bridge(folder)
-    ids = random_ids(np.random.default_rng(0), 50257, (2, 24))
+    ids = random_ids(np.random.default_rng(0), m.config["vocab_size"], (2, 24))
     tl_logits, theirs = tl_cache(tl, ids)
     logits, mine = m.run_with_cache(ids)
     names = hook_names(m.config["n_layer"])
