@@ -69,11 +69,12 @@ def per_client(concurrency, requests):
 # ---- the load ------------------------------------------------------------------------------------------
 
 
-def prompt(rng, tokenizer):
+def prompt(rng, tokenizer, shared=()):
     """Random ids of a random length, as (ids, text) that encode and decode to each other: random ids
-    are rarely what the tokenizer makes of their text, and llama.cpp's server reads text only."""
-    n = int(rng.integers(16, 513))
-    ids = rng.integers(0, EOT, n).tolist()  # no <|endoftext|> in the prompt
+    are rarely what the tokenizer makes of their text, and llama.cpp's server reads text only. With
+    `shared` ids: those, then 32 of its own (--shared)."""
+    n = int(rng.integers(16, 513)) if not len(shared) else len(shared) + 32
+    ids = list(shared) + rng.integers(0, EOT, n - len(shared)).tolist()  # no <|endoftext|> in the prompt
     for _ in range(10):  # cutting to n tokens can split a character: encode again until it fits
         text = tokenizer.decode(ids[:n])
         ids = tokenizer.encode(text, allowed_special="all")
@@ -82,16 +83,31 @@ def prompt(rng, tokenizer):
     return ids, text
 
 
-def plan(concurrency, n_requests, think, tokenizer):
-    """For each client, its requests: (wait before, ids, text, max_tokens); the same for every server."""
+def plan(concurrency, n_requests, think, tokenizer, shared=0):
+    """For each client, its requests: (wait before, ids, text, max_tokens); the same for every server.
+    shared: every prompt begins with the same `shared` tokens (a few-shot preamble), then 32 of its
+    own, and asks 32 new tokens."""
     rng = np.random.default_rng([0, concurrency])
+    common = shared_ids(tokenizer, shared) if shared else ()
     return [
         [
-            (float(rng.exponential(think)), *prompt(rng, tokenizer), int(rng.integers(64, 129)))
+            (
+                float(rng.exponential(think)),
+                *prompt(rng, tokenizer, common),
+                32 if shared else int(rng.integers(64, 129)),
+            )
             for _ in range(n_requests)
         ]
         for _ in range(concurrency)
     ]
+
+
+def shared_ids(tokenizer, n):
+    """n token ids whose text encodes back to them, and that a random continuation leaves whole: a
+    preamble of words."""
+    words = np.random.default_rng(7).choice(["the", "model", "reads", "a", "long", "preamble", "of", "words"], 2 * n)
+    ids = tokenizer.encode(" ".join(words) + ".\n")
+    return ids[: n - 1] + tokenizer.encode(".\n")[:1]
 
 
 async def stream(client, url, body):
@@ -256,7 +272,7 @@ def server_command(server, size_folder, dtype, gguf, port, parallel, llama_serve
             *("-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel), "-c", str(1024 * parallel)),
             *("-cb", "-kvu", "-t", "2", "--log-disable"),
         ], "/health"
-    if server == "picogpt":
+    if server.startswith("picogpt"):
         return [
             sys.executable,
             "-m",
@@ -272,6 +288,7 @@ def server_command(server, size_folder, dtype, gguf, port, parallel, llama_serve
             str(parallel),
             "--kv-dtype",
             kv_dtype,
+            *(["--no-prefix-cache"] if server == "picogpt-nocache" else []),
         ], "/health"
     return [
         sys.executable,
@@ -345,7 +362,13 @@ def main():
         "--servers",
         nargs="+",
         default=["picogpt", "llama-server"],
-        choices=["picogpt", "llama-server", "llama.cpp", "engine"],
+        choices=["picogpt", "picogpt-nocache", "llama-server", "llama.cpp", "engine"],
+    )
+    p.add_argument(
+        "--shared",
+        type=int,
+        default=0,
+        help="every prompt begins with the same SHARED tokens, then 32 of its own, 32 new tokens (the prefix cache's load)",
     )
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server"))
     p.add_argument(
@@ -365,7 +388,7 @@ def main():
     import picogpt
 
     servers = [
-        s for s in ["llama-server", "llama.cpp", "picogpt", "engine"] if s in args.servers
+        s for s in ["llama-server", "llama.cpp", "picogpt", "picogpt-nocache", "engine"] if s in args.servers
     ]  # llama.cpp's first: picogpt's rows compare with them
     notes = []
     if "llama-server" in servers and not (args.llama_server and os.access(args.llama_server, os.X_OK)):
@@ -381,6 +404,11 @@ def main():
     print(
         f"{os.cpu_count()} cores; {versions}, httpx {httpx.__version__}; each server alone on 127.0.0.1; prompts of 16-512 random tokens, "
         f"64-128 new tokens (temperature 0, end-of-text banned), streamed; Poisson waits of mean {args.think} s before each request"
+        + (
+            f"; --shared {args.shared}: every prompt {args.shared} shared tokens + 32 of its own, 32 new tokens"
+            if args.shared
+            else ""
+        )
     )
     print()
     print(
@@ -392,7 +420,9 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             folder = random_checkpoint(size, os.path.join(tmp, size))
             tokenizer = picogpt.load_tokenizer(folder)
-            plans = {c: plan(c, per_client(c, args.requests), args.think, tokenizer) for c in args.concurrency}
+            plans = {
+                c: plan(c, per_client(c, args.requests), args.think, tokenizer, args.shared) for c in args.concurrency
+            }
             ggufs = {}
             if {"llama.cpp", "llama-server"} & set(servers):
                 ggufs = gguf_files(folder, types=[GGUF_TYPE[d] for d in args.dtypes], out_dir=os.path.join(tmp, "gguf"))
@@ -422,7 +452,11 @@ def main():
                                 rates.get((peer_name, c)),
                             )
                         continue
-                    name = f"picogpt {dtype}{kv_note}" if server == "picogpt" else f"{server} {GGUF_TYPE[dtype]}"
+                    name = (
+                        f"{server.replace('-nocache', ', no prefix cache')} {dtype}{kv_note}"
+                        if server.startswith("picogpt")
+                        else f"{server} {GGUF_TYPE[dtype]}"
+                    )
                     port = free_port()
                     command, ready = server_command(
                         server,
@@ -457,7 +491,7 @@ def main():
                                     args.level_timeout,
                                 )
                             )
-                            peer = rates.get((peer_name, c)) if server == "picogpt" else None
+                            peer = rates.get((peer_name, c)) if server.startswith("picogpt") else None
                             rates[server, c] = row(size, name, c, results, errors, wall, rates.get((server, 1)), peer)
                             if errors:
                                 notes.append(

@@ -135,6 +135,8 @@ def parser():
     v.add_argument("--port", type=int, default=SERVE["port"], help="the port to listen on (default: %(default)s)")
     v.add_argument("--parallel", type=int, default=SERVE["parallel"], help="the most sequences decoded together: rows of the KV cache (default: %(default)s)")
     v.add_argument("--queue", type=int, default=SERVE["queue"], help="the most sequences waiting beyond --parallel; more get 429 (default: %(default)s)")
+    v.add_argument("--cache-mb", type=int, default=SERVE["cache_mb"], help="megabytes of KV cache rows beyond --parallel's that keep finished requests' keys and values for later prompts that begin the same way (default: %(default)s; the batch's free rows keep them too)")
+    v.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", help="compute every prompt whole, sharing nothing with earlier requests")
     v.add_argument("--chunk", type=int, default=SERVE["chunk"], help="the most prompt tokens one step prefills, 1 to 256 (default: no cap: a budget from the step times measured keeps a step beside running streams within about 2.5x a decoding step, and prefills a lone prompt at once; see docs/serving.md)")
     d = commands.add_parser("download", help="fetch and check a hub model ahead of time, so later runs work offline", description="Fetch NAME from the Hugging Face hub into its cache (or refresh it there), read every safetensors header and check the shapes against config.json.")
     d.add_argument("name", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 or a hub repo id (org/name)")
@@ -178,6 +180,7 @@ def check(args):
             ("--parallel", args.parallel, 1, 256),
             ("--queue", args.queue, 0, 100000),
             ("--chunk", args.chunk, 1, 256),
+            ("--cache-mb", args.cache_mb, 0, 1_000_000),
         ]:
             if value is not None and not low <= value <= high:  # --chunk: None is no cap
                 raise ValueError(f"{flag} must be from {low} to {high}, got {value}")
@@ -520,7 +523,7 @@ def serve(args):
         raise Failed("serve runs on the numba backend: leave out --backend")
     server.serve(
         args.model, args.dtype, args.revision, args.host, args.port, args.parallel, args.queue, args.chunk,
-        kv_dtype=args.kv_dtype,
+        kv_dtype=args.kv_dtype, prefix_cache=args.prefix_cache, cache_mb=args.cache_mb,
     )  # fmt: skip
 
 

@@ -85,7 +85,8 @@ class Engine:
     most prompt tokens one step prefills (None: whole prompts at once); budget: a Budget that chooses
     them instead, from the step times it measures (its cap in place of chunk); eot: the token that
     ends a sequence (None: none does). say(message): where the notes on windows go. kv_dtype: the
-    cache's, "float32" or "float16" (model.kv_cache)."""
+    cache's, "float32" or "float16" (model.kv_cache). prefix_cache: keep retired rows' keys and values
+    for later prompts that begin the same way; cache_rows: rows for them beyond the n_rows that run."""
 
     def __init__(
         self,
@@ -99,6 +100,8 @@ class Engine:
         eot=None,
         say=None,
         kv_dtype="float32",
+        prefix_cache=True,
+        cache_rows=0,
     ):
         if chunk is not None and budget is not None:
             raise ValueError("give a chunk or a budget (Budget(cap=chunk)), not both")
@@ -106,10 +109,14 @@ class Engine:
         self.n_ctx = config["n_positions"]
         self.n_cache = min(n_cache or self.n_ctx, self.n_ctx)
         self.hyper = dict(n_head=config["n_head"], eps=config.get("layer_norm_epsilon", 1e-5))
+        self.parallel, self.prefix_cache = n_rows, prefix_cache
+        n_rows += cache_rows if prefix_cache else 0
         self.cache = model.kv_cache(
             config["n_layer"], config["n_head"], self.n_cache, config["n_embd"], n_rows=n_rows, dtype=kv_dtype
         )
         self.free = list(range(n_rows))
+        self.held, self.retired = {}, {}  # free row -> the tokens its keys and values are of; when it was freed
+        self.looked_up = self.found = 0  # prompt tokens looked up in the prefix cache, and found there
         self.waiting, self.running = deque(), []  # running: in order of admission
         self.say = say or (lambda message: None)
         self.slid = self.cut = False  # the notes on windows, said once
@@ -155,9 +162,40 @@ class Engine:
     def _retire(self, seq, reason):
         seq.finish = seq.finish or reason
         if seq.row is not None:
+            if self.prefix_cache and seq.context:
+                self.held[seq.row] = seq.context  # what its keys and values are of, from position 0
+            self.retired[seq.row] = next(self._clock)
             self.free.append(seq.row)
             self.running.remove(seq)
             seq.row = None
+
+    _clock = itertools.count()
+
+    def _admit(self, seq):
+        """A free row for seq: the one holding the longest start of its prompt (seq then feeds only
+        the rest, at least its last token, for the logits), else an empty one, else the least recently
+        freed (its prefix is evicted)."""
+        best, row = 0, None
+        if self.prefix_cache and seq.score is None and not seq.context:
+            want = len(seq.todo) - 1
+            self.looked_up += want
+            for r in self.free:
+                n = min(common_prefix(self.held.get(r, ()), seq.todo), want)
+                if n > best:
+                    best, row = n, r
+        if row is None:
+            row = min(self.free, key=lambda r: (r in self.held, self.retired.get(r, -1)))
+        else:
+            self.found += best
+            seq.context, seq.todo = seq.todo[:best], seq.todo[best:]
+        self.free.remove(row)
+        self.held.pop(row, None)
+        return row
+
+    @property
+    def cached_tokens(self):
+        """Tokens whose keys and values free rows hold for later prompts."""
+        return sum(map(len, self.held.values()))
 
     def _share(self, seq):
         """Copy the keys and values of seq's prompt start from a row that already holds them; return
@@ -197,9 +235,9 @@ class Engine:
         one token for every decoding sequence and prompt tokens for the ones prefilling, in order of
         arrival, as many in all as the budget allows beside those rows (else `chunk`, else whole
         prompts): decoding first, so a long prompt never stalls the streams."""
-        while self.waiting and self.free:
+        while self.waiting and self.free and len(self.running) < self.parallel:
             seq = self.waiting.popleft()
-            seq.row = self.free.pop(0)
+            seq.row = self._admit(seq)
             self.running.append(seq)
         decoding = sum(not seq.prefilling for seq in self.running)
         left = self.budget.tokens(decoding) if self.budget else (self.chunk or self.n_cache * len(self.running))

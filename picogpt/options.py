@@ -179,4 +179,4 @@ OPENAI = {field: spec.openai for field, spec in FIELDS.items() if spec.openai}  
 
 # The server: sequences decoded together, requests waiting beyond them, and the most prompt tokens a
 # step prefills (None: no cap; a budget measured from the step times decides, budget.py).
-SERVE = dict(host="127.0.0.1", port=8000, parallel=8, queue=64, chunk=None)
+SERVE = dict(host="127.0.0.1", port=8000, parallel=8, queue=64, chunk=None, cache_mb=256, prefix_cache=True)

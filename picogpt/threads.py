@@ -16,7 +16,7 @@ costs time slices): when SLOW calls in a row are MOVED times slower than their a
 `Spare` (from /proc/stat) shows the CPUs in use taken. One count up is tried for PROBE calls only when
 `Spare` shows the CPUs for it left free, and takes over if HYSTERESIS faster; so beside a busy
 neighbour no call is spent on a try that cannot win. One down is also tried now and then whatever
-/proc/stat says, from 16 calls in up to every EVERY: idle, about 1% of the calls.
+/proc/stat says, from 16 calls in up to every EVERY (512): idle, under 1% of the calls.
 """
 
 import math
@@ -27,7 +27,7 @@ from typing import NamedTuple
 PROBE = 2  # calls a try lasts: one call is noisy on a busy machine
 FIRST = 4  # calls before the first try of a kind of call, and after a change of count
 CHECK = 8  # calls between looks at the spare CPUs while no count is worth a try
-EVERY = 64  # the most calls between tries while the choice holds: idle, a try of the slower count costs about 1%
+EVERY = 512  # the most calls between tries while the choice holds (idle, a try every 64 cost int8 gpt2 8-13%)
 HYSTERESIS = 0.08  # a tried count takes over when its calls are this much faster
 WEIGHT = 0.25  # a new call's weight in its count's moving average
 MOVED, SLOW = 1.5, 2  # SLOW calls in a row this many times slower than the average: the load came

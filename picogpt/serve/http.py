@@ -351,11 +351,11 @@ def app(name, metrics=None):
     return web
 
 
-def ready(web, model, parallel, queue_size, chunk):
+def ready(web, model, parallel, queue_size, chunk, prefix_cache=True, cache_mb=0):
     """Start the engine thread: from here on the server answers completions."""
     state = web.state
     state.tokenizer, state.n_vocab, state.n_ctx = model.tokenizer, model.tokenizer.n_vocab, model.config["n_positions"]
-    worker = Worker(model, parallel, queue_size, chunk, state.metrics)
+    worker = Worker(model, parallel, queue_size, chunk, state.metrics, prefix_cache, cache_mb)
     worker.thread.start()
     state.worker = worker
     return worker
@@ -371,10 +371,14 @@ def serve(
     queue_size=SERVE["queue"],
     chunk=SERVE["chunk"],
     kv_dtype="float32",
+    prefix_cache=SERVE["prefix_cache"],
+    cache_mb=SERVE["cache_mb"],
 ):
     """Run the server until Ctrl-C or SIGTERM: listen at once (/health says 503 while the model loads),
     load and warm up the model, then take requests. Running requests end with what they have.
-    kv_dtype: the KV cache's, "float32" or "float16" (half the memory per row of the batch)."""
+    kv_dtype: the KV cache's, "float32" or "float16" (half the memory per row of the batch).
+    prefix_cache: keep retired requests' keys and values for later prompts that begin the same way,
+    in the batch's free rows and cache_mb megabytes of rows beyond them."""
     import uvicorn
 
     from .. import warmup
@@ -421,7 +425,7 @@ def serve(
             longest = min(chunk or budget.IDLE, n_ctx - 3)
             warmup.warm_up(model, [[eot] * longest, [eot]], 3, say=warn)
             if not web.state.stopping:
-                ready(web, model, parallel, queue_size, chunk)
+                ready(web, model, parallel, queue_size, chunk, prefix_cache, cache_mb)
                 warn(
                     f"serving {name} ({model.dtype}{'' if kv_dtype == 'float32' else f', {kv_dtype} KV cache'}, up to {parallel} sequence{'s' if parallel != 1 else ''} at once) at http://{host}:{port}/v1 ; Ctrl-C stops"
                 )

@@ -43,6 +43,18 @@ class Metrics:
             "picogpt_threads", "Kernel threads the last step ran on (adapted to the load: threads.py)", registry=r
         )
         self.prompt_tokens = Counter("picogpt_prompt_tokens", "Prompt tokens received", registry=r)
+        self.cache_queries = Counter(
+            "picogpt_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.cache_hits = Counter(
+            "picogpt_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed again)", registry=r
+        )
+        self.cache_tokens = Gauge(
+            "picogpt_prefix_cache_tokens", "Tokens whose keys and values the prefix cache holds", registry=r
+        )
+        self.cache_rows = Gauge(
+            "picogpt_prefix_cache_rows", "Rows of the KV cache holding retired prefixes", registry=r
+        )
         self.generated = Counter("picogpt_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("picogpt_requests", "HTTP requests answered, by status code", ["status"], registry=r)
         self.ttft = Histogram(
@@ -183,11 +195,20 @@ class Choice:
         self.job.put(Done(self.index, self.reason, self.n_tokens))
 
 
+def cache_rows(config, kv_dtype, cache_mb, most=256):
+    """Rows of the KV cache that --cache-mb megabytes hold (each the model's context), at most `most`."""
+    itemsize = 2 if kv_dtype == "float16" else 4
+    row = config["n_layer"] * 2 * config["n_positions"] * config["n_embd"] * itemsize
+    return min(int(cache_mb * 1e6 // row), most)
+
+
 class Worker:
     """The one thread that owns the model: runs the engine, takes work from its inbox. chunk: the
-    most prompt tokens a step takes (None: as many as the budget allows, budget.py)."""
+    most prompt tokens a step takes (None: as many as the budget allows, budget.py). prefix_cache:
+    keep retired sequences' keys and values for later prompts (engine.py), in the batch's free rows
+    and `cache_mb` megabytes of rows beyond them."""
 
-    def __init__(self, model, parallel, queue_size, chunk, metrics):
+    def __init__(self, model, parallel, queue_size, chunk, metrics, prefix_cache=True, cache_mb=0):
         self.model, self.metrics, self.capacity = model, metrics, parallel + queue_size
         self.engine = Engine(
             model.forward_rows,
@@ -197,10 +218,13 @@ class Worker:
             budget=Budget(cap=chunk),
             eot=model.tokenizer.eot_token,
             kv_dtype=model.kv_dtype,
+            prefix_cache=prefix_cache,
+            cache_rows=cache_rows(model.config, model.kv_dtype, cache_mb),
         )
         for k, v in self.engine.cache:  # touch every page now: faulting them in mid-request stalled its first steps
             k.fill(0), v.fill(0)
         self.inbox, self.live, self.lock, self.outstanding = queue.SimpleQueue(), {}, threading.Lock(), 0
+        self.counted = (0, 0)  # the engine's prefix cache figures already in the counters
         self.thread = threading.Thread(target=self.run, name="picogpt-engine", daemon=True)
 
     def reserve(self, n):
@@ -296,3 +320,9 @@ class Worker:
         self.metrics.running.set(len(running))
         self.metrics.waiting.set(len(jobs - running))
         self.metrics.sequences.set(len(self.engine.running))
+        e, m = self.engine, self.metrics
+        m.cache_queries.inc(e.looked_up - self.counted[0])
+        m.cache_hits.inc(e.found - self.counted[1])
+        self.counted = (e.looked_up, e.found)
+        m.cache_tokens.set(e.cached_tokens)
+        m.cache_rows.set(len(e.held))

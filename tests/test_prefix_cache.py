@@ -1,0 +1,124 @@
+"""The prefix cache (engine.py): a request whose prompt begins as a retired one's did feeds only the
+rest, and gets exactly what it gets with the cache off: the same greedy and seeded tokens, the same
+prompt logprobs; an evicted or cancelled prefix included; the rows never more than the budget."""
+
+import httpx
+import numpy as np
+import pytest
+from helpers import metric, start, stop
+
+import picogpt
+from picogpt import sampling, scoring
+from picogpt.engine import Engine
+from picogpt.options import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def m(tiny):
+    return picogpt.load(tiny[0])
+
+
+def run(engine, m, requests, together=False):
+    """requests: [(ids, max_new_tokens, seed or None (greedy), score?)] -> [(tokens, prompt logprobs)],
+    one after another (each retired before the next is added), or all added at once."""
+    out = [None] * len(requests)
+
+    def add(i):
+        ids, n, seed, scored = requests[i]
+        params = SamplingParams(max_new_tokens=n, temperature=0.0 if seed is None else 1.0, top_k=None)
+        lp = [] if scored else None
+        score = (lambda logits, targets: lp.extend(scoring.log_softmax_at(logits, targets))) if scored else None
+        seq = engine.add(ids, n, sampling.picker(ids, params, seed, m.config["vocab_size"]), score)
+        out[i] = (seq, [], lp)
+
+    def drain():
+        while engine.busy:
+            for seq, token in engine.step():
+                next(o for o in out if o is not None and o[0] is seq)[1].append(token)
+
+    for i in range(len(requests)):
+        add(i)
+        if not together:
+            drain()
+    drain()
+    return [(tokens, lp) for _, tokens, lp in out]
+
+
+def engines(m, **kw):
+    on = Engine(m.forward_rows, m.params, m.config, n_rows=2, prefix_cache=True, **kw)
+    off = Engine(m.forward_rows, m.params, m.config, n_rows=2, prefix_cache=False, **kw)
+    return on, off
+
+
+def prompt(rng, n):
+    return rng.integers(0, 50257, n).tolist()
+
+
+def test_prompts_sharing_all_part_or_none_of_a_prefix_get_what_they_get_uncached(m):
+    rng = np.random.default_rng(0)
+    shared = prompt(rng, 30)
+    requests = [
+        (shared + prompt(rng, 5), 6, None, False),
+        (shared + prompt(rng, 3), 6, 7, False),  # part: the shared 30
+        (shared, 6, None, False),  # all: the whole prompt is a cached prefix (its last token is fed again)
+        (prompt(rng, 12), 6, 3, False),  # none
+        (shared[:17] + prompt(rng, 4), 6, None, True),  # part, with prompt logprobs: computed whole
+        (shared + prompt(rng, 5), 6, 11, False),
+    ]
+    on, off = engines(m)
+    got, expected = run(on, m, requests), run(off, m, requests)
+    for (t1, lp1), (t2, lp2) in zip(got, expected):
+        assert t1 == t2
+        assert lp1 is None or np.allclose(lp1, lp2, rtol=0, atol=1e-5)
+    # found: 30 (the second), 29 (the third: its last token is fed), 0 (the fourth, into the empty row),
+    # the fifth computes whole into the least recently freed row, evicting the shared prefix, and the
+    # sixth finds the fifth's 17
+    assert on.found == 30 + 29 + 17 and off.found == 0
+    # together, in one batch, with the rows reused as they free
+    assert run(engines(m)[0], m, requests, together=True) == run(engines(m)[1], m, requests, together=True)
+
+
+def test_an_evicted_prefix_is_computed_again_and_the_rows_stay_within_the_budget(m):
+    rng = np.random.default_rng(1)
+    prefixes = [prompt(rng, 20) for _ in range(4)]
+    requests = [(p + prompt(rng, 2), 4, None, False) for p in prefixes] + [(prefixes[0] + [5], 4, None, False)]
+    on = Engine(m.forward_rows, m.params, m.config, n_rows=1, cache_rows=1)
+    off = Engine(m.forward_rows, m.params, m.config, n_rows=1, prefix_cache=False)
+    assert run(on, m, requests) == run(off, m, requests)
+    assert len(on.cache[0][0]) == 2 and len(on.held) <= 2
+    assert on.found == 0  # prefixes[0] was evicted by the three after it (least recently used first)
+    again = [(prefixes[3] + [9], 4, None, False)]  # the most recent is still there
+    assert run(on, m, again) == run(off, m, again) and on.found == 20  # all but the fed last token
+
+
+def test_a_cancelled_prefill_leaves_what_it_computed_for_the_next(m):
+    rng = np.random.default_rng(2)
+    ids = prompt(rng, 24)
+    on = Engine(m.forward_rows, m.params, m.config, n_rows=1, chunk=8)
+    off = Engine(m.forward_rows, m.params, m.config, n_rows=1, chunk=8, prefix_cache=False)
+    first = on.add(ids, 5, lambda logits: 0)
+    on.step(), on.step()  # 16 of its tokens in the cache
+    on.cancel(first)
+    assert on.cached_tokens == 16
+    assert run(on, m, [(ids, 5, None, False)]) == run(off, m, [(ids, 5, None, False)])
+    assert on.found == 16
+
+
+@pytest.mark.slow
+def test_the_server_reuses_a_prefix_and_says_so():
+    body = {"prompt": "The quick brown fox jumps over the lazy dog and then", "max_tokens": 8, "temperature": 0}
+    texts = {}
+    for flags in ((), ("--no-prefix-cache",)):
+        process, url = start(*flags)
+        try:
+            answers = [httpx.post(f"{url}/v1/completions", json=body, timeout=60).json() for _ in range(2)]
+            texts[flags] = [a["choices"][0]["text"] for a in answers]
+            hits, queries = (
+                metric(url, "picogpt_prefix_cache_hits_total"),
+                metric(url, "picogpt_prefix_cache_queries_total"),
+            )
+        finally:
+            code, err = stop(process)
+        assert code == 0, err
+        assert (hits > 0) == (not flags) and queries >= hits
+    assert texts[()] == texts[("--no-prefix-cache",)] and len(set(texts[()])) == 1
