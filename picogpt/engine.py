@@ -43,6 +43,7 @@ class Sequence:
             slide,
         )
         self.context = []  # tokens whose keys and values are in the cache row, from position 0
+        self.scores = []  # what `score` returned for the prompt's tokens 1, 2, ... (None: nothing to keep)
         self.todo = list(ids)  # tokens to feed: the prompt (in chunks), then each picked token
         self.row, self.finish, self.new_tokens = None, None, 0
 
@@ -116,6 +117,7 @@ class Engine:
         )
         self.free = list(range(n_rows))
         self.held, self.retired = {}, {}  # free row -> the tokens its keys and values are of; when it was freed
+        self.scored = {}  # free row -> its prompt's score entries (for tokens 1, 2, ... of `held`)
         self.looked_up = self.found = 0  # prompt tokens looked up in the prefix cache, and found there
         self.waiting, self.running = deque(), []  # running: in order of admission
         self.say = say or (lambda message: None)
@@ -131,8 +133,11 @@ class Engine:
 
     def add(self, ids, max_new_tokens, pick, score=None, slide=False):
         """Queue a sequence: prompt `ids` (token ids), up to max_new_tokens new tokens chosen by
-        pick(logits [n_vocab]) -> token id. score(logits [m, n_vocab], targets [m]): called with the
-        logits before each prompt token after the first, in order, as the prompt is prefilled.
+        pick(logits [n_vocab]) -> token id. score(logits [m, n_vocab], targets [m], cached=None):
+        called with the logits before each prompt token after the first, in order, as the prompt is
+        prefilled; it may return a list of what it made of each (its entries), which the prefix cache
+        keeps with the row and gives back to a later prompt's score as `cached` (logits None) for the
+        tokens it shares.
         slide: once the cache row is full, drop the oldest quarter and prefill the rest again (else
         the sequence ends there, "length"). A prompt longer than the cache is an error unless slide."""
         if not len(ids):
@@ -164,6 +169,7 @@ class Engine:
         if seq.row is not None:
             if self.prefix_cache and seq.context:
                 self.held[seq.row] = seq.context  # what its keys and values are of, from position 0
+                self.scored[seq.row] = seq.scores or []
             self.retired[seq.row] = next(self._clock)
             self.free.append(seq.row)
             self.running.remove(seq)
@@ -174,22 +180,29 @@ class Engine:
     def _admit(self, seq):
         """A free row for seq: the one holding the longest start of its prompt (seq then feeds only
         the rest, at least its last token, for the logits), else an empty one, else the least recently
-        freed (its prefix is evicted)."""
+        freed (its prefix is evicted). A scored prompt reuses as much of a row as that row's scores
+        cover: the logits before token i are the row's if tokens 0..i are."""
         best, row = 0, None
-        if self.prefix_cache and seq.score is None and not seq.context:
+        if self.prefix_cache and not seq.context:
             want = len(seq.todo) - 1
             self.looked_up += want
             for r in self.free:
                 n = min(common_prefix(self.held.get(r, ()), seq.todo), want)
+                if seq.score is not None:
+                    n = min(n - 1, len(self.scored.get(r, ())))
                 if n > best:
                     best, row = n, r
         if row is None:
             row = min(self.free, key=lambda r: (r in self.held, self.retired.get(r, -1)))
         else:
             self.found += best
+            if seq.score is not None:  # the prompt's first `best` scores, as computed for the row
+                seq.scores = list(self.scored[row][:best])
+                seq.score(None, seq.todo[1 : best + 1], cached=seq.scores)
             seq.context, seq.todo = seq.todo[:best], seq.todo[best:]
         self.free.remove(row)
         self.held.pop(row, None)
+        self.scored.pop(row, None)
         return row
 
     @property
@@ -281,7 +294,8 @@ class Engine:
             if seq.score is not None:
                 start = len(seq.context)
                 targets = seq.prompt[start + 1 : start + n + 1]
-                seq.score(logits[end - n + 1 : end - n + 1 + len(targets)], targets)
+                entries = seq.score(logits[end - n + 1 : end - n + 1 + len(targets)], targets)
+                seq.scores = None if entries is None or seq.scores is None else seq.scores + list(entries)
             seq.context += seq.todo[:n]
             seq.todo = seq.todo[n:]
             if seq.todo:  # more prompt to come

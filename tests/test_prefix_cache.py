@@ -122,3 +122,66 @@ def test_the_server_reuses_a_prefix_and_says_so():
         assert code == 0, err
         assert (hits > 0) == (not flags) and queries >= hits
     assert texts[()] == texts[("--no-prefix-cache",)] and len(set(texts[()])) == 1
+
+
+def test_prompt_logprobs_come_from_the_cache_for_the_tokens_a_row_scored(m):
+    """The evaluation case: a context scored once, then each choice after it: the context's logprobs
+    are the row's, the choice's are computed, and together they equal a whole computation."""
+    rng = np.random.default_rng(3)
+    context = prompt(rng, 25)
+    choices = [prompt(rng, n) for n in (3, 1, 6, 2)]
+
+    def scored_run(engine):
+        out = []
+        for choice in choices:
+            ids, got = context + choice, []
+
+            def score(logits, targets, cached=None, got=got):
+                entries = cached if cached is not None else [float(v) for v in scoring.log_softmax_at(logits, targets)]
+                got.extend(entries)
+                return entries
+
+            engine.add(ids, 0, lambda logits: 0, score)
+            while engine.busy:
+                engine.step()
+            out.append(got)
+        return out
+
+    on, off = engines(m)
+    got, expected = scored_run(on), scored_run(off)
+    for a, b in zip(got, expected):
+        assert len(a) == len(b) and np.allclose(a, b, rtol=0, atol=1e-6)
+    # each choice after the first reuses 24 of the context's 25 tokens and their scores: the logits after
+    # the 25th are the ones before the choice's first token, computed for it
+    assert on.found == 3 * 24
+    assert off.found == 0
+
+
+@pytest.mark.slow
+def test_the_servers_echo_logprobs_are_the_same_from_the_cache():
+    """lm-evaluation-harness's local-completions: each choice of a question its own request with
+    echo, logprobs and max_tokens 0, the same context before each."""
+    context = "Question: which module reads JSON files in Python? Answer:"
+    answers = {}
+    for flags in ((), ("--no-prefix-cache",)):
+        process, url = start(*flags)
+        try:
+            answers[flags] = [
+                httpx.post(
+                    f"{url}/v1/completions",
+                    json={"prompt": context + choice, "max_tokens": 0, "echo": True, "logprobs": k},
+                    timeout=60,
+                ).json()["choices"][0]["logprobs"]
+                for choice, k in [(" json", 1), (" the os module", 5), (" pickle", 0), (" json", 2)]
+            ]
+            hits = metric(url, "picogpt_prefix_cache_hits_total")
+        finally:
+            code, err = stop(process)
+        assert code == 0, err
+        assert (hits > 0) == (not flags)
+    for a, b in zip(answers[()], answers[("--no-prefix-cache",)]):
+        assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
+        assert a["token_logprobs"][0] is None and b["token_logprobs"][0] is None
+        assert np.allclose(a["token_logprobs"][1:], b["token_logprobs"][1:], rtol=0, atol=1e-5)
+        for x, y in zip(a["top_logprobs"][1:], b["top_logprobs"][1:]):
+            assert list(x) == list(y) and np.allclose(list(x.values()), list(y.values()), rtol=0, atol=1e-5)

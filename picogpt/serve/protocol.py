@@ -10,6 +10,8 @@ import numpy as np
 
 from ..options import OPENAI, BadValue, SamplingParams, number, whole
 
+TOP_MOST = 5  # the most top logprobs a request may ask (OpenAI's legacy completions)
+
 
 class BadRequest(ValueError):
     """A request OpenAI would refuse: the message names the field (`param`); status 400 or 404."""
@@ -116,7 +118,9 @@ def options_of(body, n_vocab, served):
     o = Options(
         params=params,
         n=field(body, "n", 1, lambda v: whole(v) and 1 <= v <= 128, "a whole number from 1 to 128"),
-        logprobs=field(body, "logprobs", None, lambda v: whole(v) and 0 <= v <= 5, "a whole number from 0 to 5"),
+        logprobs=field(
+            body, "logprobs", None, lambda v: whole(v) and 0 <= v <= TOP_MOST, f"a whole number from 0 to {TOP_MOST}"
+        ),
         echo=field(body, "echo", False, lambda v: isinstance(v, bool), "true or false"),
         stream=field(body, "stream", False, lambda v: isinstance(v, bool), "true or false"),
         include_usage=field(body, "stream_options", {}, lambda v: isinstance(v, dict), "an object").get(

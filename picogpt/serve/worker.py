@@ -21,7 +21,7 @@ from ..budget import Budget
 from ..engine import Engine
 from ..log import warn
 from ..text import detokenizer
-from .protocol import Logprobs, top_logprobs
+from .protocol import TOP_MOST, Logprobs, top_logprobs
 
 
 class Metrics:
@@ -157,10 +157,18 @@ class Choice:
         self.push, self.sent, self.n_tokens = detokenizer(tokenizer, o.params.stop), 0, 0
         self.seq, self.reason, self.last = None, None, None
 
-    def scored(self, logits, targets):  # Engine's score callback: the prompt's log-probabilities
-        for row, target in zip(logits, targets):
-            logp, best = top_logprobs(row, self.prompt_scores.k)
-            self.prompt_scores.add(target, float(logp[target]), dict(best) | {target: float(logp[target])})
+    def scored(self, logits, targets, cached=None):  # Engine's score callback: the prompt's log-probabilities
+        """Each target's log-probability and the 5 most likely (the most a request asks: kept with the
+        row for a later prompt, `cached`, which then comes without logits); this request's k of them."""
+        entries = cached
+        if entries is None:
+            entries = []
+            for row, target in zip(logits, targets):
+                logp, best = top_logprobs(row, TOP_MOST)
+                entries.append((float(logp[target]), best))
+        for target, (logprob, best) in zip(targets, entries):
+            self.prompt_scores.add(target, logprob, dict(best[: self.prompt_scores.k]) | {target: logprob})
+        return entries
 
     def token(self, token, now, metrics):
         """A new token: emit its text. True if it completed a stop string (the sequence must end)."""
