@@ -16,7 +16,7 @@ costs time slices): when SLOW calls in a row are MOVED times slower than their a
 `Spare` (from /proc/stat) shows the CPUs in use taken. One count up is tried for PROBE calls only when
 `Spare` shows the CPUs for it left free, and takes over if HYSTERESIS faster; so beside a busy
 neighbour no call is spent on a try that cannot win. One down is also tried now and then whatever
-/proc/stat says, from 16 calls in up to every EVERY (512): idle, under 1% of the calls.
+/proc/stat says, from 32 calls in up to every EVERY (512): idle, under 1% of the calls.
 """
 
 import math
@@ -224,7 +224,7 @@ class Adaptive:
     def _look(self, kind):
         """What to do next on kind's calls: try one count up the ladder if the machine leaves the CPUs
         for it; go one down at once if it does not leave those in use; try one down now and then
-        regardless, from 16 calls in up to every EVERY (a neighbour's load that /proc/stat does not
+        regardless, from 32 calls in up to every EVERY (a neighbour's load that /proc/stat does not
         show, such as a hypervisor's that it does not count as steal); else look again soon."""
         i, free = self.counts.index(kind.using), self.spare()
         # a band between going down and trying up: /proc/stat's figure over a few calls is noisy,
@@ -233,7 +233,7 @@ class Adaptive:
             kind.trying = self.counts[i + 1]
         elif i and self.fits(free) < kind.using:
             self._down(kind)
-        elif i and kind.since >= min(4 * kind.every, EVERY):
+        elif i and kind.since >= min(8 * kind.every, EVERY):
             kind.trying = self.counts[i - 1]
         else:
             kind.due = kind.since + CHECK
