@@ -20,12 +20,11 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_torch import SHAPES, random_checkpoint  # noqa: E402
+from compare_torch import SHAPES, best_of, random_checkpoint  # noqa: E402
 from workers import Worker, serve  # noqa: E402
 
 BATCH, POS, SWEEP_POS = 8, 64, 16
@@ -43,12 +42,7 @@ def inputs(n_vocab=50257):
 
 def best(fn, repeats):
     fn()  # warm-up: compiles, faults pages in
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return best_of(fn, repeats)
 
 
 def picogpt_worker(threads, folder):

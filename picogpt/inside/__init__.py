@@ -131,7 +131,7 @@ class Inside:
             added = {int(steer.layer): np.asarray(steer.vector, np.float32) * np.float32(steer.scale)}
             return functools.partial(plain, steer=added)
         hooks = hooks + ([steer.hook()] if steer is not None else [])
-        return traced.rows_with(lambda: Run((), hooks), self._fast())
+        return traced.rows_with(lambda: Run((), hooks), self._weights())
 
     def _traced_pass(self, prompts, run, bos=False, stop_at_layer=None, **kwargs):
         ids, lengths = self.tokens_of(prompts, bos)

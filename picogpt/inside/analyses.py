@@ -75,7 +75,7 @@ class LogitLens:
         return f"<picogpt.inside.LogitLens: {len(self.resid)} layers x {len(self.ids)} positions>"
 
     def _repr_html_(self):
-        words = [[token_label(self.m.tokenizer.decode([int(t)])) for t in row] for row in self.top_ids[..., 0]]
+        words = [labels(self.m, row) for row in self.top_ids[..., 0]]
         rows = ["embed"] + [f"block {i}" for i in range(len(self.resid) - 1)]
         cols = labels(self.m, self.ids)
         return heatmap(self.top_probs[..., 0], rows, cols, "top prediction after each layer (its probability)", words)

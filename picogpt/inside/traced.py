@@ -171,19 +171,12 @@ def padded(inputs, pad):
     return ids, lengths
 
 
-def rows_with(run_of, fast):
-    """The engine's forward_rows (kernels.gpt2_rows' arguments) on the twin, each step's hook points
-    through run_of(): generation, batches and scoring with hooks, KV cache and all."""
-    weights = {}
+def rows_with(run_of, w):
+    """The engine's forward_rows (kernels.gpt2_rows' arguments) on the twin with the model's Weights w,
+    each step's hook points through run_of(): generation and batches with hooks, KV cache and all."""
 
     def forward_rows(inputs, wte, wpe, h, ln_f, n_head, cache, rows, past, eps=1e-5, last=True, keep=None):
-        params = dict(wte=wte, wpe=wpe, h=h, ln_f=ln_f)
         inputs = [model.token_ids(ids, wte["weight"], wpe["weight"], p) for ids, p in zip(inputs, past)]
-        key = id(h)
-        if key not in weights:
-            weights.clear()
-            weights[key] = Weights(params, fast)
-        w = weights[key]
         ids, lengths = padded(inputs, 0)
         n_pos = ids.shape[1]
         if keep is None and last:
