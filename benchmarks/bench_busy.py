@@ -15,7 +15,9 @@ CPU by its quota (cpu.cfs_quota_us = cpu.cfs_period_us, or cpu.max "100000 10000
 
 Ratios, as issue 30 asks of them: picogpt's default against its best fixed count under the same load,
 and against llama.cpp's default (every core, as llama.cpp's own tools choose); under the limit,
-against one thread with no limit; idle, against picogpt on every core (the default before it adapted).
+against one thread with no limit measured in the same rounds; idle, against picogpt on every core (the
+default before it adapted), and again in one process, generations of the two alternated (--pairs):
+the host's speed moves between processes run one after the other, not between alternate generations.
 Nothing else may run meanwhile: check `uptime` first.
 """
 
@@ -63,7 +65,41 @@ def stream_of(spec):
     return llama_cpp_engine.llama_generate(where, int(threads) if threads else None, streaming=True), dict
 
 
+def paired(folder):
+    """In one process, generations alternately on the default controller and on every core fixed, each
+    keeping what it learned: the host's speed, which moves by tens of percent from minute to minute on a
+    shared VM, then falls alike on both, as it does not on engines measured one after the other."""
+    import statistics
+
+    import picogpt
+    from picogpt import threads
+    from picogpt.engine import decode_tokens
+
+    model = picogpt.load(folder)
+    greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
+    default = threads.Adaptive(threads.control().most)
+    fixed = threads.Adaptive(default.most, fixed=default.most)
+
+    def timed(n, pairs, *ids):
+        ids, n, ratios = [int(i) for i in ids], int(n), []
+        for i in range(int(pairs)):
+            seconds = {}
+            for name, control in [("default", default), ("fixed", fixed)][:: 1 if i % 2 else -1]:
+                threads._control[:] = [control]
+                start = time.perf_counter()
+                for _ in decode_tokens(model.forward, model.params, model.config, ids, n, greedy):
+                    pass
+                seconds[name] = time.perf_counter() - start
+            ratios.append(seconds["fixed"] / seconds["default"])
+        return {"ratio": statistics.median(ratios), "pairs": len(ratios), "calls": dict(default.calls)}
+
+    timed(4, 1, *range(16))  # warm up
+    serve(timed)
+
+
 def worker(spec):
+    if spec.startswith("paired:"):
+        return paired(spec.split(":", 1)[1])
     stream, calls = stream_of(spec)
 
     def timed(n, repeats, *ids):
@@ -188,6 +224,12 @@ def main():
     p.add_argument(
         "--llama", action=argparse.BooleanOptionalAction, default=llama_cpp_engine.available(), help="llama.cpp beside"
     )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=16,
+        help="idle, in one process: generations of default and fixed alternated (0: none)",
+    )
     p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "bench_busy.json"))
     args = p.parse_args()
 
@@ -221,12 +263,16 @@ def main():
                     + " | default / best fixed | default / llama.cpp | default / reference | default's steps |"
                 )
                 print("|---|" + "---|" * (len(names) + 4))
-                idle = None
                 for scenario, copies, load, prefix in scenarios:
                     rounds = {n: [] for n in specs}  # engines interleaved, round after round
+                    if prefix:  # the reference, one thread with the CPU to itself, in the same rounds
+                        rounds["picogpt 1, no limit"] = []
                     for _ in range(args.rounds):
                         for n, spec in specs.items():
                             rounds[n].append(measure(spec, copies, load, prompt, args, prefix))
+                        if prefix:
+                            rounds["picogpt 1, no limit"].append(measure(specs["picogpt 1"], 1, 0, prompt, args))
+                    reference = rounds.pop("picogpt 1, no limit", None)
                     row = {n: median_round(r) for n, r in rounds.items()}  # (tok/s of each copy, calls)
                     total = {n: sum(tok_s) for n, (tok_s, _) in row.items()}
                     default = total["picogpt default"]
@@ -236,10 +282,9 @@ def main():
                         f"{default / total[f'llama.cpp {cores}']:.2f}x" if args.llama else "",
                     ]
                     if scenario == "idle":  # against every core, the default before it adapted
-                        idle = total
                         ratios.append(f"{default / total[f'picogpt {cores}']:.2f}x of picogpt {cores}")
-                    elif scenario == "1-CPU limit" and idle:  # against one thread with the CPU to itself
-                        ratios.append(f"{default / idle['picogpt 1']:.2f}x of picogpt 1, idle")
+                    elif reference:  # the 1-CPU limit, against one thread with the CPU to itself
+                        ratios.append(f"{default / sum(median_round(reference)[0]):.2f}x of picogpt 1, no limit")
                     else:
                         ratios.append("")
                     cells = [
@@ -250,7 +295,24 @@ def main():
                         f"| {scenario} | " + " | ".join(cells + ratios + [shares(row["picogpt default"][1])]) + " |",
                         flush=True,
                     )
-                    report["rows"].append({"dtype": dtype, "scenario": scenario, "rounds": rounds})
+                    report["rows"].append(
+                        {"dtype": dtype, "scenario": scenario, "rounds": rounds}
+                        | ({"reference": reference} if reference else {})
+                    )
+                    with open(args.json, "w") as f:
+                        json.dump(report, f, indent=2)
+                if args.pairs:
+                    worker = Worker("paired", f"paired:{folder}", __file__)
+                    try:
+                        answer = worker.ask(args.new_tokens, args.pairs, *prompt)
+                    finally:
+                        worker.close()
+                    print(
+                        f"idle, in one process, {answer['pairs']} generations each alternated: default / picogpt {cores} "
+                        f"= {answer['ratio']:.3f}x (median of pairs; default's steps {shares([answer['calls']])})",
+                        flush=True,
+                    )
+                    report["rows"].append({"dtype": dtype, "scenario": "idle, paired", **answer})
                     with open(args.json, "w") as f:
                         json.dump(report, f, indent=2)
     finally:

@@ -1,20 +1,22 @@
 """The user's side: `load` a checkpoint into a `Model`, whose generate, stream and complete drive the
 engine (engine.py) and whose logprobs and score run scoring.py."""
 
+import contextlib
 import itertools
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import formats, model, sampling, scoring, warmup
+from . import formats, model, scoring, warmup
 from . import tokenizer as tok
 from .checkpoint import converted, hub
 from .checkpoint import params as weights
-from .engine import Engine, decode_rows, rows_one_by_one
+from .engine import Engine, rows_one_by_one
+from .front import Front, Request
 from .inside import Inside
 from .log import warn
 from .options import SamplingParams
-from .text import detokenizer
 
 
 def prompt_list(prompt):
@@ -46,6 +48,7 @@ class Model(Inside):
     forward_rows: object = None  # many sequences at once (kernels.gpt2_rows); None: forward on each in turn
     name: str = None  # what it was loaded as: gpt2, tiny, org/name, a folder
     kv_dtype: str = "float32"  # the KV cache's: "float32", or "float16" (half the memory; see model.kv_cache)
+    _front: Front = field(default=None, init=False, compare=False)  # the engine's, kept between calls (front())
 
     def __repr__(self):  # one line: the params alone would print every weight
         c = self.config
@@ -123,55 +126,80 @@ class Model(Inside):
 
     def _decode(self, prompts, params, stats=None, logprobs=None, hooks=(), steer=None):
         """Decode a list of prompts as one batch, as `params` says. Yield (row, token, piece, finish) for
-        every new token: piece the new text (maybe ""), finish None, "eos" or "stop"; then (row, None,
-        piece, "length") for each row that used up max_new_tokens. logprobs: a list per row to append
-        each chosen token's log-probability to."""
+        every new token: piece the new text (maybe ""), finish None, "eos", "stop" or "length" (the
+        last with the characters held back for a stop string; token None if it came without one).
+        logprobs: a list per row to append each chosen token's log-probability to."""
         prompts = prompt_list(prompts)
         eot = self.tokenizer.eot_token
         ids = [tok.encode(self.tokenizer, p) or [eot] for p in prompts]  # empty prompt: start a new text
-        n_vocab = self.tokenizer.n_vocab  # a padded embedding may have rows no token decodes to
         if stats is not None:
             stats["row_prompt_tokens"] = [len(i) for i in ids]
+        if params.max_new_tokens == 0:
+            yield from ((row, None, "", "length") for row in range(len(ids)))
+            return
+        compiled = warmup.warm_up(self, ids, params.max_new_tokens, say=warn)  # every kernel this needs, now
+        if stats is not None:
+            stats["compile_seconds"] = compiled
+        n_cache = max(map(len, ids)) + params.max_new_tokens
+        with self.front(len(ids), n_cache, hooks, steer) as front:
+            seed = lambda row: None if params.seed is None else params.seed + row  # noqa: E731
+            want = None if logprobs is None else 0
+            rows = {front.add(Request(i, params, seed(row), want, slide=True)).id: row for row, i in enumerate(ids)}
+            computed, start, first = front.engine.prompt_tokens, time.perf_counter(), True
+            while front.busy:
+                updates = front.step()
+                if stats is not None and any(u.token is not None for u in updates):
+                    now = time.perf_counter()
+                    if first:  # the prompts' step(s): prefill, then decoding is timed from here
+                        stats.update(
+                            prompt_tokens=front.engine.prompt_tokens - computed,
+                            prefill_seconds=now - start,
+                            new_tokens=0,
+                        )
+                        start, first = now, False
+                    n = sum(u.token is not None for u in updates)
+                    stats.update(new_tokens=stats["new_tokens"] + n, decode_seconds=now - start)
+                for u in updates:
+                    row = rows[u.handle.id]
+                    if logprobs is not None:
+                        logprobs[row] += [e.logprob for e in u.logprobs]
+                    if u.token is not None or u.text or u.finish:
+                        yield row, u.token, u.text, u.finish
 
-        def picker(row):
-            chosen = (
-                None
-                if logprobs is None
-                else lambda logits, token: logprobs[row].append(float(scoring.log_softmax_at(logits[None], [token])[0]))
+    @contextlib.contextmanager
+    def front(self, rows, n_cache=None, hooks=(), steer=None):
+        """The engine's front for a call that decodes up to `rows` sequences at once, each up to
+        `n_cache` positions: the model's own, kept between calls with rows of the whole context, so
+        that its prefix cache serves a prompt that begins as an earlier one did (made again, with
+        more rows, when a call needs more; a row's memory is taken as its positions are written). A
+        call with hooks or steering, whose keys and values are not the model's own, or one made while
+        the model's front is busy (a stream not yet read to its end), gets one of its own, of
+        `n_cache` positions. Requests the call leaves unfinished (a stream closed early) are cancelled."""
+        own = self._front
+        shared = not hooks and steer is None and not (own is not None and own.busy)
+        if not shared or own is None or own.engine.parallel < rows:
+            if shared:
+                n_cache, self._front = None, None  # the whole context; the old rows' memory goes first
+            engine = Engine(
+                self.rows_with(hooks, steer),
+                self.params,
+                self.config,
+                rows,
+                n_cache=n_cache,
+                eot=self.tokenizer.eot_token,
+                say=warn,
+                kv_dtype=self.kv_dtype,
+                prefix_cache=shared,
             )
-            return sampling.picker(
-                ids[row], params, None if params.seed is None else params.seed + row, n_vocab, chosen
-            )
-
-        texts = [detokenizer(self.tokenizer, params.stop) for _ in prompts]
-        stopped = set()  # rows at end of text or a stop string: decode_rows drops them
-        forward_rows = self.rows_with(hooks, steer)
-        max_new_tokens = params.max_new_tokens
-        if max_new_tokens:  # compile every kernel this will need now, not at the prompt and again after it
-            compiled = warmup.warm_up(self, ids, max_new_tokens, say=warn)
-            if stats is not None:
-                stats["compile_seconds"] = compiled
-        picks = [picker(row) for row in range(len(prompts))]
-        for step in decode_rows(
-            forward_rows,
-            self.params,
-            self.config,
-            ids,
-            max_new_tokens,
-            picks,
-            eot,
-            stopped,
-            stats,
-            kv_dtype=self.kv_dtype,
-        ):
-            for row, token in step:
-                piece, finished = texts[row](token)
-                if finished:
-                    stopped.add(row)
-                yield row, token, piece, ("eos" if token == eot else "stop") if finished else None
-        for row in range(len(prompts)):  # rows that used up max_new_tokens: any characters held back
-            if row not in stopped:
-                yield row, None, texts[row](None)[0], "length"
+            own = Front(engine, self.tokenizer)
+            if shared:
+                self._front = own
+        try:
+            yield own
+        finally:
+            for handle in list(own.live.values()):
+                own.cancel(handle)
+            own.step()  # the cancelled requests leave; nothing is fed
 
     def generate_many(self, prompts, params=None, rows=8, start=0, hooks=(), steer=None, **options):
         """Model.generate over any number of prompts (an iterable of strings), decoded `rows` at a time
@@ -183,53 +211,42 @@ class Model(Inside):
         of the first prompt (a run resumed after `start` prompts). A prompt None gets None. hooks,
         steer: as `stream`'s."""
         params = sampling_params(params, options)
-        eot, n_vocab = self.tokenizer.eot_token, self.tokenizer.n_vocab
-        forward_rows = self.rows_with(hooks, steer)
-        engine = Engine(forward_rows, self.params, self.config, rows, eot=eot, say=warn, kv_dtype=self.kv_dtype)
-        prompts, running, done, first, next_i, end = iter(prompts), {}, {}, start, start, object()
-        while True:
-            while len(running) < rows and next_i - first < 64 * rows:  # admit: a free row takes the next prompt
-                prompt = next(prompts, end)
-                if prompt is end:
-                    break
-                if prompt is None:
-                    done[next_i] = None
+        eot, prompts, end = self.tokenizer.eot_token, iter(prompts), object()
+        running, done, first, next_i = {}, {}, start, start  # running: Handle.id -> (prompt's number, its dict)
+        with self.front(rows, hooks=hooks, steer=steer) as front:
+            while True:
+                while len(running) < rows and next_i - first < 64 * rows:  # admit: a free row takes the next prompt
+                    prompt = next(prompts, end)
+                    if prompt is end:
+                        break
+                    if prompt is not None and not isinstance(prompt, str):
+                        raise ValueError(f"prompt {next_i} must be a string, got {prompt!r}")
+                    ids = None if prompt is None else tok.encode(self.tokenizer, prompt) or [eot]  # empty: a new text
+                    seed = None if params.seed is None else params.seed + next_i
+                    out = None if ids is None else dict(text="", finish_reason="length", prompt_tokens=len(ids))
+                    if out is not None:
+                        out.update(generated_tokens=0, seed=seed)
+                    if out is None or params.max_new_tokens == 0:
+                        done[next_i] = out
+                    else:
+                        warmup.warm_up(self, [ids], params.max_new_tokens, say=warn)
+                        running[front.add(Request(ids, params, seed, slide=True)).id] = (next_i, out)
                     next_i += 1
+                while first in done:  # in order, as soon as each is ready
+                    yield done.pop(first)
+                    first += 1
+                if not running:
+                    if next_i == first:
+                        return
                     continue
-                if not isinstance(prompt, str):
-                    raise ValueError(f"prompt {next_i} must be a string, got {prompt!r}")
-                ids = tok.encode(self.tokenizer, prompt) or [eot]  # empty prompt: start a new text
-                seed = None if params.seed is None else params.seed + next_i
-                out = dict(text="", finish_reason="length", prompt_tokens=len(ids), generated_tokens=0, seed=seed)
-                if params.max_new_tokens == 0:
-                    done[next_i] = out
-                else:
-                    warmup.warm_up(self, [ids], params.max_new_tokens, say=warn)
-                    pick = sampling.picker(ids, params, seed, n_vocab)
-                    seq = engine.add(ids, params.max_new_tokens, pick, slide=True)
-                    running[seq.id] = (next_i, seq, detokenizer(self.tokenizer, params.stop), out)
-                next_i += 1
-            while first in done:  # in order, as soon as each is ready
-                yield done.pop(first)
-                first += 1
-            if not running:
-                if next_i == first:
-                    return
-                continue
-            for seq, token in engine.step():
-                i, _, push, out = running[seq.id]
-                out["generated_tokens"] += 1
-                piece, finished = push(token)
-                out["text"] += piece
-                if finished:
-                    out["finish_reason"] = "eos" if token == eot else "stop"
-                    engine.cancel(seq)
-            for key, (i, seq, push, out) in list(running.items()):
-                if seq.finish is not None:  # ended: by end of text, a stop string, or max_new_tokens
-                    if out["finish_reason"] == "length":
-                        out["text"] += push(None)[0]  # the characters held back for a stop string
-                    done[i] = out
-                    del running[key]
+                for u in front.step():
+                    i, out = running[u.handle.id]
+                    out["text"] += u.text
+                    out["generated_tokens"] += u.token is not None
+                    if u.finish:
+                        out["finish_reason"] = u.finish
+                        done[i] = out
+                        del running[u.handle.id]
 
     def score_many(self, texts, stride=None, budget=None, skip=0):
         """score() of any number of texts (an iterable of strings), the windows of many texts in each

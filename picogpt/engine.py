@@ -6,8 +6,9 @@ every decoding sequence and a piece of prompt for sequences still prefilling (ch
 vLLM does: a long prompt never stalls the running streams for more than one step; a Budget, in
 budget.py, sizes the pieces from the step times it measures), picks each decoding sequence's next
 token and retires the finished ones, whose rows the next admissions reuse;
-`cancel` retires one from outside (a stop string, a client gone). `Model.generate` (through
-`decode_rows`), the CLI and the server all drive this one loop.
+`cancel` retires one from outside (a stop string, a client gone). Every front end (`Model.generate`,
+`generate_many`, the CLI, the server) drives this one loop through its front (front.py), which turns
+a Request into the Sequence added here; `decode_rows` is the bare loop the benchmarks and warm-up use.
 
 A sequence's tokens go through the same kernels whatever else is in the batch (each row of the
 microkernel is its own sum), so its output does not depend on its neighbours. A prompt that shares
@@ -339,7 +340,8 @@ def decode_rows(
     say=warn,
     kv_dtype="float32",
 ):
-    """Decode a fixed batch of prompts together on the engine: each step, yield [(row, token), ...]
+    """The bare engine loop, without the front's text and stop strings (the benchmarks, warmup.py):
+    decode a fixed batch of prompts together on the engine: each step, yield [(row, token), ...]
     for every row that got a token. picks[row](logits) chooses row's next token; a row stops at
     `eot`, after max_new_tokens, or once the caller adds it to `stopped` (a stop string). A row whose
     context fills slides its window (Engine.add). say(message): where the notes go (None: nowhere).

@@ -15,10 +15,11 @@ def penalize(logits, seen, penalty):
     if penalty == 1:
         return logits
     seen = np.unique(np.asarray(seen, np.int64))
-    logits, repeated = logits.copy(), logits[seen]
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # a penalty near 0 or past float32's range
+    logits, repeated = logits.copy(), logits[seen].astype(np.float64)  # float64: a penalty past float32's range
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # a penalty near 0 or past float64's range
         penalized = np.where(repeated < 0, repeated * penalty, repeated / penalty)
-    logits[seen] = np.nan_to_num(penalized, nan=0.0)  # as their limits: +-inf the largest float32, 0 / 0 still 0
+    big = float(np.finfo(np.float32).max)  # as their limits: +-inf the largest float32, 0 / 0 still 0
+    logits[seen] = np.clip(np.nan_to_num(penalized, nan=0.0, posinf=big, neginf=-big), -big, big)
     return logits
 
 

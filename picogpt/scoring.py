@@ -22,6 +22,14 @@ def log_softmax_at(logits, targets):
     return (logits[np.arange(len(targets)), targets] - peak[:, 0]).astype(np.float64) - np.log(total)
 
 
+def top_logprobs(logits, k):
+    """log softmax of logits [n_vocab] (float64), and its k largest entries as [(token, logprob)], best first."""
+    peak = logits.max()
+    logp = (logits - peak).astype(np.float64) - math.log(np.exp(logits - peak).sum(dtype=np.float64))
+    best = np.argpartition(-logp, k)[:k] if k else []
+    return logp, sorted(((int(t), float(logp[t])) for t in best), key=lambda e: -e[1])
+
+
 def windows(n_tokens, n_ctx, stride):
     """(begin, first, end) of each window: it runs tokens begin..end-1 and scores first..end-1."""
     prev_end, begin = 0, 0
@@ -136,7 +144,14 @@ def logprobs_many(
             continue
         skip = 0
         out = [np.full(len(ids), np.nan) for ids in batch]
-        pieces = [(d, *w) for d, ids in enumerate(batch) if len(ids) >= 2 for w in windows(len(ids), n_ctx, stride)]
+        shared, pre = preamble(forward_rows, params, run, config, batch, at, kv_dtype, out)
+        # A piece is a window (d, begin, first, end) and how many of its first positions the preamble holds
+        pieces = [
+            (d, begin, first, end, shared if begin == 0 else 0)
+            for d, ids in enumerate(batch)
+            if len(ids) >= 2
+            for begin, first, end in windows(len(ids), n_ctx, stride)
+        ]
         # A window runs tokens begin .. end-2: the logits after them score tokens first .. end-1
         pieces.sort(key=lambda p: p[3] - p[1], reverse=True)  # longest first: a pass's first window is its longest
         while pieces:
@@ -148,24 +163,57 @@ def logprobs_many(
                 )
                 for layer in scratch
             ]
-            inputs = [batch[d][begin : end - 1] for d, begin, _, end in step]
+            for row, (*_, held) in enumerate(step):  # the preamble's keys and values, computed once
+                for (k, v), (pk, pv) in zip(cache, pre if held else ()):
+                    k[row, :, :held], v[row, :, :held] = pk[0, :, :held], pv[0, :, :held]
+            inputs = [batch[d][begin + held : end - 1] for d, begin, _, end, held in step]
             starts = np.cumsum([0] + [len(i) for i in inputs])
             keep = np.concatenate(
                 [
-                    np.arange(s + first - 1 - begin, s + end - 1 - begin)
-                    for s, (_, begin, first, end) in zip(starts, step)
+                    np.arange(s + max(first, begin + held + 1) - 1 - begin - held, s + end - 1 - begin - held)
+                    for s, (_, begin, first, end, held) in zip(starts, step)
                 ]
             )
             logits = forward_rows(
-                inputs, **params, **run, cache=cache, rows=list(range(len(step))), past=[0] * len(step), keep=keep
+                inputs, **params, **run, cache=cache, rows=list(range(len(step))), past=[p[4] for p in step], keep=keep
             )
             check_finite(logits, "a batch of documents")
-            targets = np.concatenate([batch[d][first:end] for d, _, first, end in step])
+            targets = np.concatenate([batch[d][max(first, held + 1) : end] for d, _, first, end, held in step])
             scores = at(logits, targets)
             done = 0
-            for d, _, first, end in step:
+            for d, _, first, end, held in step:
+                first = max(first, held + 1)
                 out[d][first:end], done = scores[done : done + end - first], done + end - first
         yield from out
+
+
+SHARED = 16  # the fewest tokens every document of a group must begin with for them to be computed once
+
+
+def preamble(forward_rows, params, run, config, batch, at, kv_dtype, out):
+    """Documents that all begin the same way (a shared preamble, a template) compute that beginning
+    once: (its length P, its keys and values) with P >= SHARED, else (0, None). Each document's scores
+    of tokens 1 .. P, which the preamble's logits give, are written to `out` here; its own tokens then
+    run after the preamble's keys and values. P leaves each document at least two tokens of its own
+    in its first window (one fed, one scored)."""
+    docs = [ids for ids in batch if len(ids) >= 2]
+    if len(docs) < 2:
+        return 0, None
+    n = min(min(len(ids), config["n_positions"]) for ids in docs) - 2
+    first = docs[0][:n]
+    for ids in docs[1:]:
+        differ = np.flatnonzero(ids[: len(first)] != first)
+        first = first[: differ[0]] if len(differ) else first
+    if len(first) < SHARED:
+        return 0, None
+    P = len(first)
+    cache = model.kv_cache(config["n_layer"], config["n_head"], P, config["n_embd"], n_rows=1, dtype=kv_dtype)
+    logits = forward_rows([first], **params, **run, cache=cache, rows=[0], past=[0], last=False)  # [P, n_vocab]
+    check_finite(logits, "the documents' shared beginning")
+    for d, ids in enumerate(batch):
+        if len(ids) >= 2:
+            out[d][1 : P + 1] = at(logits, ids[1 : P + 1])  # the last row scores each document's own token P
+    return P, cache
 
 
 def summary(tokenizer, ids, token_logprobs):

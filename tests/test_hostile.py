@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import picogpt
+from picogpt import front
 from picogpt.serve import http as server
-from picogpt.serve import worker
 from picogpt.serve.protocol import BadRequest, options_of, prompts_of
 
 pytestmark = pytest.mark.slow
@@ -120,14 +120,13 @@ def test_protocol_accepts_only_what_the_engine_can_run(tokenizer, body):
         assert e.status in (400, 404) and str(e) and "\n" not in str(e)
         assert e.param is None or e.param in body or e.param == "prompt"
         return
-    job = worker.Job(loop=None, arrived=0.0)
     rng = np.random.default_rng(0)
     for ids, _ in prompts:
         ids = ids or [tokenizer.eot_token]
-        for i in range(o.n):
+        for i in range(o.n):  # as the handler makes each choice's Request, and the engine thread its Handle
             seed = None if o.params.seed is None else o.params.seed + i
-            choice = worker.Choice(job, i, ids, o, tokenizer, N_VOCAB, seed, None)
-            token = choice.pick(rng.standard_normal(N_VOCAB).astype(np.float32))
+            request = front.Request(ids, o.params, seed, o.logprobs, o.echo and o.logprobs is not None)
+            token = front.Handle(request, tokenizer, N_VOCAB).pick(rng.standard_normal(N_VOCAB).astype(np.float32))
             assert 0 <= token < N_VOCAB
 
 
@@ -326,7 +325,13 @@ def test_a_failure_after_admission_gives_the_room_back(monkeypatch):
         end = time.monotonic() + 10
         while worker.outstanding and time.monotonic() < end:
             time.sleep(0.01)
-        assert worker.outstanding == 0 and not worker.live and not worker.engine.running and not worker.engine.waiting
+        assert (
+            worker.outstanding == 0
+            and not worker.jobs
+            and not worker.front.live
+            and not worker.engine.running
+            and not worker.engine.waiting
+        )
         monkeypatch.setattr(worker.engine, "add", real_add)
         assert http.post("/v1/completions", json={"prompt": "hi", "n": 2, "max_tokens": 2}).status_code == 200
         worker.stop()

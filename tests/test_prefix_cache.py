@@ -9,7 +9,7 @@ from helpers import metric, start, stop
 
 import picogpt
 from picogpt import sampling, scoring
-from picogpt.engine import Engine
+from picogpt.engine import Engine, rows_one_by_one
 from picogpt.options import SamplingParams
 
 
@@ -185,3 +185,56 @@ def test_the_servers_echo_logprobs_are_the_same_from_the_cache():
         assert np.allclose(a["token_logprobs"][1:], b["token_logprobs"][1:], rtol=0, atol=1e-5)
         for x, y in zip(a["top_logprobs"][1:], b["top_logprobs"][1:]):
             assert list(x) == list(y) and np.allclose(list(x.values()), list(y.values()), rtol=0, atol=1e-5)
+
+
+# ---- Model's calls and score_many ---------------------------------------------------------------------
+
+
+def test_a_models_calls_reuse_a_prefix_and_get_what_a_fresh_model_gets(tiny):
+    m, fresh = picogpt.load(tiny[0]), lambda: picogpt.load(tiny[0])  # noqa: E731
+    story = "Once upon a time there was a little girl who lived in a village near the forest."
+    m.generate(story, max_new_tokens=4, temperature=0)
+    found = m._front.engine.found
+    for more, options in [(" One day", dict(temperature=0)), (" She", dict(seed=5)), ("", dict(seed=6))]:
+        got = m.generate(story + more, max_new_tokens=12, **options)
+        assert m._front.engine.found > found  # the story's tokens came from the cache
+        found = m._front.engine.found
+        assert got == fresh().generate(story + more, max_new_tokens=12, **options)
+    batch = [story + " The end.", story + " Then"]  # a batch (on a front of 2 rows), then generate_many on it
+    assert m.generate(batch, max_new_tokens=6, seed=2) == fresh().generate(batch, max_new_tokens=6, seed=2)
+    found = m._front.engine.found
+    assert [o["text"] for o in m.generate_many(batch, rows=2, max_new_tokens=6, seed=2)] == fresh().generate(
+        batch, max_new_tokens=6, seed=2
+    )
+    assert m._front.engine.found > found
+
+
+def test_a_stream_left_early_frees_its_row_and_steering_keeps_out_of_the_cache(tiny):
+    m, fresh = picogpt.load(tiny[0]), picogpt.load(tiny[0])
+    story = "Once upon a time there was a little girl"
+    pieces = m.stream(story, max_new_tokens=40, temperature=0)
+    next(pieces)
+    pieces.close()  # the reader stops: the request is cancelled, the front is free
+    assert not m._front.busy and not m._front.engine.busy
+    vector = np.random.default_rng(0).standard_normal(m.config["n_embd"]).astype(np.float32)
+    steered = m.generate(story, max_new_tokens=8, temperature=0, steer=picogpt.inside.Steer(vector, 0, 8.0))
+    assert steered != fresh.generate(story, max_new_tokens=8, temperature=0)  # the steering does something
+    assert m.generate(story, max_new_tokens=8, temperature=0) == fresh.generate(story, max_new_tokens=8, temperature=0)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_documents_with_a_shared_preamble_compute_it_once_and_score_as_alone(tiny, backend, monkeypatch):
+    m = picogpt.load(tiny[0], backend=backend)
+    rng = np.random.default_rng(4)
+    preamble = prompt(rng, 40)
+    n_ctx = m.config["n_positions"]
+    docs = [preamble + prompt(rng, n) for n in (2, 3, 30, n_ctx, 2 * n_ctx)] + [preamble[:20] + prompt(rng, 9)]
+    shared = []
+    real = scoring.preamble
+    monkeypatch.setattr(scoring, "preamble", lambda *a: shared.append(real(*a)) or shared[-1])
+    forward_rows = m.forward_rows or rows_one_by_one(m.forward)
+    for group, expected_p in ((docs[:5], 40), (docs, 20), (docs[1:2], 0)):
+        got = list(scoring.logprobs_many(forward_rows, m.params, m.config, group, at=m.log_softmax_at))
+        assert shared[-1][0] == expected_p
+        for ids, lp in zip(group, got):
+            np.testing.assert_allclose(lp[1:], m.logprobs(ids)[1:], atol=2e-5)

@@ -24,10 +24,11 @@ from starlette.routing import Route
 
 from .. import budget
 from .. import tokenizer as tok
+from ..front import Request
 from ..log import warn
 from ..options import SERVE
-from .protocol import BadRequest, Logprobs, options_of, prompts_of
-from .worker import Busy, Choice, Done, Error, Job, Metrics, Piece, Worker
+from .protocol import BadRequest, Choice, options_of, prompts_of
+from .worker import Busy, Error, Job, Metrics, Worker
 
 MAX_BODY = 1 << 20  # bytes of a request body: 413 beyond (a full context of token ids is under 10 kB)
 
@@ -180,16 +181,17 @@ async def completions(request):
             f"{n_seq} sequences (prompts x n) is more than this server takes at once ({worker.capacity}: --parallel + --queue)",
             "n",
         )
-    job = Job(asyncio.get_running_loop(), arrived)
-    texts = []
     # No seed: one drawn here, used as a given one would be (OpenAI's response has no field to report it).
+    # Choice i of a prompt samples with seed + i, as `picogpt generate --num-samples` does.
     seed = o.params.seed if o.params.seed is not None else secrets.randbits(32)
+    scored = o.echo and o.logprobs is not None
+    requests = [Request(ids, o.params, seed + i, o.logprobs, scored) for ids, _ in prompts for i in range(o.n)]
+    job = Job(asyncio.get_running_loop(), arrived, requests)
+    choices = [  # the response's, shaped here from what the engine sends
+        Choice(state.tokenizer, i, o, state.tokenizer.decode(ids) if text is None else text)
+        for i, (ids, text) in enumerate(p for p in prompts for _ in range(o.n))
+    ]
     with worker.reserve(n_seq) as reservation:  # given back if anything below fails
-        for p, (ids, text) in enumerate(prompts):
-            scores = Logprobs(state.tokenizer, o.logprobs) if o.echo and o.logprobs is not None else None
-            texts.append(state.tokenizer.decode(ids) if text is None else text)
-            for i in range(o.n):  # choice i of a prompt samples with seed + i, as `picogpt generate --num-samples` does
-                job.choices.append(Choice(job, p * o.n + i, ids, o, state.tokenizer, state.n_vocab, seed + i, scores))
         worker.submit(job, reservation)
     n_prompt = sum(len(ids) for ids, _ in prompts)
     state.metrics.prompt_tokens.inc(n_prompt)
@@ -197,45 +199,37 @@ async def completions(request):
         id=f"cmpl-{uuid.uuid4().hex[:24]}", object="text_completion", created=int(time.time()), model=state.name
     )
     usage = lambda tokens: {"prompt_tokens": n_prompt, "completion_tokens": tokens, "total_tokens": n_prompt + tokens}  # noqa: E731
-
-    def start(choice):  # the echoed prompt and its log-probabilities come first
-        prompt = texts[choice.index // o.n] if o.echo else ""
-        scores = choice.prompt_scores.entries if choice.prompt_scores is not None else []
-        return prompt, list(scores)
-
     if o.stream:  # Starlette cancels the stream when the client leaves
-        return StreamingResponse(sse(request, job, reply, o, start, usage), media_type="text/event-stream")
-    out = {c.index: {"text": "", "entries": [], "finish_reason": None, "tokens": 0} for c in job.choices}
+        return StreamingResponse(sse(request, job, choices, reply, o, usage), media_type="text/event-stream")
+    out = {c.index: {"text": "", "logprobs": None} for c in choices}
 
     async def collect():
-        async for event in events_of(request, job):
-            if isinstance(event, Piece):
-                out[event.index]["text"] += event.text
-                out[event.index]["entries"] += event.entries
-            out[event.index]["tokens"] = event.tokens
-            if isinstance(event, Done):
-                out[event.index]["finish_reason"] = event.reason
+        async for piece in events_of(request, job):
+            taken = choices[piece.index].take(piece)
+            if taken is not None:
+                text, logprobs, _ = taken
+                out[piece.index]["text"] += text
+                out[piece.index]["logprobs"] = merged(out[piece.index]["logprobs"], logprobs)
 
     await until_done_or_gone(request, collect())
     state.metrics.latency.observe(time.perf_counter() - arrived)
-    for c in job.choices:  # the echoed prompt in front, now that it is scored
-        prompt, scores = start(c)
-        out[c.index].update(text=prompt + out[c.index]["text"], entries=scores + out[c.index]["entries"])
-    logprobs = lambda c: (
-        None if o.logprobs is None else c.logprobs.shape(out[c.index]["entries"]) if c.logprobs else None
-    )  # noqa: E731
-    choices = [
+    shaped = [
         {
             "text": out[c.index]["text"],
             "index": c.index,
-            "logprobs": logprobs(c),
-            "finish_reason": out[c.index]["finish_reason"],
+            "logprobs": out[c.index]["logprobs"],
+            "finish_reason": c.finish,
         }
-        for c in job.choices
+        for c in choices
     ]
-    n_new = sum(v["tokens"] for v in out.values())
+    n_new = sum(c.tokens for c in choices)
     request.state.tokens = f", {n_prompt} prompt + {n_new} new tokens"
-    return JSONResponse(reply | {"choices": choices, "usage": usage(n_new)})
+    return JSONResponse(reply | {"choices": shaped, "usage": usage(n_new)})
+
+
+def merged(a, b):
+    """Two pieces of a choice's legacy logprobs object as one (None: none asked)."""
+    return b if a is None else {k: a[k] + b[k] for k in a}
 
 
 class Failure(Exception):
@@ -268,15 +262,15 @@ async def until_done_or_gone(request, work):
 
 
 async def events_of(request, job):
-    """The job's events until every choice is done; if it ends first (the client left, the stream or
-    the handler was cancelled), the job is cancelled in the engine and its rows go back."""
-    pending = {c.index for c in job.choices}
+    """The job's Pieces until every choice has ended; if the reading ends first (the client left, the
+    stream or the handler was cancelled), the job is cancelled in the engine and its rows go back."""
+    pending = set(range(len(job.requests)))
     try:
         while pending:
             event = await job.events.get()
             if isinstance(event, Error):
                 raise Failure(event.message)
-            if isinstance(event, Done):
+            if event.finish:
                 pending.discard(event.index)
             yield event
     finally:
@@ -284,38 +278,30 @@ async def events_of(request, job):
             request.app.state.worker.cancel(job)
 
 
-async def sse(request, job, reply, o, start, usage):
+async def sse(request, job, choices, reply, o, usage):
     """Server-sent events: a completion chunk per new piece of text, then [DONE]."""
-    started, ended, sent = set(), set(), {}  # sent: each choice's new tokens in the chunks sent so far
     chunk = lambda choices, **more: f"data: {json.dumps(reply | {'choices': choices} | more)}\n\n"  # noqa: E731
     extra = {"usage": None} if o.include_usage else {}
     try:
-        async for event in events_of(request, job):
-            choice = job.choices[event.index]
-            text, entries = ("", []) if event.index in started else start(choice)
-            started.add(event.index)
-            finish = None
-            if isinstance(event, Piece):
-                text, entries = text + event.text, entries + event.entries
-            else:
-                finish = event.reason
-                ended.add(event.index)
-            logprobs = choice.logprobs.shape(entries) if choice.logprobs is not None else None
-            if text or entries or finish:
+        async for piece in events_of(request, job):
+            taken = choices[piece.index].take(piece)
+            if taken is None:
+                continue
+            text, logprobs, finish = taken
+            if text or (logprobs and logprobs["tokens"]) or finish:
                 yield chunk(
-                    [{"text": text, "index": event.index, "logprobs": logprobs, "finish_reason": finish}], **extra
+                    [{"text": text, "index": piece.index, "logprobs": logprobs, "finish_reason": finish}], **extra
                 )
-                sent[event.index] = event.tokens
         if extra:
-            yield chunk([], usage=usage(sum(sent.values())))
+            yield chunk([], usage=usage(sum(c.tokens for c in choices)))
     except Failure as e:
         yield f"data: {json.dumps({'error': {'message': f'internal error: {e}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
     finally:  # also when the client leaves: Starlette cancels the stream, and the request is logged all the same
         seconds = time.perf_counter() - job.arrived
         request.app.state.metrics.latency.observe(seconds)
-        left = "" if len(ended) == len(job.choices) else ", the client left"
+        left = "" if all(c.finish for c in choices) else ", the client left"
         warn(
-            f"POST /v1/completions 200 (stream{left}), {usage(0)['prompt_tokens']} prompt + {sum(sent.values())} new tokens sent in {seconds:.2f} s"
+            f"POST /v1/completions 200 (stream{left}), {usage(0)['prompt_tokens']} prompt + {sum(c.tokens for c in choices)} new tokens sent in {seconds:.2f} s"
         )
     yield "data: [DONE]\n\n"
 

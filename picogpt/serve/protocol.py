@@ -2,15 +2,11 @@
 and token log-probabilities in the legacy `logprobs` shape. No HTTP here (server.py) and no model."""
 
 import codecs
-import math
 import re
 from typing import NamedTuple
 
-import numpy as np
-
+from ..front import TOP_MOST
 from ..options import OPENAI, BadValue, SamplingParams, number, whole
-
-TOP_MOST = 5  # the most top logprobs a request may ask (OpenAI's legacy completions)
 
 
 class BadRequest(ValueError):
@@ -141,14 +137,6 @@ def options_of(body, n_vocab, served):
 # ---- log-probabilities in OpenAI's legacy shape -------------------------------------------------------
 
 
-def top_logprobs(logits, k):
-    """log softmax of logits [n_vocab] (float64), and its k largest entries as [(token, logprob)]."""
-    peak = logits.max()
-    logp = (logits - peak).astype(np.float64) - math.log(np.exp(logits - peak).sum(dtype=np.float64))
-    best = np.argpartition(-logp, k)[:k] if k else []
-    return logp, sorted(((int(t), float(logp[t])) for t in best), key=lambda e: -e[1])
-
-
 def token_text(tokenizer, token):
     """A token's text as OpenAI shows it: its bytes as UTF-8, or "bytes:\\xNN..." for a part of a character."""
     data = tokenizer.decode_single_token_bytes(token)
@@ -159,32 +147,55 @@ def token_text(tokenizer, token):
 
 
 class Logprobs:
-    """The legacy `logprobs` object of one choice, built token by token: each entry is (token,
-    logprob or None, {token: logprob} or None, text_offset), the offset counting the characters of
-    the text before the token."""
+    """The legacy `logprobs` object of one choice, from the engine's entries (front.Entry: token,
+    logprob or None, the most likely [(token, logprob)] or None): the k most likely of each and the
+    token itself, and text_offset, the characters of the text before each token."""
 
     def __init__(self, tokenizer, k, after=b""):
         """after: the bytes of the text before the first token (an echoed prompt), for text_offset."""
-        self.tokenizer, self.k, self.entries = tokenizer, k, []
+        self.tokenizer, self.k = tokenizer, k
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")  # the characters so far, a token at a time
         self.chars = len(self.utf8.decode(after))
 
-    def add(self, token, logprob, top):
-        self.entries.append((token, logprob, top, self.chars))
-        self.chars += len(self.utf8.decode(self.tokenizer.decode_single_token_bytes(token)))
-
-    def chosen(self, logits, token):
-        """An entry for a picked token, from the raw logits it was picked from."""
-        logp, best = top_logprobs(logits, self.k)
-        self.add(token, float(logp[token]), dict(best) | {token: float(logp[token])})
-
     def shape(self, entries):
+        """The object for these entries, the ones after those shaped before (offsets run on)."""
         name = lambda t: token_text(self.tokenizer, t)  # noqa: E731
-        return {
-            "tokens": [name(t) for t, *_ in entries],
-            "token_logprobs": [lp for _, lp, _, _ in entries],
-            "top_logprobs": [
-                None if top is None else {name(t): lp for t, lp in top.items()} for _, _, top, _ in entries
-            ],
-            "text_offset": [offset for *_, offset in entries],
-        }
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, logprob, top in entries:
+            out["tokens"].append(name(token))
+            out["token_logprobs"].append(logprob)
+            out["top_logprobs"].append(
+                None if top is None else {name(t): lp for t, lp in [*top[: self.k], (token, logprob)]}
+            )
+            out["text_offset"].append(self.chars)
+            self.chars += len(self.utf8.decode(self.tokenizer.decode_single_token_bytes(token)))
+        return out
+
+
+REASON = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "length"}  # OpenAI's finish_reason
+
+
+class Choice:
+    """One choice of a response, built from the engine's Pieces (worker.py): the echoed prompt in
+    front, then the new text, log-probabilities in the legacy shape, the finish reason, and the
+    completion tokens (an <|endoftext|> that ends the text is not one, nor in the log-probabilities,
+    nor is the token that completes a stop string)."""
+
+    def __init__(self, tokenizer, index, o, prompt):
+        self.index, self.echo = index, prompt if o.echo else ""
+        self.logprobs = None if o.logprobs is None else Logprobs(tokenizer, o.logprobs)
+        self.held, self.started, self.finish, self.tokens = [], False, None, 0  # held: the prompt's entries
+
+    def take(self, piece):
+        """(text, logprobs or None, finish_reason or None) of a Piece, the echoed prompt and its
+        log-probabilities in front of the first; None while the prompt is being scored."""
+        self.held += piece.prompt
+        self.tokens = piece.tokens - (piece.finish == "eos")
+        if not (piece.tokens or piece.finish):
+            return None
+        entries = piece.logprobs[:-1] if piece.finish in ("eos", "stop") else piece.logprobs
+        text = piece.text
+        if not self.started:
+            self.started, text, entries = True, self.echo + text, self.held + entries
+        self.finish = REASON.get(piece.finish)
+        return text, None if self.logprobs is None else self.logprobs.shape(entries), self.finish

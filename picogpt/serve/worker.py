@@ -1,8 +1,8 @@
-"""`picogpt serve`'s engine side: one thread (the Worker) owns the model and the engine
-(engine.py). Each step it takes new jobs and cancellations from its inbox, runs `Engine.step`, turns
-each new token into text (text.py) and hands it to the job's asyncio queue as a Piece or a Done. The
-room a request takes in the batch and the queue is a Reservation, given back by construction.
-Metrics are what /metrics shows.
+"""`picogpt serve`'s engine side: one thread (the Worker) owns the model and the engine's front
+(front.py). Each step it takes new jobs and cancellations from its inbox, runs `Front.step` and hands
+each update to its job's asyncio queue as a Piece, which the HTTP side shapes. The room a request
+takes in the batch and the queue is a Reservation, given back by construction. Metrics are what
+/metrics shows.
 """
 
 import asyncio
@@ -16,12 +16,10 @@ from typing import NamedTuple
 import numba
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .. import sampling
 from ..budget import Budget
 from ..engine import Engine
+from ..front import Front
 from ..log import warn
-from ..text import detokenizer
-from .protocol import TOP_MOST, Logprobs, top_logprobs
 
 
 class Metrics:
@@ -81,20 +79,16 @@ class Metrics:
 
 
 class Piece(NamedTuple):
-    """New text of choice `index` (maybe "" with log-probabilities only); tokens: the choice's new tokens so far."""
+    """What choice `index` got in a step (front.Update, for the HTTP side to shape): new text (maybe
+    ""), the front.Entry of its new token and of prompt tokens scored, its new tokens so far, and
+    when it ends, why ("eos", "stop", "length" or "cancelled")."""
 
     index: int
     text: str
-    entries: list
+    logprobs: list
+    prompt: list
     tokens: int
-
-
-class Done(NamedTuple):
-    """Choice `index` ended: "stop" or "length", after `tokens` new tokens."""
-
-    index: int
-    reason: str
-    tokens: int
+    finish: str
 
 
 class Error(NamedTuple):
@@ -126,81 +120,15 @@ class Reservation:
 
 
 class Job:
-    """One completions request in flight: its choices and the asyncio queue its events go to."""
+    """One completions request in flight: its front.Requests (one per choice, made at the edge) and
+    the asyncio queue the engine thread puts their Pieces on."""
 
-    def __init__(self, loop, arrived):
-        self.loop, self.events, self.arrived = loop, asyncio.Queue(), arrived
-        self.choices, self.first = [], None
+    def __init__(self, loop, arrived, requests):
+        self.loop, self.events, self.arrived, self.requests = loop, asyncio.Queue(), arrived, requests
 
     def put(self, event):  # from the engine thread
         with contextlib.suppress(RuntimeError):  # the event loop is gone (shutting down): nobody is listening
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-
-class Choice:
-    """One sequence of a job: its picker, its text so far (cut at stop strings) and its log-probabilities;
-    sends the job Piece and Done events."""
-
-    def __init__(self, job, index, ids, o, tokenizer, n_vocab, seed, prompt_scores):
-        self.job, self.index, self.ids, self.tokenizer = job, index, ids, tokenizer
-        self.max_new_tokens, self.eot = o.params.max_new_tokens, tokenizer.eot_token
-        self.prompt_scores = prompt_scores  # a Logprobs of the prompt, shared by the choices of one prompt
-        if o.logprobs is None:
-            self.logprobs = None
-        else:  # with echo, offsets run on after the prompt
-            self.logprobs = Logprobs(tokenizer, o.logprobs, tokenizer.decode_bytes(ids) if o.echo else b"")
-        self.pick = sampling.picker(ids, o.params, seed, n_vocab, self.logprobs and self.logprobs.chosen)
-        self.score = None
-        if prompt_scores is not None and not prompt_scores.entries:  # the first choice of the prompt scores it
-            prompt_scores.add(ids[0], None, None)
-            self.score = self.scored
-        self.push, self.sent, self.n_tokens = detokenizer(tokenizer, o.params.stop), 0, 0
-        self.seq, self.reason, self.last = None, None, None
-
-    def scored(self, logits, targets, cached=None):  # Engine's score callback: the prompt's log-probabilities
-        """Each target's log-probability and the 5 most likely (the most a request asks: kept with the
-        row for a later prompt, `cached`, which then comes without logits); this request's k of them."""
-        entries = cached
-        if entries is None:
-            entries = []
-            for row, target in zip(logits, targets):
-                logp, best = top_logprobs(row, TOP_MOST)
-                entries.append((float(logp[target]), best))
-        for target, (logprob, best) in zip(targets, entries):
-            self.prompt_scores.add(target, logprob, dict(best[: self.prompt_scores.k]) | {target: logprob})
-        return entries
-
-    def token(self, token, now, metrics):
-        """A new token: emit its text. True if it completed a stop string (the sequence must end)."""
-        if self.job.first is None:
-            self.job.first = now
-            metrics.ttft.observe(now - self.job.arrived)
-        if self.last is not None:
-            metrics.tbt.observe(now - self.last)
-        self.last = now
-        metrics.generated.inc()
-        self.n_tokens += token != self.eot
-        piece, finished = self.push(token)
-        if finished:
-            self.reason = "stop"  # end of text, or a stop string
-            self.emit(piece, drop_last=True)
-            return token != self.eot
-        self.emit(piece)
-        return False
-
-    def emit(self, piece, drop_last=False):
-        entries = None
-        if self.logprobs is not None:
-            end = len(self.logprobs.entries) - drop_last  # the token that ended the text is not in it
-            entries, self.sent = self.logprobs.entries[self.sent : end], max(self.sent, end)
-        if piece or entries:
-            self.job.put(Piece(self.index, piece, entries or [], self.n_tokens))
-
-    def done(self):
-        if self.reason is None:  # max_tokens, the context's end, or the server stopping
-            self.reason = "length"
-            self.emit(self.push(None)[0])
-        self.job.put(Done(self.index, self.reason, self.n_tokens))
 
 
 def cache_rows(config, kv_dtype, cache_mb, most=256):
@@ -211,8 +139,8 @@ def cache_rows(config, kv_dtype, cache_mb, most=256):
 
 
 class Worker:
-    """The one thread that owns the model: runs the engine, takes work from its inbox. chunk: the
-    most prompt tokens a step takes (None: as many as the budget allows, budget.py). prefix_cache:
+    """The one thread that owns the model: drives the engine's front, takes work from its inbox. chunk:
+    the most prompt tokens a step takes (None: as many as the budget allows, budget.py). prefix_cache:
     keep retired sequences' keys and values for later prompts (engine.py), in the batch's free rows
     and `cache_mb` megabytes of rows beyond them."""
 
@@ -231,7 +159,10 @@ class Worker:
         )
         for k, v in self.engine.cache:  # touch every page now: faulting them in mid-request stalled its first steps
             k.fill(0), v.fill(0)
-        self.inbox, self.live, self.lock, self.outstanding = queue.SimpleQueue(), {}, threading.Lock(), 0
+        self.front = Front(self.engine, model.tokenizer)
+        self.inbox, self.lock, self.outstanding = queue.SimpleQueue(), threading.Lock(), 0
+        self.jobs = {}  # Handle.id -> (job, choice index, [handles of the job]) while it runs
+        self.first, self.last = {}, {}  # job -> its first token's time; Handle.id -> its last token's
         self.counted = (0, 0)  # the engine's prefix cache figures already in the counters
         self.thread = threading.Thread(target=self.run, name="picogpt-engine", daemon=True)
 
@@ -251,7 +182,7 @@ class Worker:
 
     def submit(self, job, reservation):
         """Hand the job, and the room reserved for its choices, to the engine thread."""
-        assert reservation.n == len(job.choices) and not reservation.handed
+        assert reservation.n == len(job.requests) and not reservation.handed
         reservation.handed = True
         self.inbox.put(("add", job))
 
@@ -263,7 +194,7 @@ class Worker:
 
     def run(self):
         while True:
-            items = [] if self.engine.busy else [self.inbox.get()]
+            items = [] if self.front.busy else [self.inbox.get()]
             while True:
                 try:
                     items.append(self.inbox.get_nowait())
@@ -271,64 +202,78 @@ class Worker:
                     break
             for op, job in items:
                 if op == "stop":  # running requests end with what they have
-                    for choice in list(self.live.values()):
-                        self.engine.cancel(choice.seq)
-                    self.retire()
+                    for handle in list(self.front.live.values()):
+                        self.front.cancel(handle)
+                    self.tell(self.front.step(), stopping=True)
                     return
                 if op == "add":
                     self.add(job)
                     continue
-                for choice in job.choices:  # cancel: the client is gone
-                    if choice.seq is not None and choice.seq.finish is None:
-                        self.engine.cancel(choice.seq)
+                for handle in list(self.front.live.values()):  # cancel: the client is gone
+                    if self.jobs[handle.id][0] is job:
+                        self.front.cancel(handle)
             try:
-                step = self.engine.step()
+                updates = self.front.step()
             except Exception as e:  # the requests in the batch fail; the server goes on
                 warn(f"internal error in a decoding step: {type(e).__name__}: {e}")
                 traceback.print_exc()
-                for choice in self.live.values():
-                    self.engine.cancel(choice.seq)
-                    choice.job.put(Error(f"{type(e).__name__}: {e}"))
-                self.retire(quiet=True)
+                for job in {self.jobs[h.id][0] for h in self.front.live.values()}:
+                    job.put(Error(f"{type(e).__name__}: {e}"))
+                for handle in list(self.front.live.values()):
+                    self.front.cancel(handle)
+                self.tell(self.front.step(), send=False)
                 continue
-            now = time.perf_counter()
             self.metrics.threads.set(numba.get_num_threads())  # the engine thread's own count, as the step set it
-            for seq, token in step:
-                if self.live[seq.id].token(token, now, self.metrics):
-                    self.engine.cancel(seq)
-            self.retire()
+            self.tell(updates)
 
     def add(self, job):
-        """Queue the job's choices in the engine; if one cannot be (a bug past protocol's checks), the
-        job fails alone: the choices already queued are cancelled and the others' room goes back."""
+        """Queue the job's requests in the front; if one cannot be (a bug past protocol's checks), the
+        job fails alone: the ones already queued are cancelled and the others' room goes back."""
+        handles = []
         try:
-            for choice in job.choices:
-                choice.seq = self.engine.add(choice.ids, choice.max_new_tokens, choice.pick, choice.score)
-                self.live[choice.seq.id] = choice
+            for index, request in enumerate(job.requests):
+                handles.append(self.front.add(request))
+                self.jobs[handles[-1].id] = (job, index)
         except Exception as e:
             warn(f"internal error queueing a request: {type(e).__name__}: {e}")
             traceback.print_exc()
-            for choice in job.choices:
-                if choice.seq is not None:
-                    del self.live[choice.seq.id]
-                    self.engine.cancel(choice.seq)
-            self.release(len(job.choices))
+            for handle in handles:
+                del self.jobs[handle.id]
+                self.front.cancel(handle)
+                del self.front.live[handle.id]
+            self.release(len(job.requests))
             job.put(Error(f"{type(e).__name__}: {e}"))
 
-    def retire(self, quiet=False):
-        """Hand back the choices whose sequences ended, and their rows' reservations; update the gauges."""
-        for sid, choice in list(self.live.items()):
-            if choice.seq.finish is not None:
-                del self.live[sid]
-                if not quiet:
-                    choice.done()
+    def tell(self, updates, stopping=False, send=True):
+        """Send each update to its job as a Piece; give back the room of the choices that ended;
+        update the metrics. stopping: the server stops, and what was cancelled ends as "length";
+        send False: the jobs failed (they were sent an Error), only give the room back."""
+        now, m = time.perf_counter(), self.metrics
+        for u in updates:
+            job, index = self.jobs[u.handle.id]
+            if u.token is not None:
+                if job not in self.first:
+                    self.first[job] = now
+                    m.ttft.observe(now - job.arrived)
+                if u.handle.id in self.last:
+                    m.tbt.observe(now - self.last[u.handle.id])
+                self.last[u.handle.id] = now
+                m.generated.inc()
+            finish = "length" if stopping and u.finish == "cancelled" else u.finish
+            if finish:  # its room goes back before the client can hear of the end, and ask again
+                del self.jobs[u.handle.id]
+                self.last.pop(u.handle.id, None)
                 self.release(1)
-        jobs = {c.job for c in self.live.values()}
-        running = {c.job for c in self.live.values() if c.seq.row is not None}
-        self.metrics.running.set(len(running))
-        self.metrics.waiting.set(len(jobs - running))
-        self.metrics.sequences.set(len(self.engine.running))
-        e, m = self.engine, self.metrics
+            if send:
+                job.put(Piece(index, u.text, u.logprobs, u.prompt, u.handle.tokens, finish))
+        running = {job for job, _ in self.jobs.values()}
+        for job in set(self.first) - running:
+            del self.first[job]
+        e = self.engine
+        decoding = {self.jobs[h.id][0] for h in self.front.live.values() if h.seq.row is not None}
+        m.running.set(len(decoding))
+        m.waiting.set(len(running - decoding))
+        m.sequences.set(len(e.running))
         m.cache_queries.inc(e.looked_up - self.counted[0])
         m.cache_hits.inc(e.found - self.counted[1])
         self.counted = (e.looked_up, e.found)
