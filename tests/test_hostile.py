@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import picogpt
 from picogpt import front
 from picogpt.serve import http as server
-from picogpt.serve.protocol import BadRequest, options_of, prompts_of
+from picogpt.serve.protocol import BadRequest, options_of, prompts_of, requests_of
 
 pytestmark = pytest.mark.slow
 
@@ -115,19 +115,17 @@ def test_protocol_accepts_only_what_the_engine_can_run(tokenizer, body):
     every later step takes: the choices build and their pickers pick, as the server does them."""
     try:
         o = options_of(body, N_VOCAB, "tiny")
-        prompts = prompts_of(body, lambda t: tokenizer.encode(t, allowed_special="all"), N_VOCAB)
+        prompts = prompts_of(body, tokenizer, N_VOCAB, N_CTX)
+        requests = requests_of(prompts, o)
     except BadRequest as e:
         assert e.status in (400, 404) and str(e) and "\n" not in str(e)
         assert e.param is None or e.param in body or e.param == "prompt"
         return
     rng = np.random.default_rng(0)
-    for ids, _ in prompts:
-        ids = ids or [tokenizer.eot_token]
-        for i in range(o.n):  # as the handler makes each choice's Request, and the engine thread its Handle
-            seed = None if o.params.seed is None else o.params.seed + i
-            request = front.Request(ids, o.params, seed, o.logprobs, o.echo and o.logprobs is not None)
-            token = front.Handle(request, tokenizer, N_VOCAB).pick(rng.standard_normal(N_VOCAB).astype(np.float32))
-            assert 0 <= token < N_VOCAB
+    assert len(requests) == len(prompts) * o.n
+    for request in requests:  # as the engine thread makes each one's Handle, and picks
+        token = front.Handle(request, tokenizer, N_VOCAB).pick(rng.standard_normal(N_VOCAB).astype(np.float32))
+        assert 0 <= token < N_VOCAB
 
 
 @pytest.fixture(scope="module")

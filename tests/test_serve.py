@@ -243,9 +243,10 @@ def test_a_request_without_a_seed_samples_with_a_drawn_one(model, monkeypatch):
     from starlette.testclient import TestClient
 
     from picogpt.serve import http as server
+    from picogpt.serve import protocol
 
     drawn = []
-    monkeypatch.setattr(server.secrets, "randbits", lambda bits: drawn.append(bits) or 1234)
+    monkeypatch.setattr(protocol.secrets, "randbits", lambda bits: drawn.append(bits) or 1234)
     web = server.app("tiny")
     with TestClient(web) as http:
         worker = server.ready(web, model, parallel=4, queue_size=4, chunk=16)

@@ -9,7 +9,6 @@ import asyncio
 import errno
 import json
 import logging
-import secrets
 import socket
 import threading
 import time
@@ -24,10 +23,9 @@ from starlette.routing import Route
 
 from .. import budget
 from .. import tokenizer as tok
-from ..front import Request
 from ..log import warn
 from ..options import SERVE
-from .protocol import BadRequest, Choice, options_of, prompts_of
+from .protocol import BadRequest, Choice, options_of, prompts_of, requests_of
 from .worker import Busy, Error, Job, Metrics, Worker
 
 MAX_BODY = 1 << 20  # bytes of a request body: 413 beyond (a full context of token ids is under 10 kB)
@@ -163,17 +161,7 @@ async def completions(request):
     arrived = time.perf_counter()
     body = await body_of(request)
     o = options_of(body, state.n_vocab, state.name)
-    eot = state.tokenizer.eot_token
-    prompts = [
-        (ids or [eot], text) for ids, text in prompts_of(body, lambda t: tok.encode(state.tokenizer, t), state.n_vocab)
-    ]
-    for ids, _ in prompts:
-        if len(ids) > state.n_ctx:
-            raise BadRequest(
-                f"the prompt has {len(ids)} tokens, more than this model's context of {state.n_ctx}: shorten it",
-                "prompt",
-                code="context_length_exceeded",
-            )
+    prompts = prompts_of(body, state.tokenizer, state.n_vocab, state.n_ctx)
     n_seq = len(prompts) * o.n
     worker = state.worker
     if n_seq > worker.capacity:
@@ -181,15 +169,9 @@ async def completions(request):
             f"{n_seq} sequences (prompts x n) is more than this server takes at once ({worker.capacity}: --parallel + --queue)",
             "n",
         )
-    # No seed: one drawn here, used as a given one would be (OpenAI's response has no field to report it).
-    # Choice i of a prompt samples with seed + i, as `picogpt generate --num-samples` does.
-    seed = o.params.seed if o.params.seed is not None else secrets.randbits(32)
-    scored = o.echo and o.logprobs is not None
-    requests = [Request(ids, o.params, seed + i, o.logprobs, scored) for ids, _ in prompts for i in range(o.n)]
-    job = Job(asyncio.get_running_loop(), arrived, requests)
+    job = Job(asyncio.get_running_loop(), arrived, requests_of(prompts, o))
     choices = [  # the response's, shaped here from what the engine sends
-        Choice(state.tokenizer, i, o, state.tokenizer.decode(ids) if text is None else text)
-        for i, (ids, text) in enumerate(p for p in prompts for _ in range(o.n))
+        Choice(state.tokenizer, i, o, text) for i, (_, text) in enumerate(p for p in prompts for _ in range(o.n))
     ]
     with worker.reserve(n_seq) as reservation:  # given back if anything below fails
         worker.submit(job, reservation)

@@ -3,9 +3,11 @@ and token log-probabilities in the legacy `logprobs` shape. No HTTP here (server
 
 import codecs
 import re
+import secrets
 from typing import NamedTuple
 
-from ..front import TOP_MOST
+from .. import tokenizer as tok
+from ..front import TOP_MOST, Request
 from ..options import OPENAI, BadValue, SamplingParams, number, whole
 
 
@@ -27,9 +29,23 @@ def field(body, name, default, check, wants):
     return value
 
 
-def prompts_of(body, encode, n_vocab):
+def prompts_of(body, tokenizer, n_vocab, n_ctx=None):
     """The request's prompts as token id lists: a string, a list of strings, a list of token ids, or a
-    list of lists of token ids. Returns [(ids, text or None)]: text for string prompts."""
+    list of lists of token ids. Returns [(ids, text)]: an empty prompt is <|endoftext|> (a new text);
+    BadRequest for one longer than n_ctx."""
+    prompts = [(ids or [tokenizer.eot_token], text) for ids, text in _prompts(body, tokenizer, n_vocab)]
+    for ids, _ in prompts:
+        if n_ctx is not None and len(ids) > n_ctx:
+            raise BadRequest(
+                f"the prompt has {len(ids)} tokens, more than this model's context of {n_ctx}: shorten it",
+                "prompt",
+                code="context_length_exceeded",
+            )
+    return prompts
+
+
+def _prompts(body, tokenizer, n_vocab):
+    encode = lambda text: tok.encode(tokenizer, text)  # noqa: E731
     prompt = body.get("prompt")
     wants = "a string, a list of strings, a list of token ids or a list of lists of token ids"
     if isinstance(prompt, str):
@@ -47,7 +63,16 @@ def prompts_of(body, encode, n_vocab):
             raise BadRequest(
                 f"'prompt' holds token id {bad[0]}, outside this model's vocabulary of {n_vocab}", "prompt"
             )
-    return [(list(ids), None) for ids in lists]
+    return [(list(ids), tokenizer.decode(ids)) for ids in lists]
+
+
+def requests_of(prompts, o):
+    """The engine's Request of each choice, prompt by prompt. Choice i of a prompt samples with seed
+    + i, as `picogpt generate --num-samples` does; with no seed, one is drawn here and used as a given
+    one would be (OpenAI's response has no field to report it)."""
+    seed = o.params.seed if o.params.seed is not None else secrets.randbits(32)
+    scored = o.echo and o.logprobs is not None  # the prompt's log-probabilities are wanted
+    return [Request(ids, o.params, seed + i, o.logprobs, scored) for ids, _ in prompts for i in range(o.n)]
 
 
 class Options(NamedTuple):
