@@ -174,9 +174,13 @@ class Model(Inside):
         more rows, when a call needs more; a row's memory is taken as its positions are written). A
         call with hooks or steering, whose keys and values are not the model's own, or one made while
         the model's front is busy (a stream not yet read to its end), gets one of its own, of
-        `n_cache` positions. Requests the call leaves unfinished (a stream closed early) are cancelled."""
-        own = self._front
+        `n_cache` positions; so does the model once its params, forward or forward_rows are replaced
+        (weights changed in place are not seen: the kernels run on panels laid out at load).
+        Requests the call leaves unfinished (a stream closed early) are cancelled."""
+        own, made_of = self._front, (self.params, self.forward, self.forward_rows)
         shared = not hooks and steer is None and not (own is not None and own.busy)
+        if own is not None and any(a is not b for a, b in zip(own.made_of, made_of)):
+            own = self._front = None  # new weights or kernels (a Model's fields replaced): its cache is not theirs
         if not shared or own is None or own.engine.parallel < rows:
             if shared:
                 n_cache, self._front = None, None  # the whole context; the old rows' memory goes first
@@ -192,6 +196,7 @@ class Model(Inside):
                 prefix_cache=shared,
             )
             own = Front(engine, self.tokenizer)
+            own.made_of = made_of
             if shared:
                 self._front = own
         try:

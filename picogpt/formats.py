@@ -142,19 +142,29 @@ class Format(NamedTuple):
     pack: object  # float32 [in, out] (C order, finite) -> a weight of this format
     dequantize: object  # a weight of this format -> float32 [in, out]
     matmul: object  # (x float32 [n, in], weight) -> x @ weight [n, out]: the NumPy reference the kernels match
-    integer: bool  # matmul is integer arithmetic, which BLAS does not do: the microkernel takes every row count
+    # The microkernel's part of the row (kernels/microkernel.py interprets it; no Numba here):
+    integer: bool  # matmul is integer arithmetic: the activations quantized per block, the integer tile
+    # (_tile_q8), every row count (BLAS has no such arithmetic)
+    widen: str | None  # how a float format's stored value becomes float32 in registers (microkernel.WIDEN):
+    # "as is" (it is float32), "ieee half" (IEEE float16 bits), "shl 16" (a float32's top 16 bits, shifted
+    # back up); None for an integer format, which is not widened
+
+
+def _as_is(w):
+    return w
 
 
 # The one table of formats: params.py, converted.py, manage.py, the kernels and the CLI read it (the
 # CLI keeps the names in a copy, as it must not import NumPy before --threads is set; a test holds
-# them equal). The microkernel widens each format in registers as its WIDEN table says, keyed by name.
+# them equal). A new format is a row here, and a codegen function in the microkernel only if its row
+# asks for arithmetic the microkernel does not have yet.
 FORMATS = {
     f.name: f
     for f in (
-        Format("float32", np.ndarray, "F32", np.float32, False, 4, lambda w: w, lambda w: w, _widened, False),
-        Format("float16", F16, "F16", np.uint16, False, 2, _pack_f16, _dequantize_f16, _widened, False),
-        Format("bfloat16", BF16, "BF16", np.uint16, False, 2, _pack_bf16, _dequantize_bf16, _widened, False),
-        Format("int8", Q8, "I8", np.int8, True, 1 + 4 / BLOCK, _pack_q8, _dequantize_q8, matmul_q8, True),
+        Format("float32", np.ndarray, "F32", np.float32, False, 4, _as_is, _as_is, _widened, False, "as is"),
+        Format("float16", F16, "F16", np.uint16, False, 2, _pack_f16, _dequantize_f16, _widened, False, "ieee half"),
+        Format("bfloat16", BF16, "BF16", np.uint16, False, 2, _pack_bf16, _dequantize_bf16, _widened, False, "shl 16"),
+        Format("int8", Q8, "I8", np.int8, True, 1 + 4 / BLOCK, _pack_q8, _dequantize_q8, matmul_q8, True, None),
     )
 }
 DTYPES = tuple(FORMATS)
@@ -180,10 +190,16 @@ def nbytes_of(n_in, n_out, dtype):
     return sum(np.dtype(HELD[tag]).itemsize * n * m for _, tag, (n, m) in arrays(n_in, n_out, dtype))
 
 
+def transposed(name, dtype):
+    """Whether checkpoint tensor `name` is held transposed in `dtype`: only a packed wte, which holds
+    wte.T, [n_embd, n_vocab], so that the lm_head is an ordinary [in, out] linear. The one place this
+    rule lives: held_shape, pack_wte, embedding, lm_head, vocab_size and the converters ask it."""
+    return name == "wte.weight" and dtype != "float32"
+
+
 def held_shape(name, shape, dtype):
-    """The shape a checkpoint tensor is held in, in `dtype`: as stored, but a packed wte holds wte.T,
-    [n_embd, n_vocab], so that the lm_head is an ordinary [in, out] linear (the one place this rule lives)."""
-    return tuple(shape[::-1]) if name == "wte.weight" and dtype != "float32" else tuple(shape)
+    """The shape a checkpoint tensor is held in, in `dtype`: as stored, or reversed if `transposed`."""
+    return tuple(shape[::-1]) if transposed(name, dtype) else tuple(shape)
 
 
 def pack(w, dtype):
@@ -211,20 +227,36 @@ def integer(w):
 
 
 def columns(w, ids):
-    """Columns `ids` of a packed [in, out] matrix as float32 rows: [len(ids), in]."""
-    if isinstance(w, Q8):
-        return (w.data[:, ids] * np.repeat(w.scales[:, ids], BLOCK, axis=0)[: w.data.shape[0]]).T
-    return dequantize(type(w)(w.data[:, ids])).T
+    """Columns `ids` of an [in, out] weight of any format as float32 rows: [len(ids), in]. (int8's
+    scales are per column too, so a packed weight's columns are a weight of its format.)"""
+    return dequantize(w[:, ids] if isinstance(w, np.ndarray) else type(w)(*(a[:, ids] for a in w))).T
+
+
+# ---- the tied wte, as a parameter tree holds it (`transposed`) -----------------------------------
+
+
+def _held_transposed(wte):
+    return transposed("wte.weight", dtype_of(wte))
+
+
+def pack_wte(wte, dtype):
+    """A float32 wte [n_vocab, n_embd] as a parameter tree holds it in `dtype`."""
+    return _pack(wte, dtype, "wte.weight")
 
 
 def embedding(wte, ids):
     """wte rows for token ids: [len(ids), n_embd]. A packed wte holds wte.T, so its rows are columns."""
-    return wte[ids] if isinstance(wte, np.ndarray) else columns(wte, ids)
+    return columns(wte, ids) if _held_transposed(wte) else wte[ids]
 
 
 def lm_head(wte):
     """The tied lm_head as an [n_embd, n_vocab] weight: wte.T, which a packed wte already is."""
-    return wte.T if isinstance(wte, np.ndarray) else wte
+    return wte if _held_transposed(wte) else wte.T
+
+
+def vocab_size(wte):
+    """n_vocab, from a wte in any format."""
+    return shape(lm_head(wte))[1]
 
 
 def shape(w):
@@ -251,9 +283,8 @@ def convert(params, dtype):
     Packed weights are converted from float32 (a packed tree is dequantized first)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    wte = params["wte"]["weight"]
-    wte = wte if isinstance(wte, np.ndarray) else dequantize(wte).T  # a float32 [n_vocab, n_embd] either way
-    out = {**params, "wte": {"weight": wte if dtype == "float32" else _pack(wte.T, dtype, "wte.weight")}, "h": []}
+    wte = dequantize(lm_head(params["wte"]["weight"])).T  # float32 [n_vocab, n_embd], whatever its format
+    out = {**params, "wte": {"weight": pack_wte(wte, dtype)}, "h": []}
     for i, block in enumerate(params["h"]):
         block = {**block, "attn": dict(block["attn"]), "mlp": dict(block["mlp"])}
         for part, name in LINEARS:
@@ -264,7 +295,8 @@ def convert(params, dtype):
 
 
 def _pack(w, dtype, name):
+    """pack(w, dtype) as tensor `name` is held (`transposed`), a failure naming the tensor."""
     try:
-        return pack(w, dtype)
+        return pack(w.T if transposed(name, dtype) else w, dtype)
     except FormatError as e:
         raise FormatError(f"cannot store tensor '{name}' in {dtype}: {e}") from None

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from .cachecheck import KV_DTYPES, check_cache
-from .formats import embedding, lm_head, matmul
+from .formats import embedding, lm_head, matmul, vocab_size
 
 
 def gelu(x):
@@ -97,7 +97,7 @@ def gpt2(inputs, wte, wpe, h, ln_f, n_head, eps=1e-5, cache=None, past=0, last=F
 def token_ids(inputs, wte, wpe, past=0):
     """`inputs` as an int64 array, checked: a non-empty list of ids within the vocabulary and the context."""
     ids = np.asarray(inputs)
-    n_vocab = wte.shape[0] if isinstance(wte, np.ndarray) else wte.data.shape[1]  # a packed wte holds wte.T
+    n_vocab = vocab_size(wte)
     if ids.ndim != 1 or len(ids) == 0 or ids.dtype.kind not in "iu":
         raise ValueError(f"inputs must be a non-empty list of token ids (whole numbers), got {inputs!r}")
     if ids.min() < 0 or ids.max() >= n_vocab:

@@ -55,9 +55,9 @@ def small_params(params, n_ctx, n_embd=64, n_vocab=N_VOCAB):
     }
     for (part, name), shape in shapes.items():
         small[part][name] = {"weight": weight(shape, block[part][name]["weight"]), "bias": vector(shape[1])}
-    wte = params["wte"]["weight"]  # a packed wte holds wte.T
+    wte = np.full((n_vocab, n_embd), 0.01, np.float32)
     return {
-        "wte": {"weight": weight((n_vocab, n_embd) if isinstance(wte, np.ndarray) else (n_embd, n_vocab), wte)},
+        "wte": {"weight": formats.pack_wte(wte, formats.dtype_of(params["wte"]["weight"]))},
         "wpe": {"weight": np.full((n_ctx, n_embd), 0.01, np.float32)},
         "h": [small],
         "ln_f": {"weight": vector(n_embd), "bias": vector(n_embd)},

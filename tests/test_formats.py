@@ -60,13 +60,17 @@ def test_bad_values_are_refused():
         formats.pack(randn(2, 2), "int4")
 
 
-@pytest.mark.parametrize("dtype", PACKED)
-def test_packed_wte_rows_are_columns_of_its_lm_head(dtype):
+@pytest.mark.parametrize("dtype", formats.DTYPES)
+def test_a_wte_is_held_as_transposed_says_and_its_rows_are_columns_of_its_lm_head(dtype):
     wte = randn(101, 40)
-    packed = formats.pack(wte.T, dtype)  # a packed wte holds wte.T
+    held = formats.pack_wte(wte, dtype)
+    assert formats.shape(held) == formats.held_shape("wte.weight", wte.shape, dtype)
+    assert formats.shape(held) == ((40, 101) if formats.transposed("wte.weight", dtype) else (101, 40))
+    assert formats.vocab_size(held) == 101 and formats.shape(formats.lm_head(held)) == (40, 101)
     ids = np.array([0, 5, 100, 5])
-    assert np.array_equal(formats.embedding(packed, ids), formats.dequantize(packed).T[ids])
-    assert formats.lm_head(packed) is packed  # the lm_head's [in, out] weight, in its own format
+    assert np.array_equal(formats.embedding(held, ids), formats.dequantize(formats.lm_head(held)).T[ids])
+    if dtype != "float32":
+        assert formats.lm_head(held) is held  # the lm_head's [in, out] weight, in its own format
 
 
 # ---- kernels against the dequantize-then-matmul reference ---------------------------------------

@@ -24,6 +24,13 @@ randn = normal(rng)
 NONE = np.empty((0, 0), np.float32)
 
 
+def test_every_format_row_names_a_tile_the_microkernel_has():
+    """The microkernel reads a format's behaviour from its row of formats.FORMATS: integer
+    arithmetic (_tile_q8), or a widening it has the code for."""
+    for fmt in formats.FORMATS.values():
+        assert fmt.integer != (fmt.widen in microkernel.WIDEN), fmt
+
+
 @pytest.mark.parametrize("dtype", formats.DTYPES)
 @pytest.mark.parametrize("n_in,n_out", [(1, 1), (7, 13), (37, 101), (33, 64), (96, 70), (200, 129)])
 def test_every_row_count_and_fusion_equals_the_reference(dtype, n_in, n_out):

@@ -157,7 +157,9 @@ def as_stored(source, dtype):
     names = weights.packed_names(config)
     if not all(n in tensors and tensors[n].dtype == want and tuple(tensors[n].shape) == shapes[n] for n in names):
         return None  # not all of them in dtype (or a shape wrong: the ordinary path says which)
-    tensors["wte.weight"] = np.ascontiguousarray(tensors["wte.weight"].T)  # a packed wte holds wte.T
+    for name in names:  # held as the format holds them: a packed wte as wte.T
+        if formats.transposed(name, dtype):
+            tensors[name] = np.ascontiguousarray(tensors[name].T)
     return weights.to_params(tensors, config, source, packed=dtype), config, dtype
 
 
@@ -244,9 +246,7 @@ def convert_tensor(leaf, where, name, stored, fmt, entries, source):
     an ordinary wte: those are columns of the wte.T a packed wte holds (and the other way round when a
     packed wte becomes float32). int8 scales are per column, so a chunk of columns packs exactly."""
     outs = [np.empty(shape, formats.HELD[tag]) for _, tag, shape, _ in entries]
-    transposed = formats.held_shape(name, (0, 1), stored) != formats.held_shape(
-        name, (0, 1), fmt
-    )  # a wte between float32 and packed
+    transposed = formats.transposed(name, stored) != formats.transposed(name, fmt)  # a wte between float32 and packed
     n_rows, row_bytes = formats.shape(leaf)[0], 4 * int(np.prod(formats.shape(leaf)[1:]))
     step = max(formats.BLOCK, CHUNK_BYTES // row_bytes // formats.BLOCK * formats.BLOCK)  # whole int8 blocks
     for r0 in range(0, n_rows, step):
@@ -275,9 +275,9 @@ def read_rows(leaf, where, name, r0, r1):
     if isinstance(leaf, np.ndarray):
         return weights._float32(read(where[name], leaf.dtype, leaf.shape, r0, r1))
     data = read(where[name], leaf.data.dtype, leaf.data.shape, r0, r1)
-    if isinstance(leaf, formats.Q8):
+    if formats.FORMATS[formats.dtype_of(leaf)].scales:
         b = formats.BLOCK
-        return formats.Q8(
+        return type(leaf)(
             data, read(where[f"{name}.scales"], np.float32, leaf.scales.shape, r0 // b, formats.n_blocks(r1))
         )
     return type(leaf)(data)

@@ -100,10 +100,8 @@ def prepare(wte, h, release=False):
     a weight changed in place since it was mapped would lose the change)."""
     key = (id(wte), id(h))
     if key not in _prepared:
-        w = wte["weight"]  # a packed wte holds wte.T, the lm_head's [in, out], in its own format
-        _prepared[key] = Prepared(
-            [layer(block, release) for block in h], microkernel.linear_of(w.T if isinstance(w, np.ndarray) else w)
-        )
+        w = wte["weight"]
+        _prepared[key] = Prepared([layer(block, release) for block in h], microkernel.linear_of(formats.lm_head(w)))
         if release:  # its embedding rows are read from the file again as tokens need them
             safetensors.release(w)
         for w in (wte["weight"], h[0]["attn"]["c_attn"]["weight"]):  # ids are reused once freed

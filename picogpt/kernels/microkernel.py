@@ -23,6 +23,11 @@ vpmaddubsw and vpmaddwd each take two passes through the one multiplier pipe, so
 no more multiply-adds per cycle than float FMAs (bench_kernels.py). VNNI's vpdpbusd does the four
 products and their sum in one instruction.
 
+Which tile a weight takes and how its values widen, the kernel reads from the weight's row of
+formats.FORMATS (`_format`), never from its name: `integer` picks the quantized activations and
+`_tile_q8`, `widen` one of WIDEN's codegen functions. A new format is a row there, and a function
+here only if it needs arithmetic that is not here yet.
+
 The float kernel beat the alternatives measured for float32 (sgemm on each thread's band of the weight,
 OpenBLAS held to one thread each: 1.4 to 2.4x slower at 1 to 16 rows, as BLAS packs its operands for
 large products; a dot product per wte row for the lm_head: 2 to 3x slower at 8 and 16 rows) and so
@@ -85,7 +90,7 @@ def panels(w):
 
     if isinstance(w, np.ndarray):
         return split(np.asarray(w, f32))
-    if isinstance(w, formats.Q8):
+    if formats.integer(w):  # laid out for _tile_q8
         data = np.zeros((formats.n_blocks(n_in) * BLOCK, n_out), np.int8)
         data[:n_in] = w.data
         return formats.Q8(split(data.reshape(-1, GROUP, n_out).transpose(0, 2, 1)), split(w.scales))
@@ -122,19 +127,20 @@ def _widen_bf16(builder, v):  # bfloat16 bits -> the top half of a float32's. Ex
     return builder.bitcast(builder.shl(builder.zext(v, i32), sixteen), _floats(v))
 
 
-# How each float weight format (formats.FORMATS, by name) becomes float32 in registers: the format's row
-# of the microkernel, as its pack and matmul are its rows in formats.py. v: its data, as stored (float32,
-# or integer bits), one value or a vector. int8 is not widened: it multiplies in integers (_tile_q8).
+# The code for each way of widening a float format's stored values to float32 in registers that a
+# row of formats.FORMATS can name (its `widen`): v is its data as stored (float32, or integer bits),
+# one value or a vector. An integer format is not widened: it multiplies in integers (_tile_q8).
 WIDEN = {
-    "float32": lambda builder, v: v,
-    "float16": _widen_f16,
-    "bfloat16": _widen_bf16,
+    "as is": lambda builder, v: v,
+    "ieee half": _widen_f16,
+    "shl 16": _widen_bf16,
 }
 
 
-def _kind(w):
-    """The weight format of a Numba type: float32 arrays and formats.py's named tuples."""
-    return "float32" if isinstance(w, types.Array) else formats.DTYPE_OF[w.instance_class]
+def _format(w):
+    """The row of formats.FORMATS for a weight's Numba type: a float32 array or one of formats.py's
+    named tuples. What the kernels do with a weight, they read from it."""
+    return formats.FORMATS[formats.DTYPE_OF[np.ndarray if isinstance(w, types.Array) else w.instance_class]]
 
 
 @intrinsic
@@ -142,12 +148,13 @@ def _tile(typingctx, x, r0, n, w, p, q, tile):
     """tile[j * R : j * R + n, :P] = x[r0 : r0 + n] @ panel p + j of w, for j < q: q = 1 and
     1 <= n <= R, or q = 2 and n <= WIDE_ROWS. One loop over `in` (>= 1) per shape. The addresses are
     computed for C-contiguous arrays, so other layouts are refused when compiling."""
-    kind = _kind(w)
-    arrays = [x, tile, w] if kind == "float32" else [x, tile, *w.types]
+    fmt, bare = _format(w), isinstance(w, types.Array)  # bare: a float32 array, not a named tuple
+    arrays = [x, tile, w] if bare else [x, tile, *w.types]
     if any(a.layout != "C" for a in arrays) or x.dtype != types.float32 or tile.dtype != types.float32:
         raise TypingError("microkernel._tile needs C-contiguous arrays and float32 x and tile")
-    if kind not in WIDEN:
-        raise TypingError(f"microkernel._tile widens float formats; {kind} has its own tile")
+    if fmt.widen not in WIDEN:
+        raise TypingError(f"microkernel._tile widens float formats; {fmt.name} has its own tile")
+    widen_to_f32, stored = WIDEN[fmt.widen], np.dtype(fmt.array)
 
     def codegen(context, builder, sig, args):
         x_, r0_, n_, w_, p_, q_, tile_ = args
@@ -156,12 +163,12 @@ def _tile(typingctx, x, r0, n, w, p, q, tile):
         vec = ir.VectorType(f, LANES)
         xa = context.make_array(tx)(context, builder, x_)
         n_in = cgutils.unpack_tuple(builder, xa.shape)[1]
-        if kind == "float32":
+        if bare:
             data = context.make_array(tw)(context, builder, w_)
         else:
             data = context.make_array(tw.types[0])(context, builder, builder.extract_value(w_, 0))
-        size = np.dtype(formats.FORMATS[kind].array).itemsize  # bytes per weight
-        elem = f if kind == "float32" else ir.IntType(8 * size)  # 16-bit and int8 data as integer bits
+        size = stored.itemsize  # bytes per weight
+        elem = f if stored == np.float32 else ir.IntType(8 * size)  # 16-bit data as integer bits
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{LANES}f32")
         const = lambda v: ir.Constant(i64, v)  # noqa: E731
         zeros = ir.Constant(vec, [0.0] * LANES)
@@ -178,7 +185,7 @@ def _tile(typingctx, x, r0, n, w, p, q, tile):
             v = builder.load(
                 builder.bitcast(builder.gep(w_base, [at]), ir.VectorType(elem, LANES).as_pointer()), align=size
             )
-            return WIDEN[kind](builder, v)
+            return widen_to_f32(builder, v)
 
         done = builder.append_basic_block("tile.done")
         switch = builder.switch(builder.add(n_, builder.mul(builder.sub(q_, const(1)), const(R))), done)
@@ -432,7 +439,7 @@ def _activations(x, w):
 
 @overload(_activations, inline="always")
 def _activations_overload(x, w):
-    if _kind(w) == "int8":
+    if _format(w).integer:
         return lambda x, w: quantize_rows(x)
     return lambda x, w: (np.empty((0, 0), np.int8), np.empty((0, 0), f32))
 
@@ -443,7 +450,7 @@ def _multiply(x, xq, xs, r0, n, w, p, q, tile):
 
 @overload(_multiply, inline="always")
 def _multiply_overload(x, xq, xs, r0, n, w, p, q, tile):
-    if _kind(w) == "int8":
+    if _format(w).integer:
         return lambda x, xq, xs, r0, n, w, p, q, tile: _tile_q8(xq, xs, r0, n, w, p, tile)
     return lambda x, xq, xs, r0, n, w, p, q, tile: _tile(x, r0, n, w, p, q, tile)
 
@@ -454,7 +461,7 @@ def _panels(w, n_rows, left):
 
 @overload(_panels, inline="always")
 def _panels_overload(w, n_rows, left):
-    if _kind(w) == "int8":  # memory-bound at one row already: 1.1x a plain read (bench_kernels)
+    if _format(w).integer:  # _tile_q8 takes one: memory-bound at one row already, 1.1x a plain read (bench_kernels)
         return lambda w, n_rows, left: 1
     return lambda w, n_rows, left: 2 if n_rows <= WIDE_ROWS and left >= 2 else 1
 
@@ -510,11 +517,12 @@ def linear(x, weight, bias, gelu, residual, n_threads):  # [n_rows, in] -> [n_ro
 
 @intrinsic
 def _widen_one(typingctx, w, value):
-    """One stored value of weight w's format (float32, or 16-bit bits) -> float32, as WIDEN says. Exact."""
-    kind = _kind(w)
+    """One stored value of weight w's format (float32, or 16-bit bits) -> float32, as its row's `widen`
+    says. Exact."""
+    widen_to_f32 = WIDEN[_format(w).widen]
 
     def codegen(context, builder, signature, args):
-        return WIDEN[kind](builder, args[1])
+        return widen_to_f32(builder, args[1])
 
     return types.float32(w, value), codegen
 
@@ -525,17 +533,10 @@ def _row(w, p, i, out):
 
 @overload(_row, inline="always")
 def _row_overload(w, p, i, out):
-    if _kind(w) == "float32":
-
-        def row(w, p, i, out):
-            for j in range(P):
-                out[j] = w[p, i, j]
-
-    else:
-
-        def row(w, p, i, out):
-            for j in range(P):
-                out[j] = _widen_one(w, w.data[p, i, j])
+    def row(w, p, i, out):
+        data = _data(w)
+        for j in range(P):
+            out[j] = _widen_one(w, data[p, i, j])
 
     return row
 
