@@ -4,13 +4,13 @@ measured at the client.
 
     python benchmarks/bench_serve.py [--sizes gpt2 gpt2-medium] [--dtypes float32 int8] [--concurrency 1 4 8 16]
                                      [--requests N] [--think SECONDS] [--servers picogpt llama-server llama.cpp]
-                                     [--llama-server PATH] [--kv-dtype float16]
+                                     [--llama-server PATH] [--kv-dtype float16] [--slo-ttft 2.0] [--slo-tbt 0.2]
 
 llama-server is what llama.cpp's users run: continuous batching over --parallel slots, here `-np
 <largest concurrency> -c <1024 per slot> -cb -kvu -t 2` (unified KV cache, 2 threads). It is found as
 --llama-server, $LLAMA_SERVER or `llama-server` on PATH, and left out with a note if missing; it is
-built from the llama.cpp source that llama-cpp-python's sdist vendors (docs/speed.md gives the recipe).
-It gets the prompts' token ids, as picogpt does.
+built from the llama.cpp source that llama-cpp-python's sdist vendors (docs/development.md gives the
+recipe). It gets the prompts' token ids, as picogpt does.
 
 Random weights of GPT-2's real shapes; llama.cpp reads the same weights converted to GGUF (float32 ->
 f32, int8 -> q8_0; needs llama-cpp-python and its source, see llama_cpp_engine.py; left out with a
@@ -36,6 +36,22 @@ between successive chunks with text (a chunk may hold more than one token: a pie
 character waits for the rest); latency = to the end of the stream; output tokens = the usage's
 completion_tokens when the server sends it (stream_options.include_usage), else the chunks with text.
 Output tokens/s = all requests' output tokens / the wall time of the whole level, waits included.
+
+Goodput, as serving papers compare schedulers (DistServe, Sarathi-Serve): the requests that meet a
+latency target, time to first token within --slo-ttft (2 s) and the p99 of the request's own times
+between tokens within --slo-tbt (200 ms); as a share of the requests sent (a failed one misses), and
+per second (those requests / the level's wall time).
+
+The roof: what an ideal engine on this machine could do with the level's exact requests. Prefill at
+sgemm's rate: 2 x the blocks' weights per prompt token, plus attention's 2 x 2 x n_layer x n_embd per
+key it reads (position + 1), the prompts' common start counted once (the --shared preamble); then
+decode at the memory's bandwidth: output tokens / C steps (each decodes all C streams at once), each
+reading every weight (the blocks' and the tied lm_head's, in picogpt's format: 4, 2 or 1.125 bytes)
+once; biases, layer norms, the KV cache's reads and the clients' waits left out. Roof tok/s = output
+tokens / (prefill s + decode s); each row gives its share of it. sgemm (NumPy float32, 512x768 @
+768x3072) and the read (NumPy's x @ W through 512 MB) are measured at the start of the run, before
+any server, best of 5, on llama-server's 2 threads (picogpt serve takes every core it may use: the
+same on 2 cores). The figures, every row's and every roof's, also go to --json.
 """
 
 import argparse
@@ -59,6 +75,7 @@ from ports import free_port  # noqa: E402  (tools/ports.py, shared with the test
 
 GGUF_TYPE = {"float32": "f32", "float16": "f16", "int8": "q8_0"}
 EOT = 50256
+THREADS = 2  # llama-server's and llama.cpp's threads, and the machine's rates'
 BODY = {"temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "logit_bias": {str(EOT): -100}}
 
 
@@ -224,6 +241,73 @@ def engine_alone(folder, dtype, clients, parallel, kv_dtype="float32"):
     return results, [], time.perf_counter() - start
 
 
+# ---- the machine and the roof --------------------------------------------------------------------------
+
+
+def machine_rates(threads=THREADS):
+    """{sgemm_gflop_s, read_gb_s} on `threads` threads, measured in a fresh Python: OpenBLAS takes its
+    thread count from the environment when NumPy loads."""
+    env = os.environ | {name: str(threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    code = "import json, bench_serve; print(json.dumps(bench_serve.rates_here()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def rates_here(repeats=5):
+    """This process's sgemm GFLOP/s (float32 [512, 768] @ [768, 3072]) and read GB/s (x @ W through a
+    512 MB matrix, as bench_decode.py's ceiling), best of `repeats` after one untimed call."""
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8192, 16384), dtype=np.float32)  # 512 MB: far beyond the caches
+    x = np.ones(8192, np.float32)
+    read = w.nbytes / best(lambda: x @ w) / 1e9
+    a, b = rng.standard_normal((512, 768), dtype=np.float32), rng.standard_normal((768, 3072), dtype=np.float32)
+    sgemm = 2 * 512 * 768 * 3072 / best(lambda: a @ b) / 1e9
+    return {"sgemm_gflop_s": sgemm, "read_gb_s": read}
+
+
+def roof(clients, config, dtype, rates):
+    """The least time an ideal engine on this machine needs for one level's requests (the docstring's
+    roof), and what it comes to: a dict for the report."""
+    from picogpt import formats
+
+    d, n_layer = config["n_embd"], config["n_layer"]
+    prompts = [ids for requests in clients for _, ids, _, _ in requests]
+    output = sum(max_tokens for requests in clients for *_, max_tokens in requests)  # every request runs to it
+    common = len(os.path.commonprefix(prompts))  # a start every prompt shares is computed once
+
+    def flops(lo, hi):  # prompt tokens at positions lo..hi-1: the blocks' matmuls, attention over position + 1 keys
+        return 2 * 12 * n_layer * d * d * (hi - lo) + 2 * 2 * n_layer * d * (hi * (hi + 1) - lo * (lo + 1)) / 2
+
+    prompt_flops = flops(0, common) + sum(flops(common, len(ids)) for ids in prompts)
+    weight_bytes = (12 * n_layer * d * d + config["vocab_size"] * d) * formats.FORMATS[dtype].bytes_per_weight
+    steps = output / len(clients)  # every step decodes all C streams at once
+    prefill_s = prompt_flops / (rates["sgemm_gflop_s"] * 1e9)
+    decode_s = steps * weight_bytes / (rates["read_gb_s"] * 1e9)
+    return dict(
+        requests=len(prompts),
+        prompt_tokens=sum(map(len, prompts)),
+        common_start=common,
+        output_tokens=output,
+        prompt_gflop=prompt_flops / 1e9,
+        prefill_s=prefill_s,
+        decode_steps=steps,
+        weight_mb=weight_bytes / 1e6,
+        decode_s=decode_s,
+        roof_s=prefill_s + decode_s,
+        roof_tok_s=output / (prefill_s + decode_s),
+    )
+
+
 # ---- the servers ---------------------------------------------------------------------------------------
 
 
@@ -270,7 +354,7 @@ def server_command(server, size_folder, dtype, gguf, port, parallel, llama_serve
         return [
             llama_server,
             *("-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel), "-c", str(1024 * parallel)),
-            *("-cb", "-kvu", "-t", "2", "--log-disable"),
+            *("-cb", "-kvu", "-t", str(THREADS), "--log-disable"),
         ], "/health"
     if server.startswith("picogpt"):
         return [
@@ -303,7 +387,7 @@ def server_command(server, size_folder, dtype, gguf, port, parallel, llama_serve
         "--n_ctx",
         "1024",
         "--n_threads",
-        "2",
+        str(THREADS),
         "--interrupt_requests",
         "False",
     ], "/v1/models"
@@ -326,7 +410,8 @@ def llama_tokens_differ(gguf, prompts):
 # ---- the report ----------------------------------------------------------------------------------------
 
 
-def row(size, name, concurrency, results, errors, wall, single, peer):
+def row(size, name, concurrency, results, errors, wall, single, peer, slo, roof_rate):
+    """Print one table row; return its figures (a dict for --json). slo: (TTFT s, p99 TBT s)."""
     tokens = sum(r["tokens"] for r in results)
     rate = tokens / wall
     single = single or (rate if concurrency == 1 else None)
@@ -337,11 +422,34 @@ def row(size, name, concurrency, results, errors, wall, single, peer):
     vs_one = f"{rate / single:.2f}x" if single else ""
     vs_peer = f"{rate / peer:.2f}x" if peer else ""
     latency = f"{np.median([r['latency'] for r in results]):.2f}" if results else ""
+    # goodput: the requests within both targets (one token, no gaps: its TTFT alone), of those sent
+    good = sum(bool(r["ttft"] <= slo[0] and (not r["gaps"] or np.percentile(r["gaps"], 99) <= slo[1])) for r in results)
+    share, good_rate = good / (len(results) + len(errors)), good / wall
     print(
-        f"| {size} | {name} | {concurrency} | {done} | {rate:.1f} | {vs_one} | {vs_peer} | {ms(ttft, 50)} | {ms(ttft, 99)} | {ms(gaps, 50)} | {ms(gaps, 99)} | {latency} |",
+        f"| {size} | {name} | {concurrency} | {done} | {rate:.1f} | {rate / roof_rate:.2f}x of {roof_rate:.0f} | {vs_one} | {vs_peer} "
+        f"| {100 * share:.0f}% | {good_rate:.2f} | {ms(ttft, 50)} | {ms(ttft, 99)} | {ms(gaps, 50)} | {ms(gaps, 99)} | {latency} |",
         flush=True,
     )
-    return rate
+    percentile = lambda xs, q: float(np.percentile(xs, q)) if len(xs) else None  # noqa: E731
+    return dict(
+        model=size,
+        server=name,
+        concurrency=concurrency,
+        done=len(results),
+        sent=len(results) + len(errors),
+        short=short,
+        wall_s=wall,
+        output_tokens=tokens,
+        output_tok_s=rate,
+        of_roof=rate / roof_rate,
+        goodput_share=share,
+        goodput_req_s=good_rate,
+        ttft_median_s=percentile(ttft, 50),
+        ttft_p99_s=percentile(ttft, 99),
+        tbt_median_s=percentile(gaps, 50),
+        tbt_p99_s=percentile(gaps, 99),
+        latency_median_s=percentile([r["latency"] for r in results], 50),
+    )
 
 
 def main():
@@ -379,8 +487,15 @@ def main():
     )
     p.add_argument("--timeout", type=float, default=300, help="seconds per request")
     p.add_argument("--level-timeout", type=float, default=1800, help="seconds per concurrency level of one server")
+    p.add_argument("--slo-ttft", type=float, default=2.0, help="goodput's target: seconds to the first token")
+    p.add_argument(
+        "--slo-tbt", type=float, default=0.2, help="goodput's target: p99 of a request's seconds between tokens"
+    )
+    p.add_argument("--json", default=os.path.join(HERE, "bench_serve.json"), help="where the figures go")
     args = p.parse_args()
     kv_note = ", float16 KV cache" if args.kv_dtype == "float16" else ""
+    slo = (args.slo_ttft, args.slo_tbt)
+    rates_now = machine_rates()  # before any server starts
 
     from compare_torch import random_checkpoint
     from llama_cpp_engine import available, gguf_files
@@ -402,20 +517,39 @@ def main():
         f", llama-cpp-python {__import__('llama_cpp').__version__}" if "llama.cpp" in servers else ""
     )
     print(
-        f"{os.cpu_count()} cores; {versions}, httpx {httpx.__version__}; each server alone on 127.0.0.1; prompts of 16-512 random tokens, "
+        f"{os.cpu_count()} cores; sgemm {rates_now['sgemm_gflop_s']:.1f} GFLOP/s, read {rates_now['read_gb_s']:.1f} GB/s "
+        f"(NumPy float32 512x768 @ 768x3072, x @ W through 512 MB; {THREADS} threads); "
+        f"{versions}, httpx {httpx.__version__}; each server alone on 127.0.0.1; prompts of 16-512 random tokens, "
         f"64-128 new tokens (temperature 0, end-of-text banned), streamed; Poisson waits of mean {args.think} s before each request"
         + (
             f"; --shared {args.shared}: every prompt {args.shared} shared tokens + 32 of its own, 32 new tokens"
             if args.shared
             else ""
         )
+        + f"; goodput: TTFT <= {args.slo_ttft:g} s and the request's p99 TBT <= {1000 * args.slo_tbt:g} ms"
     )
+    report = {
+        "machine": {"cores": os.cpu_count(), "threads": THREADS, **rates_now},
+        "versions": {"picogpt": picogpt.__version__, "httpx": httpx.__version__, "numpy": np.__version__},
+        "setup": vars(args) | {"servers": servers, "when": time.strftime("%Y-%m-%d %H:%M")},
+        "slo": {"ttft_s": args.slo_ttft, "tbt_p99_s": args.slo_tbt},
+        "roofs": [],
+        "rows": [],
+    }
+
+    def save(figures):  # a row into the report, and the report to --json (a run cut short keeps its rows)
+        report["rows"].append(figures)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        return figures["output_tok_s"]
+
     print()
     print(
-        f"| model | server | concurrency | requests done/sent | output tok/s | vs concurrency 1 | vs {peer_name or 'llama.cpp'} (same format) "
+        f"| model | server | concurrency | requests done/sent | output tok/s | of roof tok/s | vs concurrency 1 | vs {peer_name or 'llama.cpp'} (same format) "
+        f"| goodput % (TTFT <= {args.slo_ttft:g} s, p99 TBT <= {1000 * args.slo_tbt:g} ms) | goodput req/s "
         "| TTFT median ms | TTFT p99 ms | TBT median ms | TBT p99 ms | latency median s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             folder = random_checkpoint(size, os.path.join(tmp, size))
@@ -423,6 +557,8 @@ def main():
             plans = {
                 c: plan(c, per_client(c, args.requests), args.think, tokenizer, args.shared) for c in args.concurrency
             }
+            with open(os.path.join(folder, "config.json")) as f:
+                config = json.load(f)
             ggufs = {}
             if {"llama.cpp", "llama-server"} & set(servers):
                 ggufs = gguf_files(folder, types=[GGUF_TYPE[d] for d in args.dtypes], out_dir=os.path.join(tmp, "gguf"))
@@ -437,19 +573,25 @@ def main():
                     )
             for dtype in args.dtypes:
                 rates = {}  # (server, concurrency) -> output tok/s
+                roofs = {c: roof(plans[c], config, dtype, rates_now) for c in args.concurrency}
+                report["roofs"] += [dict(model=size, dtype=dtype, concurrency=c, **r) for c, r in roofs.items()]
                 for server in servers:
                     if server == "engine":  # the ceiling: no HTTP, no waits
                         for c in args.concurrency:
                             results, errors, wall = engine_alone(folder, dtype, plans[c], c, args.kv_dtype)
-                            rates[server, c] = row(
-                                size,
-                                f"picogpt {dtype}{kv_note}, engine alone",
-                                c,
-                                results,
-                                errors,
-                                wall,
-                                rates.get((server, 1)),
-                                rates.get((peer_name, c)),
+                            rates[server, c] = save(
+                                row(
+                                    size,
+                                    f"picogpt {dtype}{kv_note}, engine alone",
+                                    c,
+                                    results,
+                                    errors,
+                                    wall,
+                                    rates.get((server, 1)),
+                                    rates.get((peer_name, c)),
+                                    slo,
+                                    roofs[c]["roof_tok_s"],
+                                )
                             )
                         continue
                     name = (
@@ -492,11 +634,35 @@ def main():
                                 )
                             )
                             peer = rates.get((peer_name, c)) if server.startswith("picogpt") else None
-                            rates[server, c] = row(size, name, c, results, errors, wall, rates.get((server, 1)), peer)
+                            rates[server, c] = save(
+                                row(
+                                    *(size, name, c, results, errors, wall, rates.get((server, 1)), peer),
+                                    *(slo, roofs[c]["roof_tok_s"]),
+                                )
+                            )
                             if errors:
                                 notes.append(
                                     f"{size} {name} concurrency {c}: {len(errors)} failed, first: {errors[0][:300]}"
                                 )
+    print()
+    print(
+        f"The roof: prefill at {rates_now['sgemm_gflop_s']:.1f} GFLOP/s (2 x blocks' weights per prompt token + attention, a common start once), "
+        f"then output tokens / C decode steps, each reading the weights once at {rates_now['read_gb_s']:.1f} GB/s"
+    )
+    print()
+    print(
+        "| model | weights | concurrency | requests | prompt tokens (common start) | output tokens | prompt GFLOP | prefill s "
+        "| decode steps | weights MB | decode s | roof s | roof tok/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in report["roofs"]:
+        print(
+            f"| {r['model']} | {r['dtype']} | {r['concurrency']} | {r['requests']} | {r['prompt_tokens']} ({r['common_start']}) "
+            f"| {r['output_tokens']} | {r['prompt_gflop']:.0f} | {r['prefill_s']:.2f} | {r['decode_steps']:.0f} | {r['weight_mb']:.0f} "
+            f"| {r['decode_s']:.2f} | {r['roof_s']:.2f} | {r['roof_tok_s']:.0f} |"
+        )
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
     for note in notes:
         print(f"\nNote: {note}", flush=True)
 

@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import sys
+from dataclasses import dataclass
 
 from . import __version__, threads
 from .options import FIELDS, FLAGS, SERVE, SamplingParams
@@ -149,15 +150,24 @@ def parser():
     return p
 
 
-def sampling_params(args):
-    """The SamplingParams of `generate`'s flags: ValueError naming the flag of a bad value."""
+@dataclass(frozen=True)
+class Plan:
+    """What `check` makes of the options: the commands read it beside `args`, which stays as parsed."""
+
+    threads: int | None = None  # --threads, at most the cores here (None: not given)
+    params: SamplingParams | None = None  # generate's sampling flags; the seed is --seed's or one drawn
+    steer_vector: object = None  # generate --steer's vector (a NumPy array), read
+
+
+def params_of(args, seed):
+    """The SamplingParams of `generate`'s flags, with `seed`: ValueError naming the flag of a bad value."""
     if args.stop is not None and not all(args.stop):
         raise ValueError("--stop needs a non-empty text")
-    return SamplingParams.named(FLAGS, **{field: getattr(args, field) for field in FLAGS})
+    return SamplingParams.named(FLAGS, **{field: getattr(args, field) for field in FLAGS} | {"seed": seed})
 
 
 def check(args):
-    """Reject bad options before spending time on loading a model."""
+    """Reject bad options before spending time on loading a model; the Plan the command runs by."""
     if args.command == "convert":
         if os.path.exists(args.out_folder) and not os.path.isdir(args.out_folder):
             raise ValueError(
@@ -165,15 +175,16 @@ def check(args):
             )
         if os.path.exists(os.path.join(args.out_folder, "model.safetensors")):
             raise ValueError(f"{args.out_folder} already holds a model.safetensors: remove it or pick another folder")
-        return
-    if getattr(args, "threads", None) is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if getattr(args, "threads", None) is not None and args.threads > cores():
+        return Plan()
+    n_threads = getattr(args, "threads", None)
+    if n_threads is not None and n_threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {n_threads}")
+    if n_threads is not None and n_threads > cores():
         print(
-            f"picogpt: --threads {args.threads} is more than the {plural(cores(), 'core')} here: using {cores()}",
+            f"picogpt: --threads {n_threads} is more than the {plural(cores(), 'core')} here: using {cores()}",
             file=sys.stderr,
         )
-        args.threads = cores()
+        n_threads = cores()
     if args.command == "serve":
         for flag, value, low, high in [
             ("--port", args.port, 0, 65535),
@@ -184,23 +195,21 @@ def check(args):
         ]:
             if value is not None and not low <= value <= high:  # --chunk: None is no cap
                 raise ValueError(f"{flag} must be from {low} to {high}, got {value}")
-        return
+        return Plan(n_threads)
     if args.command in ("score", "generate"):
         check_corpus(args)
-    if args.command == "score":
-        if args.stride is not None and args.stride < 1:
-            raise ValueError(f"--stride must be >= 1, got {args.stride}")
-        return
+    if args.command == "score" and args.stride is not None and args.stride < 1:
+        raise ValueError(f"--stride must be >= 1, got {args.stride}")
     if args.command != "generate":
-        return
-    if args.seed is None:  # a seed of its own, reported (--json, --jsonl lines) so the run can be repeated
-        args.seed = secrets.randbits(32)
-    args.params = sampling_params(args)
+        return Plan(n_threads)
+    # --seed, or a seed of its own, reported (--json, --jsonl lines) so the run can be repeated
+    params = params_of(args, secrets.randbits(32) if args.seed is None else args.seed)
     if args.logprobs and not args.json:
         raise ValueError("--logprobs goes with --json: add --json")
-    args.steer_vector = steer_vector(args)
+    vector = steer_vector(args)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    return Plan(n_threads, params, vector)
 
 
 def steer_vector(args):
@@ -228,15 +237,15 @@ def steer_vector(args):
     return vector
 
 
-def steer_of(args, model):
+def steer_of(args, plan, model):
     """The Steer --steer asks for, on the loaded model: BadOption (exit 2) if it does not fit."""
-    if getattr(args, "steer_vector", None) is None:
+    if plan.steer_vector is None:
         return None
     from .inside import Steer
 
     layer = model.config["n_layer"] // 2 if args.steer_layer is None else args.steer_layer
     try:
-        return Steer(args.steer_vector, layer, args.steer_scale).checked(model.config)
+        return Steer(plan.steer_vector, layer, args.steer_scale).checked(model.config)
     except ValueError as e:
         raise BadOption(f"--steer: {e}") from None
 
@@ -278,7 +287,7 @@ def job_of(args):
     )  # fmt: skip
 
 
-def corpus(args):
+def corpus(args, plan, interrupt):
     """score --jsonl or generate --jsonl: a result line for each input line (corpus.py), a progress bar,
     and one line on stderr at the end."""
     import time
@@ -302,7 +311,7 @@ def corpus(args):
     start, said = time.perf_counter(), [0.0]
 
     def progress(counts):
-        checkpoint()
+        interrupt.poll()
         now = time.perf_counter()
         if now - said[0] > 0.5:  # the bar's figures, twice a second at most
             said[0], took = now, max(now - start, 1e-9)
@@ -315,7 +324,7 @@ def corpus(args):
         if args.ray:
             from . import ray as on_ray
 
-            counts = on_ray.run(job, args, progress)
+            counts = on_ray.run(job, args, plan, progress)
         else:
             from .api import load
 
@@ -325,7 +334,7 @@ def corpus(args):
             counts = (
                 corpus.score(model, job, progress)
                 if scoring
-                else corpus.generate(model, job, args.params, progress, steer=steer_of(args, model))
+                else corpus.generate(model, job, plan.params, progress, steer=steer_of(args, plan, model))
             )
     except corpus.CorpusError as e:
         raise Failed(str(e)) from None
@@ -350,19 +359,19 @@ def corpus(args):
         )
 
 
-def generate(args):
+def generate(args, plan, interrupt):
     if args.jsonl:
-        return corpus(args)
+        return corpus(args, plan, interrupt)
     from .api import load
     from .log import warn
 
     prompt = read_text("-") if args.prompt == "-" else args.prompt
     model = load(args.model, backend=args.backend, dtype=args.dtype, revision=args.revision, kv_dtype=args.kv_dtype)
-    params, steer = args.params, steer_of(args, model)
+    params, steer = plan.params, steer_of(args, plan, model)
     if args.json:  # one JSON object per sample, when the batch is done, and nothing else on stdout
         samples = model.complete([prompt] * args.num_samples, logprobs=args.logprobs, params=params, steer=steer)
         for i, sample in enumerate(samples):
-            seed = args.seed + i  # check drew one if --seed was not given
+            seed = params.seed + i  # check drew one if --seed was not given
             print(
                 json.dumps({"sample": i, "seed": seed, **sample, "model": args.model, "dtype": model.dtype}), flush=True
             )
@@ -371,14 +380,14 @@ def generate(args):
     # --num-samples N: one batch of N rows, row i sampled with seed + i. Row 0 streams as it is decoded,
     # the others print when the batch is done (they finish at about the same time).
     for row, piece in model.stream([prompt] * args.num_samples, params, stats=stats, steer=steer):
-        checkpoint()
+        interrupt.poll()
         if row == 0:
             print(piece, end="", flush=True)
-            OPEN_LINE[:] = [piece and not piece.endswith("\n")]
+            interrupt.open_line = bool(piece) and not piece.endswith("\n")
         else:
             later[row] += piece
     print(flush=True)
-    OPEN_LINE.clear()
+    interrupt.open_line = False
     for text in later[1:]:
         print("-" * 40)
         print(text, flush=True)
@@ -409,9 +418,9 @@ def convert(args):
     warn(f"wrote {args.out_folder}: {args.dtype} weights, {size / 1e6:.1f} MB; load it with --model {args.out_folder}")
 
 
-def score(args):
+def score(args, plan, interrupt):
     if args.jsonl:
-        return corpus(args)
+        return corpus(args, plan, interrupt)
     from tqdm import tqdm
 
     from .api import load
@@ -435,7 +444,7 @@ def score(args):
         file=sys.stderr,
         disable=True if len(ids) <= n_ctx else None,
     ) as bar:
-        logprobs = model.logprobs(ids, stride, progress=lambda n: (checkpoint(), bar.update(n)))
+        logprobs = model.logprobs(ids, stride, progress=lambda n: (interrupt.poll(), bar.update(n)))
     totals = {
         "model": args.model,
         "dtype": model.dtype,
@@ -459,7 +468,7 @@ def score(args):
     print(f"bits per byte {totals['bits_per_byte']:.4f}")
 
 
-def info(args):
+def info(args, interrupt):
     from .checkpoint import manage
 
     about = manage.info(args.model, args.revision) | {"threads": threads.describe()}
@@ -468,7 +477,7 @@ def info(args):
 
         total = sum(size for name, size in about["files"].items() if name.endswith(".safetensors"))
         with tqdm(total=total, unit="B", unit_scale=True, desc="checking", file=sys.stderr, disable=None) as bar:
-            about["non_finite"] = manage.check(about["folder"], progress=lambda n: (checkpoint(), bar.update(n)))
+            about["non_finite"] = manage.check(about["folder"], progress=lambda n: (interrupt.poll(), bar.update(n)))
     if args.json:
         print(json.dumps(about))
     else:
@@ -549,31 +558,34 @@ def cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def main(argv=None):
+def main(argv=None, interrupt=None):
+    """The command `argv` asks for; its exit code. `interrupt`: entry's, which its SIGINT handler sets (a
+    call from Python without one gets one of its own, which nothing sets)."""
+    interrupt = Interrupt() if interrupt is None else interrupt
     try:
         args = parser().parse_args(argv)
         try:
-            check(args)
+            plan = check(args)
         except ValueError as e:
             print(f"picogpt: error: {e}", file=sys.stderr)
             return 2
-        if getattr(args, "threads", None):  # before NumPy (OpenBLAS) and Numba read them at load time
+        if plan.threads:  # before NumPy (OpenBLAS) and Numba read them at load time
             for name in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-                os.environ[name] = str(args.threads)
-            threads.use(args.threads, why="--threads")  # fixed: not adapted to the load
+                os.environ[name] = str(plan.threads)
+            threads.use(plan.threads, why="--threads")  # fixed: not adapted to the load
         from .checkpoint.params import CheckpointError
         from .sampling import NonFiniteError
         from .tokenizer import TokenizerError
 
         try:
             {
-                "generate": generate,
-                "score": score,
-                "info": info,
-                "download": download,
-                "convert": convert,
-                "serve": serve,
-            }[args.command](args)
+                "generate": lambda: generate(args, plan, interrupt),
+                "score": lambda: score(args, plan, interrupt),
+                "info": lambda: info(args, interrupt),
+                "download": lambda: download(args),
+                "convert": lambda: convert(args),
+                "serve": lambda: serve(args),
+            }[args.command]()
         except BrokenPipeError:  # e.g. piped into `head`: not an error worth a message
             sys.stderr.close()
             return 1
@@ -583,82 +595,84 @@ def main(argv=None):
             )  # NaN logits: name the model
             print(f"picogpt: error: {message}", file=sys.stderr)
             return 2 if isinstance(e, BadOption) else 1
-        checkpoint()  # a Ctrl-C that a C callback swallowed near the end
+        interrupt.poll()  # a Ctrl-C that a C callback swallowed near the end
     except BaseException as e:
         # Ctrl-C comes as a KeyboardInterrupt, or wrapped in another error where Python raised it: a
         # SystemError as a compiled kernel returns, a RuntimeError inside a class being defined (an
         # import). Any error after Ctrl-C is the interrupt's doing.
-        if STOP or any(isinstance(x, KeyboardInterrupt) for x in (e, e.__cause__, e.__context__)):
-            return interrupted(e)
+        if interrupt.stopped or any(isinstance(x, KeyboardInterrupt) for x in (e, e.__cause__, e.__context__)):
+            return interrupt.interrupted(e)
         raise
     return 0
 
 
-def interrupted(error=None):
-    """Print that the command was interrupted; 130, its exit code. `error`, the interrupt, is kept with
-    the frames its traceback holds until the process ends (`entry` ends it with os._exit, freeing
-    nothing): freeing what the Ctrl-C cut short, such as a kernel Numba was loading from its cache,
-    could crash the process after this line (a score --jsonl run once ended so, by SIGSEGV)."""
-    KEPT.append(error)
-    if any(OPEN_LINE):  # keep what was printed, end its line; a --json run's stdout holds whole objects only
-        print(flush=True)
-    print("picogpt: interrupted", file=sys.stderr, flush=True)
-    return 130
+class Interrupt:
+    """Ctrl-C in the `picogpt` command: `stop`, the SIGINT handler, and the hooks `install` sets beside it
+    remember it; `poll`, called at each piece of output or progress, raises it; `interrupted` says so."""
 
+    def __init__(self):
+        self.stopped = []  # the signal, once Ctrl-C is pressed (the picogpt command only)
+        self.kept = []  # what an interrupt cut short, never freed (see `interrupted`)
+        self.open_line = False  # True while streamed text on stdout has no newline at its end
 
-KEPT = []  # what an interrupt cut short, never freed (see `interrupted`)
-OPEN_LINE = []  # [True] while streamed text on stdout has no newline at its end
+    def install(self):
+        signal.signal(signal.SIGINT, self.stop)
+        sys.unraisablehook, sys.excepthook = self.unraisable, self.excepthook
 
-
-STOP = []  # set once Ctrl-C is pressed (the picogpt command only)
-
-
-def stop(signum, frame):
-    """Ctrl-C: raise KeyboardInterrupt once, and remember it. Python runs this handler between any two
-    bytecodes, including those of a callback from C (LLVM's object cache, as Numba loads a cached
-    kernel), which would print the exception as ignored and go on: there, only remember it, and
-    `checkpoint` raises it at the next piece of output or progress. Finalizers and weakref callbacks
-    (`__del__`, importlib's module locks) swallow it the same way: `unraisable` keeps them quiet."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while stopping: ignored
-    gc.disable()  # nor is anything collected from here to the end (see `interrupted`)
-    STOP.append(signum)
-    while frame is not None:
-        if frame.f_code.co_name.startswith("_raw_object_cache"):  # llvmlite's callbacks
-            return
-        frame = frame.f_back
-    raise KeyboardInterrupt
-
-
-def unraisable(info):
-    """sys.unraisablehook: a Ctrl-C that landed in a finalizer or a callback, which Python can only
-    report, is already in STOP for `checkpoint`; after a Ctrl-C, a finalizer's error is the debris of
-    what it cut short (llvmlite's PassBuilder, interrupted in its constructor while Numba compiled,
-    has no handle for its __del__ to free); anything else is reported as usual."""
-    if not (STOP or issubclass(info.exc_type, KeyboardInterrupt)):
-        sys.__unraisablehook__(info)
-
-
-def excepthook(kind, value, traceback):
-    """sys.excepthook, which only C code calls here (PyErr_Print: an import made from C that the Ctrl-C
-    landed in): the interrupt is already in STOP; anything else is reported as usual."""
-    if not (STOP and issubclass(kind, KeyboardInterrupt)):
-        sys.__excepthook__(kind, value, traceback)
-
-
-def checkpoint(*_):
-    if STOP:
+    def stop(self, signum, frame):
+        """Ctrl-C: raise KeyboardInterrupt once, and remember it. Python runs this handler between any two
+        bytecodes, including those of a callback from C (LLVM's object cache, as Numba loads a cached
+        kernel), which would print the exception as ignored and go on: there, only remember it, and
+        `poll` raises it at the next piece of output or progress. Finalizers and weakref callbacks
+        (`__del__`, importlib's module locks) swallow it the same way: `unraisable` keeps them quiet."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while stopping: ignored
+        gc.disable()  # nor is anything collected from here to the end (see `interrupted`)
+        self.stopped.append(signum)
+        while frame is not None:
+            if frame.f_code.co_name.startswith("_raw_object_cache"):  # llvmlite's callbacks
+                return
+            frame = frame.f_back
         raise KeyboardInterrupt
+
+    def unraisable(self, info):
+        """sys.unraisablehook: a Ctrl-C that landed in a finalizer or a callback, which Python can only
+        report, is already in `stopped` for `poll`; after a Ctrl-C, a finalizer's error is the debris of
+        what it cut short (llvmlite's PassBuilder, interrupted in its constructor while Numba compiled,
+        has no handle for its __del__ to free); anything else is reported as usual."""
+        if not (self.stopped or issubclass(info.exc_type, KeyboardInterrupt)):
+            sys.__unraisablehook__(info)
+
+    def excepthook(self, kind, value, traceback):
+        """sys.excepthook, which only C code calls here (PyErr_Print: an import made from C that the Ctrl-C
+        landed in): the interrupt is already in `stopped`; anything else is reported as usual."""
+        if not (self.stopped and issubclass(kind, KeyboardInterrupt)):
+            sys.__excepthook__(kind, value, traceback)
+
+    def poll(self):
+        if self.stopped:
+            raise KeyboardInterrupt
+
+    def interrupted(self, error=None):
+        """Print that the command was interrupted; 130, its exit code. `error`, the interrupt, is kept with
+        the frames its traceback holds until the process ends (`entry` ends it with os._exit, freeing
+        nothing): freeing what the Ctrl-C cut short, such as a kernel Numba was loading from its cache,
+        could crash the process after this line (a score --jsonl run once ended so, by SIGSEGV)."""
+        self.kept.append(error)
+        if self.open_line:  # keep what was printed, end its line; a --json run's stdout holds whole objects only
+            print(flush=True)
+        print("picogpt: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def entry():
-    """The `picogpt` command: main() under `stop`, then out without Python's slow shutdown, during
+    """The `picogpt` command: main() under Interrupt.stop, then out without Python's slow shutdown, during
     which a Ctrl-C would kill the process (its handlers are reset to the default by then)."""
-    signal.signal(signal.SIGINT, stop)
-    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+    interrupt = Interrupt()  # held until os._exit, with what it keeps
+    interrupt.install()
     try:
-        code = main()
+        code = main(interrupt=interrupt)
     except KeyboardInterrupt as e:  # between main's last line and this one
-        code = interrupted(e)
+        code = interrupt.interrupted(e)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
             stream.flush()

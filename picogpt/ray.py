@@ -171,9 +171,10 @@ def datasource(job, skip):
     return JsonLines()
 
 
-def run(job, args, progress=None):
+def run(job, args, plan, progress=None):
     """picogpt score/generate --jsonl ... --ray [ADDRESS]: the same output as without --ray (scores equal
-    to float32 rounding, as a document's figures depend on the batch it shares). Returns the Counts."""
+    to float32 rounding, as a document's figures depend on the batch it shares). args: the command's
+    options; plan: what cli.check made of them (its threads and SamplingParams). Returns the Counts."""
     try:
         import ray
         import ray.data
@@ -183,7 +184,7 @@ def run(job, args, progress=None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ray.init(
         address=None if local else args.ray,
-        num_cpus=(args.threads or cores) if local else None,
+        num_cpus=(plan.threads or cores) if local else None,
         include_dashboard=False,
         log_to_driver=False,
         logging_level="ERROR",
@@ -200,7 +201,7 @@ def run(job, args, progress=None):
         nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
         per_actor = max(1.0, min(nodes) - READ_CPUS)
         scoring = args.command == "score"
-        fn, kwargs = actor_of(job, args)
+        fn, kwargs = actor_of(job, args, plan.params)
 
         def compute(texts, done):
             ds = ray.data.read_datasource(datasource(job, done), num_cpus=READ_CPUS)
@@ -229,9 +230,9 @@ def run(job, args, progress=None):
         ray.shutdown()
 
 
-def actor_of(job, args):
+def actor_of(job, args, params=None):
     """The map_batches class for the command and its fn_constructor_kwargs: every option of the model
-    that the command without --ray would load it with."""
+    that the command without --ray would load it with (params: generate's SamplingParams)."""
     model = dict(
         model=args.model,
         backend=args.backend,
@@ -242,7 +243,7 @@ def actor_of(job, args):
     )
     if args.command == "score":
         return Scorer, dict(model, stride=job.stride)
-    return Generator, dict(model, params=args.params, rows=job.rows)
+    return Generator, dict(model, params=params, rows=job.rows)
 
 
 def blas_threads(cpus):

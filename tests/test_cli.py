@@ -245,3 +245,47 @@ def test_every_bad_option_value_exits_2_with_one_line_naming_it(args, flag):
     )
     assert result.returncode == 2, result.stderr
     assert_one_line_error(result, flag)
+
+
+def test_check_leaves_the_options_as_parsed_and_returns_the_plan(tmp_path, capsys):
+    """check reads args and returns what it makes of them (threads, SamplingParams, seed, steer vector):
+    the namespace comes out as argparse made it."""
+    import numpy as np
+
+    from picogpt import cli
+
+    steer = str(tmp_path / "steer.npy")
+    np.save(steer, np.ones(8, dtype=np.float32))
+    many = str(cli.cores() + 5)
+    lines = [
+        ["generate", "hi"],
+        ["generate", "hi", "--seed", "7", "-t", "0", "--stop", "x", "--threads", many, "--steer", steer],
+        ["generate", "--jsonl", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"), "--threads", "1"],
+        ["score", "-", "--stride", "3", "--threads", many],
+        ["serve", "--port", "8080", "--threads", "1"],
+        ["info", "--check"],
+        ["convert", "tiny", str(tmp_path / "out"), "--dtype", "int8"],
+    ]
+    plans = []
+    for line in lines:
+        args = cli.parser().parse_args(line)
+        before = dict(vars(args))
+        plans.append(cli.check(args))
+        assert vars(args) == before, line
+    assert isinstance(plans[0].params.seed, int) and plans[0].steer_vector is None  # a seed drawn
+    assert (plans[1].params.seed, plans[1].params.temperature, plans[1].params.stop) == (7, 0.0, ("x",))
+    assert plans[1].threads == cli.cores() and list(plans[1].steer_vector) == [1.0] * 8
+    assert plans[2].threads == 1 and plans[2].params.seed is not None
+    assert plans[3] == cli.Plan(threads=cli.cores()) and plans[4] == cli.Plan(threads=1)
+    assert plans[5] == plans[6] == cli.Plan()
+    assert capsys.readouterr().err.count("is more than the") == 2
+
+
+def test_interrupt_poll_raises_only_after_a_ctrl_c():
+    from picogpt import cli
+
+    interrupt = cli.Interrupt()
+    interrupt.poll()
+    interrupt.stopped.append(2)
+    with pytest.raises(KeyboardInterrupt):
+        interrupt.poll()

@@ -384,9 +384,9 @@ def test_each_kernel_compiles_once_per_weight_format():
 
 def test_a_ctrl_c_swallowed_by_a_finalizer_stays_quiet_and_others_are_still_reported():
     """Python can only report an exception raised in __del__ or a weakref callback: a Ctrl-C there
-    (remembered for cli.checkpoint) prints nothing, any other exception is reported as usual."""
+    (remembered for Interrupt.poll) prints nothing, any other exception is reported as usual."""
     code = (
-        "import sys\nfrom picogpt import cli\nsys.unraisablehook = cli.unraisable\n"
+        "import sys\nfrom picogpt import cli\nsys.unraisablehook = cli.Interrupt().unraisable\n"
         "class A:\n    def __init__(self, e): self.e = e\n    def __del__(self): raise self.e\n"
         "A(KeyboardInterrupt())\nA(ValueError('still reported'))\n"
     )

@@ -101,8 +101,8 @@ def test_the_actors_load_the_model_as_the_command_without_ray_would(short, tmp_p
     options = ["--backend", "numpy", "--dtype", "float16", "--kv-dtype", "float16", "--ray"]
     options += ["--seed", "5", "-n", "6"] if command == "generate" else []
     args = cli.parser().parse_args([command, "--jsonl", source, "--model", short, *options])
-    cli.check(args)
-    fn, kwargs = picogpt.ray.actor_of(cli.job_of(args), args)
+    plan = cli.check(args)  # args stays as parsed: ray.py reads the SamplingParams from args.params
+    fn, kwargs = picogpt.ray.actor_of(cli.job_of(args), args, plan.params)
     actor = fn(**kwargs)
     want = picogpt.load(short, backend="numpy", dtype="float16", kv_dtype="float16")
     assert repr(actor.model) == repr(want) and "numpy backend, float16 KV cache" in repr(want)
@@ -114,4 +114,4 @@ def test_the_actors_load_the_model_as_the_command_without_ray_would(short, tmp_p
             [np.nan if s["nll"] is None else s["nll"] for s in scores], nan_ok=True
         )
     else:
-        assert list(out["text"]) == [g["text"] for g in want.generate_many(batch, args.params)]
+        assert list(out["text"]) == [g["text"] for g in want.generate_many(batch, plan.params)]
