@@ -13,8 +13,8 @@ The other load: --loads plain Python busy loops; --copies copies of the same eng
 process may make a cgroup (root, with cgroup v1's cpu controller or v2's), one copy held to one
 CPU by its quota (cpu.cfs_quota_us = cpu.cfs_period_us, or cpu.max "100000 100000").
 
-Ratios, as issue 30 asks of them: picogpt's default against its best fixed count under the same load,
-and against llama.cpp's default (every core, as llama.cpp's own tools choose); under the limit,
+Ratios, as issue 30 asks of them: picogpt's default against its best fixed count under the same load
+(the median of each round's ratio: a round's engines run within a minute of each other), and against llama.cpp's default (every core, as llama.cpp's own tools choose); under the limit,
 against one thread with no limit measured in the same rounds; idle, against picogpt on every core (the
 default before it adapted), and again in one process, generations of the two alternated (--pairs):
 the host's speed moves between processes run one after the other, not between alternate generations.
@@ -190,6 +190,18 @@ def median_round(rounds):
     return sorted(rounds, key=lambda r: sum(r[0]))[len(rounds) // 2]
 
 
+def per_round(rounds):
+    """picogpt default against the best fixed count, round by round (the engines of a round ran within
+    a minute of each other; this host's speed moves between minutes, and a median of each engine's
+    own rounds put them in different ones): the median of the rounds' ratios."""
+    fixed = [n for n in rounds if n.startswith("picogpt ") and n != "picogpt default"]
+    ratios = [
+        sum(rounds["picogpt default"][r][0]) / max(sum(rounds[n][r][0]) for n in fixed)
+        for r in range(len(rounds["picogpt default"]))
+    ]
+    return sorted(ratios)[len(ratios) // 2]
+
+
 def shares(calls):
     """picogpt default's calls on each thread count, over its copies: e.g. '2: 3%, 1: 97%'."""
     total = {}
@@ -276,9 +288,8 @@ def main():
                     row = {n: median_round(r) for n, r in rounds.items()}  # (tok/s of each copy, calls)
                     total = {n: sum(tok_s) for n, (tok_s, _) in row.items()}
                     default = total["picogpt default"]
-                    fixed = max(v for n, v in total.items() if n.startswith("picogpt ") and n != "picogpt default")
                     ratios = [
-                        f"{default / fixed:.2f}x",
+                        f"{per_round(rounds):.2f}x",
                         f"{default / total[f'llama.cpp {cores}']:.2f}x" if args.llama else "",
                     ]
                     if scenario == "idle":  # against every core, the default before it adapted
