@@ -7,8 +7,9 @@ A step reads every weight once and then does each row's work, so its time is abo
 (a decoding row costs more than a prompt token: it reads its row of keys and values from memory and
 is sampled). With no sequence decoding, nobody waits on the step: it takes whole prompts, at full
 speed. Beside decoding rows, the step takes prompt tokens until it would last TARGET times as long as
-those rows alone (but at least LEAST), so that the streams' time between tokens stays within TARGET
-of a decoding step while prompts prefill as fast as that allows. vLLM's scheduler bounds a step's
+those rows alone, or FLOOR seconds where that is longer (but at least LEAST), so that the streams'
+time between tokens stays within TARGET of a decoding step, or under FLOOR, while prompts prefill as
+fast as that allows. vLLM's scheduler bounds a step's
 tokens the same way, decoding first, with a number of tokens it is configured with; here the number
 follows from the times measured, so it adapts to the model, the weight format, the machine and the
 load.
@@ -39,6 +40,13 @@ LEAST = 16  # prompt tokens a step takes beside decoding rows however slow they 
 # compiled block (a longer step of a float format goes through BLAS prompt by prompt). The fit, not
 # this, bounds a step in the usual case: 37 prompt tokens beside 16 decoding rows of gpt2 float32.
 MOST = 128
+# A step beside decoding rows may last this many seconds whatever TARGET says: int8's decoding step is
+# short (31 ms at 8 clients of gpt2), so TARGET alone gave its prompts the fewest tokens of any format,
+# and int8's median time to first token was 1.27x llama-server's at 8 clients and 2.6x at 16 (its p99
+# between tokens 52 and 66 ms). With this floor, and int8's `most_for` 512 (it never goes to BLAS):
+# 587 and 2603 ms (0.67x and 1.54x llama-server's), p99 between tokens 93 and 139 ms, goodput 71%
+# -> 88% and 16% -> 44% (bench_serve.py, AVX-512 host). Under the 200 ms a goodput target allows.
+FLOOR = 0.08
 IDLE = 1024  # with nothing decoding: GPT-2's context, so that any one prompt is prefilled in one step
 # A step's weight in the fit, one step later: about the last 20 steps count. On simulated step times,
 # when prompt tokens became 4x as slow the fit followed within 100 steps (a second or two) at 0.95,
@@ -57,13 +65,20 @@ PRIOR = np.array([6.0, 1.0, 1.0])  # fixed, per decoding row, per prompt token
 RIDGE = 0.1 * np.diag([1.0, 8.0, 32.0]) ** 2
 
 
+def most_for(rows_max):
+    """The most prompt tokens a step takes beside decoding rows, for weights whose steps run as rows up
+    to `rows_max` tokens (kernels.forward.rows_max): half of it, so that with as many decoding rows a
+    step stays on that path, and at most 4 * MOST (int8, rows at any length)."""
+    return int(min(rows_max, 8 * MOST) // 2)
+
+
 class Budget:
     """Answers how many prompt tokens the next step may take (`tokens`), learning from each step's time
     (`step`, or `took`). cap: the most prompt tokens any step takes (None: IDLE with nothing decoding,
-    up to MOST beside decoding rows). clock: seconds, for timing the steps (tests pass their own)."""
+    up to `most` beside decoding rows: most_for the weights). clock: seconds, for timing the steps (tests pass their own)."""
 
-    def __init__(self, cap=None, clock=time.perf_counter):
-        self.cap, self.clock = cap, clock
+    def __init__(self, cap=None, most=MOST, clock=time.perf_counter):
+        self.cap, self.most, self.clock = cap, most, clock
         # the weighted sums of the least-squares fit: x x^T and x * seconds, x = (1, decoding, prompt)
         self.xx, self.xy = np.zeros((3, 3)), np.zeros(3)
         self.prompted = 0  # steps in a row with decoding rows and prompt tokens
@@ -79,11 +94,13 @@ class Budget:
         return 0 if self.prompted >= PROBE else self.beside(decoding)
 
     def beside(self, decoding):
-        """Prompt tokens for a step of TARGET times `decoding` rows alone, by the fit: LEAST to MOST, and the cap."""
+        """Prompt tokens for a step of TARGET times `decoding` rows alone, or FLOOR seconds if longer, by
+        the fit: LEAST to `most`, and the cap."""
         fixed, per_row, per_token = self.fit()
         alone = fixed + per_row * decoding  # the step without prompt tokens
-        n = (TARGET - 1) * alone / per_token if alone > 0 and per_token > 0 else 0  # else a fit of noise: LEAST
-        n = max(LEAST, min(int(n), MOST))
+        goal = max(TARGET * alone, FLOOR) if self.xx[0, 0] else TARGET * alone  # seconds once measured
+        n = (goal - alone) / per_token if alone > 0 and per_token > 0 else 0  # else a fit of noise: LEAST
+        n = max(LEAST, min(int(n), self.most))
         return min(n, self.cap) if self.cap else n
 
     def fit(self):

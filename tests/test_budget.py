@@ -16,9 +16,10 @@ from picogpt.kernels import forward
 from picogpt.options import SERVE
 
 
-def step_time(fixed=0.010, per_row=0.001, per_token=0.0006):
+def step_time(fixed=0.040, per_row=0.004, per_token=0.0024):
     """A step's seconds: gpt2 float32's shape on a 2-core host (the weights' read, each decoding row
-    with its keys and values, each prompt token)."""
+    with its keys and values, each prompt token), four times as slow, so that TARGET times a decoding
+    step is over FLOOR and TARGET decides."""
     return lambda decoding, prompt: fixed + per_row * decoding + per_token * prompt
 
 
@@ -57,11 +58,11 @@ def test_beside_decoding_rows_a_step_takes_about_target_times_a_decoding_step():
 def test_slower_prompt_tokens_get_fewer_and_it_follows_a_change():
     rows = [8] * 300
     fast, slow = Budget(), Budget()
-    drive(fast, step_time(per_token=0.00015), rows)
-    drive(slow, step_time(per_token=0.0012), rows)
-    # (TARGET - 1) * 18 ms / 0.15 ms: above MOST; / 1.2 ms: 22
+    drive(fast, step_time(per_token=0.0006), rows)
+    drive(slow, step_time(per_token=0.0048), rows)
+    # (TARGET - 1) * 72 ms / 0.6 ms: above MOST; / 4.8 ms: 22
     assert fast.beside(8) == MOST and slow.beside(8) == 22
-    drive(fast, step_time(per_token=0.0012), rows[:200])  # prompt tokens become 8x slower: the fit follows
+    drive(fast, step_time(per_token=0.0048), rows[:200])  # prompt tokens become 8x slower: the fit follows
     assert fast.beside(8) - slow.beside(8) in (0, 1)
 
 
@@ -70,7 +71,7 @@ def test_the_cap_bounds_every_step_and_least_lets_prompts_progress():
     steps = drive(b, step_time(per_token=0.00001), [4] * 100)  # very cheap prompt tokens
     assert {p for _, p in steps} == {0, 8} and b.tokens(0) == 8
     b = Budget()
-    drive(b, step_time(per_token=0.1), [4] * 100)  # prompt tokens 100x a decoding row
+    drive(b, step_time(per_token=0.4), [4] * 100)  # prompt tokens 100x a decoding row
     assert b.beside(4) == LEAST
 
 
@@ -78,6 +79,21 @@ def test_most_keeps_a_step_on_the_one_row_a_token_path():
     # beside as many decoding rows (serve's default --parallel is 8), a step's tokens stay within
     # ROWS_MAX of every format: the compiled path, each token a row at its own position
     assert MOST + max(MOST, SERVE["parallel"]) <= min(forward.ROWS_MAX.values())
+    for rows_max in [*forward.ROWS_MAX.values(), float("inf")]:  # the float formats', and int8's
+        most = budget.most_for(rows_max)
+        assert MOST <= most <= 4 * MOST and most + max(most, SERVE["parallel"]) <= rows_max
+
+
+def test_short_decoding_steps_take_prompt_tokens_up_to_the_floor():
+    """int8's case: a decoding step so short that TARGET times it leaves room for few prompt tokens;
+    the step may then last FLOOR seconds (up to `most` tokens)."""
+    seconds = step_time(fixed=0.002, per_row=0.0005, per_token=0.0005)  # 8 rows alone: 6 ms
+    b = Budget(most=512)
+    drive(b, seconds, [8] * 300)
+    assert abs(b.beside(8) - (budget.FLOOR - 0.006) / 0.0005) <= 2  # 148: a step of FLOOR
+    assert TARGET * seconds(8, 0) < budget.FLOOR
+    drive(b, step_time(fixed=0.002, per_row=0.0005, per_token=0.00005), [8] * 300)  # cheaper tokens
+    assert b.beside(8) == 512 and Budget(most=512).tokens(8) < 512  # `most` bounds it; the prior, before any step
 
 
 @settings(max_examples=200, deadline=None)

@@ -16,9 +16,10 @@ from typing import NamedTuple
 import numba
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..budget import Budget
+from ..budget import Budget, most_for
 from ..engine import Engine
 from ..front import Front
+from ..kernels.forward import rows_max
 from ..log import warn
 
 
@@ -151,7 +152,7 @@ class Worker:
             model.params,
             model.config,
             parallel,
-            budget=Budget(cap=chunk),
+            budget=Budget(cap=chunk, most=most_for(rows_max(model.params["wte"]["weight"]))),
             eot=model.tokenizer.eot_token,
             kv_dtype=model.kv_dtype,
             prefix_cache=prefix_cache,
