@@ -44,8 +44,9 @@ MOST = 128
 # short (31 ms at 8 clients of gpt2), so TARGET alone gave its prompts the fewest tokens of any format,
 # and int8's median time to first token was 1.27x llama-server's at 8 clients and 2.6x at 16 (its p99
 # between tokens 52 and 66 ms). With this floor, and int8's `most_for` 512 (it never goes to BLAS):
-# 587 and 2603 ms (0.67x and 1.54x llama-server's), p99 between tokens 93 and 139 ms, goodput 71%
-# -> 88% and 16% -> 44% (bench_serve.py, AVX-512 host). Under the 200 ms a goodput target allows.
+# 737 and 2837 ms (0.86x and 1.37x llama-server's in the same run), p99 between tokens 96 and 117 ms,
+# goodput 71% -> 88% and 16% -> 38% (bench_serve.py, AVX-512 host): under the 200 ms a goodput
+# target allows. float32 gained too (1240 -> 590 ms at 8 clients, 3719 -> 2535 at 16).
 FLOOR = 0.08
 IDLE = 1024  # with nothing decoding: GPT-2's context, so that any one prompt is prefilled in one step
 # A step's weight in the fit, one step later: about the last 20 steps count. On simulated step times,
