@@ -542,8 +542,11 @@ def read_text(path):
     if path == "-":
         data = sys.stdin.buffer.read()
     else:
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:  # no such file, a folder, no permission
+            raise Failed(f"cannot read {path}: {e.strerror}: give a text file, or - for standard input") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -206,6 +206,10 @@ def test_bytes_that_are_not_utf8_get_one_line_whether_from_a_file_or_stdin(comma
     assert_one_line_error(result, "standard input is not UTF-8 text", "at byte 9")
     if command == "score":
         assert_one_line_error(run("score", str(path), "--model", "tiny"), f"{path} is not UTF-8 text", "at byte 9")
+        for missing in (tmp_path / "none.txt", tmp_path):  # no such file, and a folder
+            assert_one_line_error(
+                run("score", str(missing), "--model", "tiny"), f"cannot read {missing}", "give a text file"
+            )
     good = subprocess.run(
         [PICOGPT, command, "-", "--model", "tiny", *(["-n", "3", "-t", "0"] if command == "generate" else [])],
         input="The list é of things".encode(),
