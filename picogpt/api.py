@@ -49,6 +49,7 @@ class Model(Inside):
     name: str = None  # what it was loaded as: gpt2, tiny, org/name, a folder
     kv_dtype: str = "float32"  # the KV cache's: "float32", or "float16" (half the memory; see model.kv_cache)
     _front: Front = field(default=None, init=False, compare=False)  # the engine's, kept between calls (front())
+    _front_of: tuple = field(default=None, init=False, compare=False)  # the params and forwards it runs
 
     def __repr__(self):  # one line: the params alone would print every weight
         c = self.config
@@ -179,7 +180,7 @@ class Model(Inside):
         Requests the call leaves unfinished (a stream closed early) are cancelled."""
         own, made_of = self._front, (self.params, self.forward, self.forward_rows)
         shared = not hooks and steer is None and not (own is not None and own.busy)
-        if own is not None and any(a is not b for a, b in zip(own.made_of, made_of)):
+        if own is not None and any(a is not b for a, b in zip(self._front_of, made_of)):
             own = self._front = None  # new weights or kernels (a Model's fields replaced): its cache is not theirs
         if not shared or own is None or own.engine.parallel < rows:
             if shared:
@@ -196,9 +197,8 @@ class Model(Inside):
                 prefix_cache=shared,
             )
             own = Front(engine, self.tokenizer)
-            own.made_of = made_of
             if shared:
-                self._front = own
+                self._front, self._front_of = own, made_of
         try:
             yield own
         finally:
@@ -224,14 +224,16 @@ class Model(Inside):
                     prompt = next(prompts, end)
                     if prompt is end:
                         break
-                    if prompt is not None and not isinstance(prompt, str):
+                    if prompt is None:
+                        done[next_i] = None
+                        next_i += 1
+                        continue
+                    if not isinstance(prompt, str):
                         raise ValueError(f"prompt {next_i} must be a string, got {prompt!r}")
-                    ids = None if prompt is None else tok.encode(self.tokenizer, prompt) or [eot]  # empty: a new text
+                    ids = tok.encode(self.tokenizer, prompt) or [eot]  # empty prompt: start a new text
                     seed = None if params.seed is None else params.seed + next_i
-                    out = None if ids is None else dict(text="", finish_reason="length", prompt_tokens=len(ids))
-                    if out is not None:
-                        out.update(generated_tokens=0, seed=seed)
-                    if out is None or params.max_new_tokens == 0:
+                    out = dict(text="", finish_reason="length", prompt_tokens=len(ids), generated_tokens=0, seed=seed)
+                    if params.max_new_tokens == 0:
                         done[next_i] = out
                     else:
                         warmup.warm_up(self, [ids], params.max_new_tokens, say=warn)

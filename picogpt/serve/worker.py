@@ -162,7 +162,7 @@ class Worker:
             k.fill(0), v.fill(0)
         self.front = Front(self.engine, model.tokenizer)
         self.inbox, self.lock, self.outstanding = queue.SimpleQueue(), threading.Lock(), 0
-        self.jobs = {}  # Handle.id -> (job, choice index, [handles of the job]) while it runs
+        self.jobs = {}  # Handle.id -> (job, choice index) while it runs
         self.first, self.last = {}, {}  # job -> its first token's time; Handle.id -> its last token's
         self.counted = (0, 0)  # the engine's prefix cache figures already in the counters
         self.thread = threading.Thread(target=self.run, name="picogpt-engine", daemon=True)
@@ -238,12 +238,10 @@ class Worker:
         except Exception as e:
             warn(f"internal error queueing a request: {type(e).__name__}: {e}")
             traceback.print_exc()
-            for handle in handles:
-                del self.jobs[handle.id]
-                self.front.cancel(handle)
-                del self.front.live[handle.id]
-            self.release(len(job.requests))
             job.put(Error(f"{type(e).__name__}: {e}"))
+            for handle in handles:  # their room goes back as they leave, at the next step
+                self.front.cancel(handle)
+            self.release(len(job.requests) - len(handles))
 
     def tell(self, updates, stopping=False, send=True):
         """Send each update to its job as a Piece; give back the room of the choices that ended;
