@@ -47,6 +47,7 @@ class Sequence:
         self.scores = []  # what `score` returned for the prompt's tokens 1, 2, ... (None: nothing to keep)
         self.todo = list(ids)  # tokens to feed: the prompt (in chunks), then each picked token
         self.row, self.finish, self.new_tokens = None, None, 0
+        self.due = 0  # when its prompt is due, in prompt tokens computed by the engine (Engine.schedule)
 
     @property
     def prefilling(self):  # a prompt (or a slid window) to feed, rather than one picked token
@@ -155,6 +156,7 @@ class Engine:
                 self.cut = True
             ids = ids[-self.n_cache :]
         seq = Sequence(ids, max_new_tokens, pick, score, slide)
+        seq.due = self.prompt_tokens + len(ids)
         self.waiting.append(seq)
         return seq
 
@@ -201,6 +203,7 @@ class Engine:
                 seq.scores = list(self.scored[row][:best])
                 seq.score(None, seq.todo[1 : best + 1], cached=seq.scores)
             seq.context, seq.todo = seq.todo[:best], seq.todo[best:]
+            seq.due -= best
         self.free.remove(row)
         self.held.pop(row, None)
         self.scored.pop(row, None)
@@ -246,9 +249,16 @@ class Engine:
 
     def schedule(self):
         """Which sequences get how many tokens this step: admit waiting sequences into free rows, then
-        one token for every decoding sequence and prompt tokens for the ones prefilling, in order of
-        arrival, as many in all as the budget allows beside those rows (else `chunk`, else whole
-        prompts): decoding first, so a long prompt never stalls the streams."""
+        one token for every decoding sequence and prompt tokens for the ones prefilling, as many in
+        all as the budget allows beside those rows (else `chunk`, else whole prompts): decoding first,
+        so a long prompt never stalls the streams.
+
+        Prompts go in order of when they are due: the prompt tokens the engine had computed when the
+        prompt arrived, plus its own tokens to compute (fair queueing's virtual finish time, with
+        prompt tokens as the clock). A short prompt thus goes before a long one that arrived about
+        when it did, as shortest-first would have it (the median time to first token falls: the
+        shortest half of a load's prompts holds about a quarter of its tokens), but never before a
+        prompt that arrived more of its own length earlier, so no prompt waits for ever."""
         while self.waiting and self.free and len(self.running) < self.parallel:
             seq = self.waiting.popleft()
             seq.row = self._admit(seq)
@@ -256,7 +266,7 @@ class Engine:
         decoding = sum(not seq.prefilling for seq in self.running)
         left = self.budget.tokens(decoding) if self.budget else (self.chunk or self.n_cache * len(self.running))
         fed = []
-        for seq in sorted(self.running, key=lambda s: s.prefilling):  # decoding first, then prompts by arrival
+        for seq in sorted(self.running, key=lambda s: (s.prefilling, s.prefilling and s.due)):  # decoding first
             prefilling = seq.prefilling
             if prefilling and not self._share(seq):
                 continue

@@ -122,3 +122,27 @@ def test_score_sees_every_prompt_logit_and_the_context_end_is_length(m):
     assert seq.finish == "length" and seq.new_tokens == 3  # after positions n_ctx - 2 and n_ctx - 1, and the last pick
     with pytest.raises(ValueError, match="more than"):
         engine.add(list(range(n_ctx + 1)), 1, lambda logits: 0)
+
+
+def test_short_prompts_go_first_but_never_starve_a_long_one(m):
+    """Prompts are prefilled in order of when they are due (arrival in prompt tokens computed, plus their
+    own): a short prompt that arrives with a long one gets its first token first; short prompts arriving
+    faster than the steps take them (shortest-first would never run the long one) delay it only by the
+    ones due before it, those that arrived before the engine had computed its own length."""
+    rng = np.random.default_rng(3)
+    greedy = lambda logits: int(np.argmax(logits))  # noqa: E731
+    engine = Engine(m.forward_rows, m.params, m.config, n_rows=80, chunk=8)
+    long = engine.add([int(t) for t in rng.integers(0, 50257, 40)], 2, greedy)
+    short = engine.add([int(t) for t in rng.integers(0, 50257, 5)], 2, greedy)
+    assert [seq for seq, _ in engine.step()] == [short] and long.new_tokens == 0
+    shorts, done_at = [], None
+    for _ in range(40):  # two 5-token prompts a step, 8 tokens a step computed
+        shorts += [engine.add([int(t) for t in rng.integers(0, 50257, 5)], 1, greedy) for _ in range(2)]
+        if long in [seq for seq, _ in engine.step()]:
+            done_at = engine.prompt_tokens
+            break
+    assert done_at is not None and long.due == 40
+    before = [s for s in shorts if s.due < long.due]
+    assert all(s.new_tokens == 1 for s in before)  # all served before it
+    assert done_at <= long.due + 5 * len(before) + 8  # and nothing else but a step's leftover
+    assert any(s.new_tokens == 0 for s in shorts)  # the backlog grew: shortest-first would starve it
