@@ -42,12 +42,12 @@ LEAST = 16  # prompt tokens a step takes beside decoding rows however slow they 
 MOST = 128
 # A step beside decoding rows may last this many seconds whatever TARGET says: int8's decoding step is
 # short (31 ms at 8 clients of gpt2), so TARGET alone gave its prompts the fewest tokens of any format,
-# and int8's median time to first token was 1.27x llama-server's at 8 clients and 2.6x at 16 (its p99
-# between tokens 52 and 66 ms). With this floor, and int8's `most_for` 512 (it never goes to BLAS):
-# 737 and 2837 ms (0.86x and 1.37x llama-server's in the same run), p99 between tokens 96 and 117 ms,
-# goodput 71% -> 88% and 16% -> 38% (bench_serve.py, AVX-512 host): under the 200 ms a goodput
-# target allows. float32 gained too (1240 -> 590 ms at 8 clients, 3719 -> 2535 at 16).
-FLOOR = 0.08
+# and int8's median time to first token was 1.27x llama-server's at 8 clients and 2.6x at 16. With a
+# floor of 80 ms (and int8's `most_for` 512: it never goes to BLAS) it was 0.86x and 1.37x; with 100
+# ms, and prompts taken in order of when they are due (engine.py), 0.54x and 0.61x, float32 0.42x and
+# 0.67x, the p99 between tokens 114 to 217 ms, goodput 25 to 92% against llama-server's 3 to 8%
+# (bench_serve.py, AVX-512 host). 120 ms gave about the same first tokens and a p99 over 200 ms more often.
+FLOOR = 0.1
 IDLE = 1024  # with nothing decoding: GPT-2's context, so that any one prompt is prefilled in one step
 # A step's weight in the fit, one step later: about the last 20 steps count. On simulated step times,
 # when prompt tokens became 4x as slow the fit followed within 100 steps (a second or two) at 0.95,
