@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import formats, model, scoring, warmup
+from . import features as feature_table
+from . import formats, model, reading, scoring, warmup
 from . import tokenizer as tok
 from .checkpoint import converted, hub
 from .checkpoint import params as weights
@@ -196,7 +197,7 @@ class Model(Inside):
                 kv_dtype=self.kv_dtype,
                 prefix_cache=shared,
             )
-            own = Front(engine, self.tokenizer)
+            own = Front(engine, self.tokenizer, self.reader().kernels)
             if shared:
                 self._front, self._front_of = own, made_of
         try:
@@ -255,22 +256,86 @@ class Model(Inside):
                         done[i] = out
                         del running[u.handle.id]
 
-    def score_many(self, texts, stride=None, budget=None, skip=0):
+    def score_many(self, texts, stride=None, budget=None, skip=0, features=None, observer=None):
         """score() of any number of texts (an iterable of strings), the windows of many texts in each
         forward pass (scoring.logprobs_many: budget, the most tokens a pass holds). Yields score's
         totals for each text, in order, without the per-token lists; a text under 2 tokens gets
         tokens, scored_tokens 0, bytes 0, None for the figures and a `reason`. Memory stays bounded.
         skip: leave out the first `skip` texts, which are only tokenized (resuming a run: the figures
-        after them are exactly those of a run over all the texts)."""
+        after them are exactly those of a run over all the texts). features: a `--features` string or
+        list ("min-k=20,gltr", features.py): each text's totals then hold "features", {name: value};
+        observer: the second Model of Binoculars (the same tokenizer), run on the same windows."""
+        wanted = parse_features(features, observer)
         warmup.warm_up(self, score=True, say=warn)
-        ids, scored = itertools.tee(tok.encode(self.tokenizer, text_of(i, t)) for i, t in enumerate(texts))
-        forward_rows = self.forward_rows or rows_one_by_one(self.forward)
-        at = self.log_softmax_at
+        texts, ids = itertools.tee(text_of(i, t) for i, t in enumerate(texts))
+        ids, scored = itertools.tee(tok.encode(self.tokenizer, t) for t in ids)
+        at = self.reader() if wanted else self.log_softmax_at
         many = scoring.logprobs_many(
-            forward_rows, self.params, self.config, scored, stride, budget, at=at, skip=skip, kv_dtype=self.kv_dtype
+            *self.rows(),
+            scored,
+            stride,
+            budget,
+            at=at,
+            skip=skip,
+            kv_dtype=self.kv_dtype,
+            observer=self.observer(observer),
         )
-        for ids_, lp in itertools.islice(zip(ids, many), skip, None):
-            yield scoring.summary(self.tokenizer, ids_, lp)
+        for text, ids_, lp in itertools.islice(zip(texts, ids, many), skip, None):
+            if wanted is None:
+                yield scoring.summary(self.tokenizer, ids_, lp)
+            else:
+                yield {
+                    **scoring.summary(self.tokenizer, ids_, lp["logprob"]),
+                    "features": features_of(lp, text.encode("utf-8"), wanted),
+                }
+
+    def read(self, text, top=5, stride=None, observer=None, progress=None):
+        """How the model reads `text`, token by token (reading.py): a reading.Reading of each token's
+        id, text, logprob, rank, entropy, the variance of log p, and the `top` most likely tokens with
+        their logprobs, arrays over the tokens (the first's figures NaN: nothing comes before it).
+        Windows as in `score`; observer: a second Model, whose cross term goes to the records (see
+        `records`). progress(n): called as tokens are scored."""
+        ids = tok.encode(self.tokenizer, text_of(0, text))
+        return reading.Reading.of(self.tokenizer, ids, self.records(ids, top, stride, observer, progress))
+
+    def records(self, ids, top=0, stride=None, observer=None, progress=None):
+        """The reading.py records of token ids `ids` (a structured array [len(ids)]), observer's cross
+        term included when one is given."""
+        warmup.warm_up(self, score=True, say=warn)
+        if len(ids) < 2:
+            raise ValueError(f"reading needs a text of at least 2 tokens, got {len(ids)}")
+        [out] = scoring.logprobs_many(
+            *self.rows(),
+            [ids],
+            stride,
+            at=self.reader(top),
+            kv_dtype=self.kv_dtype,
+            observer=self.observer(observer),
+            progress=progress,
+        )
+        return out
+
+    def rows(self):
+        """(forward_rows, params, config): what the batched scorer runs."""
+        return self.forward_rows or rows_one_by_one(self.forward), self.params, self.config
+
+    def reader(self, top=0):
+        """reading.Reader, on the kernels unless the model runs on NumPy."""
+        return reading.Reader(top, kernels=self.forward is not model.gpt2)
+
+    def observer(self, other):
+        """A second model's rows() for Binoculars, checked to share this model's tokenizer."""
+        if other is None:
+            return None
+        probe = "The observer reads 12 tokens, même en français."
+        if other.tokenizer.n_vocab != self.tokenizer.n_vocab or other.tokenizer.encode(probe) != self.tokenizer.encode(
+            probe
+        ):
+            raise ValueError(
+                "the observer must share this model's tokenizer (GPT-2's: any GPT-2 checkpoint, or the tiny model)"
+            )
+        warmup.warm_up(other, score=True, say=warn)
+        return other.rows()
 
     @property
     def log_softmax_at(self):
@@ -288,15 +353,39 @@ class Model(Inside):
         warmup.warm_up(self, score=True, say=warn)
         return scoring.logprobs(self.forward, self.params, self.config, ids, stride, progress, self.kv_dtype)
 
-    def score(self, text, stride=None, progress=None):
+    def score(self, text, stride=None, progress=None, features=None, observer=None):
         """How well the model predicts `text`: a dict of tokens, scored_tokens (all but the first), nll
         (their mean negative log-likelihood, nats), perplexity (exp nll), bits_per_byte (over the bytes
-        of the scored tokens), bytes, and per token: ids, logprobs (see `logprobs`)."""
+        of the scored tokens), bytes, and per token: ids, logprobs (see `logprobs`). features,
+        observer: as score_many's, and the figures go to "features"."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {text!r}")
+        wanted = parse_features(features, observer)
         ids = tok.encode(self.tokenizer, text)
-        token_logprobs = self.logprobs(ids, stride, progress)
-        return {**scoring.summary(self.tokenizer, ids, token_logprobs), "ids": ids, "logprobs": token_logprobs}
+        if wanted is None:
+            token_logprobs = self.logprobs(ids, stride, progress)
+            return {**scoring.summary(self.tokenizer, ids, token_logprobs), "ids": ids, "logprobs": token_logprobs}
+        records = self.records(ids, 0, stride, observer, progress) if len(ids) >= 2 else reading.blank(len(ids), 0)
+        return {
+            **scoring.summary(self.tokenizer, ids, records["logprob"]),
+            "ids": ids,
+            "logprobs": records["logprob"],
+            "features": features_of(records, text.encode("utf-8"), wanted),
+        }
+
+
+def parse_features(features, observer):
+    """features.parse of `features` (None: None); ValueError if Binoculars is asked without an observer."""
+    if features is None:
+        return None
+    wanted = feature_table.parse(features)
+    if feature_table.needs_observer(wanted) and observer is None:
+        raise ValueError("the feature 'binoculars' needs a second model: give an observer (--observer MODEL)")
+    return wanted
+
+
+def features_of(records, text, wanted):
+    return feature_table.of(records, text, wanted)
 
 
 def text_of(i, text):

@@ -124,6 +124,10 @@ def parser():
     model_options(s)
     s.add_argument("--stride", type=int, default=None, help="tokens between the starts of windows (default: half the context)")
     s.add_argument("--json", action="store_true", help="print the totals and every token's id, text and log-probability as JSON")
+    s.add_argument("--tokens", action="store_true", help="each token as the model read it: its text, id, log-probability, rank (1: the model's first choice), the entropy of the distribution (nats) and the --top most likely tokens; with --json, a \"tokens\" list (see docs/reading.md)")
+    s.add_argument("--top", type=int, default=5, metavar="K", help="with --tokens: how many of the most likely tokens to show at each position, 0 to 100 (default: %(default)s)")
+    s.add_argument("--features", metavar="LIST", default=None, help="per document figures, comma-separated: min-k=K, min-k++=K (K a percentage, default 20), zlib, entropy, gltr, fast-detect, binoculars (needs --observer); in the totals, --json and each --jsonl line (see docs/reading.md)")
+    s.add_argument("--observer", metavar="MODEL", default=None, help="the second model of binoculars, sharing the tokenizer (for instance gpt2 beside --model gpt2-medium); loaded with --model's --dtype and --backend")
     corpus_options(s, "text", "each document's id, tokens, scored_tokens, nll, perplexity, bits_per_byte, bytes; null figures and a reason for one under 2 tokens; an error for a bad line")
     s.add_argument("--buckets", action="store_true", help="with --jsonl and -o: tag each document head, middle or tail by this run's perplexity terciles, as CCNet does (the cutoffs are printed)")
     i = commands.add_parser("info", help="a model's config, size, files and memory needs", description="Print MODEL's config, parameter count, files (where they are cached) and the memory its weights need in each dtype.")
@@ -198,8 +202,8 @@ def check(args):
         return Plan(n_threads)
     if args.command in ("score", "generate"):
         check_corpus(args)
-    if args.command == "score" and args.stride is not None and args.stride < 1:
-        raise ValueError(f"--stride must be >= 1, got {args.stride}")
+    if args.command == "score":
+        check_reading(args)
     if args.command != "generate":
         return Plan(n_threads)
     # --seed, or a seed of its own, reported (--json, --jsonl lines) so the run can be repeated
@@ -277,13 +281,30 @@ def check_corpus(args):
         raise ValueError(f"--rows must be from 1 to 256, got {args.rows}")
 
 
+def check_reading(args):
+    """score's --stride, --tokens, --top, --features and --observer, before any model loads."""
+    from .api import parse_features
+
+    if args.stride is not None and args.stride < 1:
+        raise ValueError(f"--stride must be >= 1, got {args.stride}")
+    if not 0 <= args.top <= 100:
+        raise ValueError(f"--top must be from 0 to 100, got {args.top}")
+    if args.tokens and args.jsonl:
+        raise ValueError("--tokens reads one FILE; for a corpus, --features gives each document's figures")
+    if args.observer and "binoculars" not in (args.features or ""):
+        raise ValueError("--observer goes with --features binoculars")
+    if args.features is not None:
+        parse_features(args.features, args.observer or None)
+
+
 def job_of(args):
     """The corpus.Job of score --jsonl or generate --jsonl."""
     from . import corpus
 
     return corpus.Job(
         args.jsonl, args.output, args.field, args.id_field, getattr(args, "stride", None),
-        getattr(args, "buckets", False), getattr(args, "rows", 8),
+        getattr(args, "buckets", False), getattr(args, "rows", 8), getattr(args, "features", None),
+        getattr(args, "observer", None),
     )  # fmt: skip
 
 
@@ -332,7 +353,7 @@ def corpus(args, plan, interrupt):
                 args.model, backend=args.backend, dtype=args.dtype, revision=args.revision, kv_dtype=args.kv_dtype
             )
             counts = (
-                corpus.score(model, job, progress)
+                corpus.score(model, job, progress, observer=observer_of(args))
                 if scoring
                 else corpus.generate(model, job, plan.params, progress, steer=steer_of(args, plan, model))
             )
@@ -418,12 +439,23 @@ def convert(args):
     warn(f"wrote {args.out_folder}: {args.dtype} weights, {size / 1e6:.1f} MB; load it with --model {args.out_folder}")
 
 
+def observer_of(args):
+    """score's --observer, loaded as --model is (None without one)."""
+    from .api import load
+
+    if not getattr(args, "observer", None):
+        return None
+    return load(args.observer, backend=args.backend, dtype=args.dtype, revision=args.revision, kv_dtype=args.kv_dtype)
+
+
 def score(args, plan, interrupt):
     if args.jsonl:
         return corpus(args, plan, interrupt)
     from tqdm import tqdm
 
+    from . import features
     from .api import load
+    from .reading import Reading
     from .scoring import summary
 
     text = read_text(args.file)
@@ -437,6 +469,7 @@ def score(args, plan, interrupt):
         )
     if stride >= n_ctx:
         raise BadOption(f"--stride must be less than the model's context of {n_ctx} tokens, got {stride}")
+    observer = observer_of(args)
     with tqdm(
         total=max(len(ids) - 1, 0),
         unit="tok",
@@ -444,7 +477,15 @@ def score(args, plan, interrupt):
         file=sys.stderr,
         disable=True if len(ids) <= n_ctx else None,
     ) as bar:
-        logprobs = model.logprobs(ids, stride, progress=lambda n: (interrupt.poll(), bar.update(n)))
+        progress = lambda n: (interrupt.poll(), bar.update(n))  # noqa: E731
+        if args.tokens or args.features:
+            try:
+                records = model.records(ids, args.top if args.tokens else 0, stride, observer, progress)
+            except ValueError as e:  # an observer with another tokenizer
+                raise BadOption(str(e)) from None
+            logprobs = records["logprob"]
+        else:
+            logprobs = model.logprobs(ids, stride, progress=progress)
     totals = {
         "model": args.model,
         "dtype": model.dtype,
@@ -452,20 +493,43 @@ def score(args, plan, interrupt):
         "n_ctx": n_ctx,
         "stride": stride,
     }
+    if args.features:
+        totals["features"] = features.of(records, text.encode("utf-8"), features.parse(args.features))
+    reading = Reading.of(model.tokenizer, ids, records) if args.tokens else None
     if args.json:
         pieces = [model.tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace") for t in ids]
         tokens = [
             {"id": t, "text": p, "logprob": None if i == 0 else float(lp)}
             for i, (t, p, lp) in enumerate(zip(ids, pieces, logprobs))
         ]
-        print(json.dumps({**totals, "token_logprobs": tokens}))
+        more = {"tokens": reading.rows(model.tokenizer)} if reading else {}
+        print(json.dumps({**totals, "token_logprobs": tokens, **more}))
         return
+    if reading:
+        print_reading(model.tokenizer, reading)
     print(
         f"tokens        {totals['tokens']} ({totals['scored_tokens']} scored, {totals['bytes']} bytes; windows of {n_ctx} tokens, stride {stride})"
     )
     print(f"nll           {totals['nll']:.4f} nats per token")
     print(f"perplexity    {totals['perplexity']:.3f}")
     print(f"bits per byte {totals['bits_per_byte']:.4f}")
+    for key, value in totals.get("features", {}).items():
+        print(f"{key:<13} {value if isinstance(value, list) else f'{value:.4f}'}")
+
+
+def print_reading(tokenizer, reading):
+    """score --tokens: a line a token, its text quoted as JSON does (spaces and newlines seen)."""
+    print(f"{'token':<16} {'id':>6} {'logprob':>8} {'rank':>6} {'entropy':>7}  top")
+    for i, (token, t) in enumerate(zip(reading.tokens, reading.ids)):
+        shown = json.dumps(token, ensure_ascii=False)
+        if i == 0:
+            print(f"{shown:<16} {t:>6}")
+            continue
+        top = ", ".join(
+            f"{json.dumps(tokenizer.decode_single_token_bytes(int(a)).decode('utf-8', errors='replace'), ensure_ascii=False)} {lp:.2f}"
+            for a, lp in zip(reading.top[i], reading.top_logprob[i])
+        )
+        print(f"{shown:<16} {t:>6} {reading.logprob[i]:>8.3f} {reading.rank[i]:>6} {reading.entropy[i]:>7.3f}  {top}")
 
 
 def info(args, interrupt):

@@ -159,6 +159,8 @@ class Job(NamedTuple):
     stride: int = None  # scoring: tokens between window starts (default half the context)
     buckets: bool = False  # scoring: tag head, middle, tail by this run's perplexity terciles
     rows: int = 8  # generation: sequences decoded together
+    features: str = None  # scoring: --features, each document's figures (features.py)
+    observer: str = None  # scoring: --observer, the second model of Binoculars
 
 
 class Counts(dict):
@@ -201,10 +203,17 @@ def run(job, compute, progress=None):
     return counts
 
 
-def score(model, job, progress=None):
-    """Score every document of the job's input on `model` (Model.score_many); returns the Counts."""
+def score(model, job, progress=None, observer=None):
+    """Score every document of the job's input on `model` (Model.score_many, the job's features with
+    `observer`, a loaded Model, for Binoculars); returns the Counts."""
     # a bad line's "" costs nothing, and its error replaces the figures
-    return run(job, lambda texts, done: model.score_many((t or "" for t in texts), job.stride, skip=done), progress)
+    return run(
+        job,
+        lambda texts, done: model.score_many(
+            (t or "" for t in texts), job.stride, skip=done, features=job.features, observer=observer
+        ),
+        progress,
+    )
 
 
 def generate(model, job, params, progress=None, steer=None):

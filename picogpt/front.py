@@ -14,8 +14,9 @@ its new token, its new text, the log-probabilities asked for, and when it ends, 
 import itertools
 from typing import NamedTuple
 
-from . import sampling, scoring
+from . import sampling
 from .options import SamplingParams
+from .reading import Reader
 from .text import detokenizer
 
 TOP_MOST = 5  # the most likely tokens kept at each scored prompt token: the most a request may ask (OpenAI's)
@@ -34,11 +35,28 @@ class Request(NamedTuple):
 
 class Entry(NamedTuple):
     """A token's log-probability under the raw logits (None at a prompt's first token) and the most
-    likely tokens there, [(token, logprob)] best first."""
+    likely tokens there, [(token, logprob)] best first; its rank (1: the most likely) and the
+    entropy of the distribution there, nats (reading.py)."""
 
     token: int
     logprob: float
     top: list
+    rank: int = None
+    entropy: float = None
+
+
+def entries(records, targets):
+    """The Entry of each target from its reading.py records."""
+    return [
+        Entry(
+            int(t),
+            float(r["logprob"]),
+            list(zip(r["top"].tolist(), r["top_logprob"].tolist())),
+            int(r["rank"]),
+            float(r["entropy"]),
+        )
+        for t, r in zip(targets, records)
+    ]
 
 
 class Update(NamedTuple):
@@ -57,8 +75,9 @@ class Handle:
 
     _ids = itertools.count()
 
-    def __init__(self, request, tokenizer, n_vocab):
+    def __init__(self, request, tokenizer, n_vocab, kernels=True):
         self.id, self.request, self.tokens, self.finish = next(self._ids), request, 0, None
+        self.kernels = kernels  # reading.Reader's
         self.push = detokenizer(tokenizer, request.params.stop)
         self.chosen, self.prompt = [], []  # entries not yet handed out
         if request.echo:
@@ -71,27 +90,23 @@ class Handle:
         return f"<picogpt.front.Handle {self.id}: {self.seq}>"
 
     def _chosen(self, logits, token):  # the picker's: a picked token, with the raw logits it came from
-        logp, best = scoring.top_logprobs(logits, self.request.logprobs)
-        self.chosen.append(Entry(token, float(logp[token]), best))
+        read = Reader(self.request.logprobs, self.kernels)
+        self.chosen += entries(read(logits[None], [token]), [token])
 
     def scored(self, logits, targets, cached=None):
         """Engine's score callback: each prompt target's Entry, with the TOP_MOST most likely (kept
         with the row for a later prompt, which gets them back as `cached`, without logits)."""
-        entries = cached
-        if entries is None:
-            entries = []
-            for row, target in zip(logits, targets):
-                logp, best = scoring.top_logprobs(row, TOP_MOST)
-                entries.append(Entry(int(target), float(logp[target]), best))
-        self.prompt += entries
-        return entries
+        got = cached if cached is not None else entries(Reader(TOP_MOST, self.kernels)(logits, targets), targets)
+        self.prompt += got
+        return got
 
 
 class Front:
     """`add` Requests, `step` while `busy`, `cancel` any: each step's Updates, in order of admission."""
 
-    def __init__(self, engine, tokenizer):
-        self.engine, self.tokenizer, self.eot = engine, tokenizer, tokenizer.eot_token
+    def __init__(self, engine, tokenizer, kernels=True):
+        """kernels: the log-probabilities' figures on the kernels (reading.Reader), else in NumPy."""
+        self.engine, self.tokenizer, self.eot, self.kernels = engine, tokenizer, tokenizer.eot_token, kernels
         self.live = {}  # Handle.id -> Handle, until its last update
 
     def __repr__(self):
@@ -103,7 +118,7 @@ class Front:
 
     def add(self, request):
         """Queue a request; its Handle names it in updates. ValueError for a prompt the engine refuses."""
-        handle = Handle(request, self.tokenizer, self.tokenizer.n_vocab)
+        handle = Handle(request, self.tokenizer, self.tokenizer.n_vocab, self.kernels)
         score = handle.scored if request.echo else None
         handle.seq = self.engine.add(request.ids, request.params.max_new_tokens, handle.pick, score, request.slide)
         self.live[handle.id] = handle

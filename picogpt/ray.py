@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from . import corpus
+from . import corpus, features
 from .options import SamplingParams
 
 SCORES = ("tokens", "scored_tokens", "nll", "perplexity", "bits_per_byte", "bytes", "reason")
@@ -71,13 +71,24 @@ class Scorer(Actor):
         threads=None,
         kv_dtype="float32",
         backend="numba",
+        features=None,
+        observer=None,
     ):
         super().__init__(model, dtype, revision, field, threads, kv_dtype, backend)
-        self.stride = stride
+        self.stride, self.features = stride, features
+        if observer:
+            from .api import load
+
+            observer = load(observer, backend=backend, dtype=dtype, revision=revision, kv_dtype=kv_dtype)
+        self.observer = observer
 
     def __call__(self, batch):
         texts = ["" if t is None else str(t) for t in batch[self.field]]
-        results = list(self.model.score_many(texts, self.stride))
+        results = list(self.model.score_many(texts, self.stride, features=self.features, observer=self.observer))
+        for name in results[0].get("features", ()) if results else ():  # a column of each feature
+            batch[name] = np.empty(len(results), dtype=object)
+            for i, r in enumerate(results):  # one by one: GLTR's lists stay lists
+                batch[name][i] = r["features"][name]
         for key in SCORES:
             values = [r.get(key) for r in results]
             if key == "reason":
@@ -202,6 +213,7 @@ def run(job, args, plan, progress=None):
         per_actor = max(1.0, min(nodes) - READ_CPUS)
         scoring = args.command == "score"
         fn, kwargs = actor_of(job, args, plan.params)
+        wanted = [w.key for w in features.parse(job.features)] if scoring and job.features else []
 
         def compute(texts, done):
             ds = ray.data.read_datasource(datasource(job, done), num_cpus=READ_CPUS)
@@ -220,7 +232,8 @@ def run(job, args, plan, progress=None):
                 next(texts)
             for row in ds.iter_rows():
                 next(texts)  # keeps corpus.run's reading in step: it has the line's id and error
-                yield figures(row, SCORES if scoring else TEXTS)
+                out = figures(row, SCORES if scoring else TEXTS)
+                yield out | ({"features": figures(row, wanted, keep_none=True)} if wanted else {})
 
         return corpus.run(job, compute, progress)
     except ray.exceptions.RayError as e:  # a worker's error: its last line is the one that says what
@@ -242,7 +255,7 @@ def actor_of(job, args, params=None):
         kv_dtype=args.kv_dtype,
     )
     if args.command == "score":
-        return Scorer, dict(model, stride=job.stride)
+        return Scorer, dict(model, stride=job.stride, features=job.features, observer=job.observer)
     return Generator, dict(model, params=params, rows=job.rows)
 
 
@@ -255,15 +268,15 @@ def blas_threads(cpus):
     return {"env_vars": {"OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "OPENBLAS_THREAD_TIMEOUT": timeout}}
 
 
-def figures(row, keys):
+def figures(row, keys, keep_none=False):
     out = {}
     for key in keys:
         v = row.get(key)
         if isinstance(v, (float, np.floating)) and math.isnan(v):
             v = None
-        elif isinstance(v, np.generic):
-            v = v.item()
-        if key == "reason" and not v:
+        elif isinstance(v, (np.generic, np.ndarray)):
+            v = v.tolist()
+        if key == "reason" and not v and not keep_none:
             continue
         out[key] = v
     return out

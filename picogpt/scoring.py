@@ -22,14 +22,6 @@ def log_softmax_at(logits, targets):
     return (logits[np.arange(len(targets)), targets] - peak[:, 0]).astype(np.float64) - np.log(total)
 
 
-def top_logprobs(logits, k):
-    """log softmax of logits [n_vocab] (float64), and its k largest entries as [(token, logprob)], best first."""
-    peak = logits.max()
-    logp = (logits - peak).astype(np.float64) - math.log(np.exp(logits - peak).sum(dtype=np.float64))
-    best = np.argpartition(-logp, k)[:k] if k else []
-    return logp, sorted(((int(t), float(logp[t])) for t in best), key=lambda e: -e[1])
-
-
 def windows(n_tokens, n_ctx, stride):
     """(begin, first, end) of each window: it runs tokens begin..end-1 and scores first..end-1."""
     prev_end, begin = 0, 0
@@ -39,10 +31,11 @@ def windows(n_tokens, n_ctx, stride):
         prev_end, begin = end, begin + stride
 
 
-def logprobs(forward, params, config, ids, stride=None, progress=None, kv_dtype="float32"):
+def logprobs(forward, params, config, ids, stride=None, progress=None, kv_dtype="float32", at=log_softmax_at):
     """The log-probability of each token of `ids` given the ones before it: float64 [len(ids)], the
     first entry NaN (nothing comes before it). forward is model.gpt2 or kernels.gpt2; progress(n) is
-    called with the number of tokens each window scores; kv_dtype: the cache's (model.kv_cache)."""
+    called with the number of tokens each window scores; kv_dtype: the cache's (model.kv_cache).
+    at: log_softmax_at, or a reading.Reader for each token's records (reading.py) instead."""
     n_ctx, n_head = config["n_positions"], config["n_head"]
     stride = stride_for(stride, n_ctx)
     ids = np.asarray(ids)
@@ -57,22 +50,27 @@ def logprobs(forward, params, config, ids, stride=None, progress=None, kv_dtype=
     ids = ids.astype(np.int64)
     run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
     cache = model.kv_cache(config["n_layer"], n_head, n_ctx, config["n_embd"], dtype=kv_dtype)
-    out = np.full(len(ids), np.nan)
+    out = blank(at, len(ids))
     for begin, first, end in windows(len(ids), n_ctx, stride):
         # The context up to `first` gives the logits for token `first`; tokens first .. end-2, run
         # against the cache, give those for first+1 .. end-1. Token end-1 itself predicts nothing here.
         logits = forward(ids[begin:first], **params, **run, cache=cache, past=0, last=True)  # [1, n_vocab]
         check_finite(logits, f"token {first}")
-        out[first] = log_softmax_at(logits, ids[first : first + 1])[0]
+        out[first] = at(logits, ids[first : first + 1])[0]
         if end - first > 1:
             logits = forward(
                 ids[first : end - 1], **params, **run, cache=cache, past=first - begin
             )  # [end-1-first, n_vocab]
             check_finite(logits, f"tokens {first + 1} to {end - 1}")
-            out[first + 1 : end] = log_softmax_at(logits, ids[first + 1 : end])
+            out[first + 1 : end] = at(logits, ids[first + 1 : end])
         if progress:
             progress(end - first)
     return out
+
+
+def blank(at, n):
+    """What `at` gives for n tokens, none known yet: NaN logprobs (a reading.Reader's own blank records)."""
+    return at.blank(n) if hasattr(at, "blank") else np.full(n, np.nan)
 
 
 def stride_for(stride, n_ctx):
@@ -109,6 +107,8 @@ def logprobs_many(
     at=log_softmax_at,
     skip=0,
     kv_dtype="float32",
+    observer=None,
+    progress=None,
 ):
     """`logprobs` of every document of `docs` (an iterable of token id lists), yielded in order, with
     many documents' windows in each forward pass: the same windows, each run whole as one sequence of
@@ -121,30 +121,32 @@ def logprobs_many(
     passes' worth), whole documents from the first on, their windows sorted by length so that each
     pass wastes no cache on padding: memory stays bounded for any number of documents. A document
     under 2 tokens gets NaN for each token (nothing to score). at: log_softmax_at, or its kernel
-    (kernels.log_softmax_at). kv_dtype: the cache's (model.kv_cache).
+    (kernels.log_softmax_at), or a reading.Reader for each token's records. kv_dtype: the cache's
+    (model.kv_cache). observer: (forward_rows, params, config) of a second model with the same
+    tokenizer, run on the same windows (of the shorter context of the two) in its own pass beside
+    each: `at` then gets its logits of the same tokens too (Binoculars' cross term). progress(n):
+    called with the tokens each pass scores.
 
     skip: yield None for the first `skip` documents, computing only the group that holds the first
     wanted one, whole: a document's figures depend on the pass it shares (the kernels' paths and
     BLAS's blocking differ in the last bits), and the groups only on the documents from the first
     on, so a resumed run gets exactly the figures an uninterrupted one did."""
-    n_ctx, n_head, n_embd = config["n_positions"], config["n_head"], config["n_embd"]
+    n_ctx = min(c["n_positions"] for c in [config] + ([observer[2]] if observer else []))
     stride = stride_for(stride, n_ctx)
     budget = max(budget or 1024, n_ctx)
     group = group or 8 * budget
-    run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
-    # One scratch cache for every pass, (k, v) of budget * n_embd values per layer: a pass of k windows
-    # of up to L tokens views it as [k, n_head, L, head_dim]
-    scratch = [
-        (k.reshape(-1), v.reshape(-1)) for k, v in model.kv_cache(config["n_layer"], 1, budget, n_embd, dtype=kv_dtype)
-    ]
+    run = hyper(config)
+    # One scratch cache for every pass (and the observer's), (k, v) of budget * n_embd values per layer
+    scratch = scratch_for(config, budget, kv_dtype)
+    seen = observer and (observer[0], observer[1], hyper(observer[2]), scratch_for(observer[2], budget, kv_dtype))
     for batch in groups(docs, group):
         if len(batch) <= skip:  # a group before the first wanted document
             skip -= len(batch)
             yield from [None] * len(batch)
             continue
         skip = 0
-        out = [np.full(len(ids), np.nan) for ids in batch]
-        shared, pre = preamble(forward_rows, params, run, config, batch, at, kv_dtype, out)
+        out = [blank(at, len(ids)) for ids in batch]
+        shared, pre = (0, None) if observer else preamble(forward_rows, params, run, config, batch, at, kv_dtype, out)
         # A piece is a window (d, begin, first, end) and how many of its first positions the preamble holds
         pieces = [
             (d, begin, first, end, shared if begin == 0 else 0)
@@ -157,12 +159,7 @@ def logprobs_many(
         while pieces:
             width = pieces[0][3] - pieces[0][1] - 1
             step, pieces = pieces[: max(1, budget // width)], pieces[max(1, budget // width) :]
-            cache = [
-                tuple(
-                    kv[: len(step) * width * n_embd].reshape(len(step), n_head, width, n_embd // n_head) for kv in layer
-                )
-                for layer in scratch
-            ]
+            cache = views(scratch, config, len(step), width)
             for row, (*_, held) in enumerate(step):  # the preamble's keys and values, computed once
                 for (k, v), (pk, pv) in zip(cache, pre if held else ()):
                     k[row, :, :held], v[row, :, :held] = pk[0, :, :held], pv[0, :, :held]
@@ -174,17 +171,44 @@ def logprobs_many(
                     for s, (_, begin, first, end, held) in zip(starts, step)
                 ]
             )
-            logits = forward_rows(
-                inputs, **params, **run, cache=cache, rows=list(range(len(step))), past=[p[4] for p in step], keep=keep
-            )
+            rows, past = list(range(len(step))), [p[4] for p in step]
+            logits = forward_rows(inputs, **params, **run, cache=cache, rows=rows, past=past, keep=keep)
             check_finite(logits, "a batch of documents")
             targets = np.concatenate([batch[d][max(first, held + 1) : end] for d, _, first, end, held in step])
-            scores = at(logits, targets)
+            if observer:
+                o_rows, o_params, o_run, o_scratch = seen
+                o_cache = views(o_scratch, observer[2], len(step), width)
+                o_logits = o_rows(inputs, **o_params, **o_run, cache=o_cache, rows=rows, past=past, keep=keep)
+                check_finite(o_logits, "a batch of documents, on the observer")
+                scores = at(logits, targets, o_logits)
+            else:
+                scores = at(logits, targets)
             done = 0
             for d, _, first, end, held in step:
                 first = max(first, held + 1)
                 out[d][first:end], done = scores[done : done + end - first], done + end - first
+            if progress:
+                progress(done)
         yield from out
+
+
+def hyper(config):
+    return dict(n_head=config["n_head"], eps=config.get("layer_norm_epsilon", 1e-5))
+
+
+def scratch_for(config, budget, kv_dtype):
+    """A cache of budget * n_embd keys and values per layer, flat: see `views`."""
+    cache = model.kv_cache(config["n_layer"], 1, budget, config["n_embd"], dtype=kv_dtype)
+    return [(k.reshape(-1), v.reshape(-1)) for k, v in cache]
+
+
+def views(scratch, config, rows, width):
+    """The scratch cache as a pass of `rows` windows of up to `width` tokens: [rows, n_head, width, head_dim]."""
+    n_head, n_embd = config["n_head"], config["n_embd"]
+    return [
+        tuple(kv[: rows * width * n_embd].reshape(rows, n_head, width, n_embd // n_head) for kv in layer)
+        for layer in scratch
+    ]
 
 
 SHARED = 16  # the fewest tokens every document of a group must begin with for them to be computed once

@@ -25,6 +25,9 @@ def same(a, b):
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for k in x:
+            if isinstance(y[k], dict):  # --features
+                same([x[k]], [y[k]])
+                continue
             assert x[k] == (pytest.approx(y[k], rel=1e-6) if isinstance(y[k], float) else y[k]), (k, x, y)
 
 
@@ -32,9 +35,11 @@ def test_score_and_generate_through_ray_equal_the_command_without_it(short, tmp_
     batch = texts(random.Random(8), 36)
     source = write_corpus(tmp_path / "in.jsonl", batch, bad={5, 30})
     for extra in ([], ["--ray"]):
-        r = run("score", "--jsonl", source, "--model", short, "-o", str(tmp_path / f"s{len(extra)}.jsonl"), *extra)
+        out = ["-o", str(tmp_path / f"s{len(extra)}.jsonl"), "--features", "min-k=20,gltr,entropy"]
+        r = run("score", "--jsonl", source, "--model", short, *out, *extra)
         assert r.returncode == 0, r.stderr
     same(read_lines(tmp_path / "s1.jsonl"), read_lines(tmp_path / "s0.jsonl"))
+    assert any(line.get("features", {}).get("gltr") for line in read_lines(tmp_path / "s1.jsonl"))
     prompts = write_corpus(tmp_path / "p.jsonl", batch[:12], bad={3}, field="prompt")
     for extra in ([], ["--ray"]):
         args = ["--model", short, "-n", "6", "--seed", "5", "-o", str(tmp_path / f"g{len(extra)}.jsonl"), *extra]

@@ -55,12 +55,14 @@ use_cache(cache_dir())
 
 from . import microkernel, ops  # noqa: E402  (after the cache folder is set)
 from .forward import ROWS_MAX, Layer, block_rows, forget, gpt2, gpt2_rows, linear, prepare, rows_max  # noqa: E402
-from .ops import log_softmax_at  # noqa: E402
+from .ops import cross_at, log_softmax_at, read_at  # noqa: E402
 
 __all__ = [
     "gpt2",
     "gpt2_rows",
     "log_softmax_at",
+    "read_at",
+    "cross_at",
     "prepare",
     "forget",
     "linear",

@@ -117,6 +117,109 @@ def log_softmax_at(logits, targets):  # [n, n_vocab], [n] -> [n] float64
     return out
 
 
+# Replaces reading.read_at (the figures of `picogpt score --tokens`, --features and the server's
+# logprobs): NumPy's takes a dozen passes and temporaries of the whole row; here, per row, one pass
+# for the max, the rank and the top tokens, one for the exps (kept, in a row-long buffer that stays
+# in L2) and their sums, one for the variance about the mean, rows over threads.
+@njit(parallel=True, **jit)
+def read_rows(logits, targets, top):  # [n, n_vocab], [n] -> figures [n, 4], top ids [n, top], top logprobs [n, top]
+    n, n_vocab = logits.shape
+    figures = np.empty((n, 4), np.float64)  # logprob, rank, entropy, variance
+    best_ids, best_lp = np.empty((n, top), np.int64), np.empty((n, top), np.float64)
+    block = 1024
+    for i in prange(n):
+        row, target = logits[i], targets[i]
+        chosen = row[target]
+        e, ints = np.empty(n_vocab, f32), np.empty(block, np.int32)
+        ids, vals = best_ids[i], np.full(top, f32(-np.inf))
+        ids[:] = -1
+        peak, above = f32(-np.inf), 0
+        for t in range(n_vocab):
+            z = row[t]
+            peak = max(peak, z)
+            above += z > chosen
+            if top and z > vals[top - 1]:  # into the sorted top: after any equal one (the lower id first)
+                j = top - 1
+                while j > 0 and vals[j - 1] < z:
+                    vals[j], ids[j] = vals[j - 1], ids[j - 1]
+                    j -= 1
+                vals[j], ids[j] = z, t
+        total, weighted = 0.0, 0.0
+        for start in range(0, n_vocab, block):
+            m = min(block, n_vocab - start)
+            part, part_d = f32(0.0), f32(0.0)
+            for t in range(m):
+                e[start + t] = row[start + t] - peak
+            _exp_(e[start : start + m], m, ints)
+            for t in range(m):
+                part += e[start + t]
+                part_d += e[start + t] * (row[start + t] - peak)
+            total += part
+            weighted += part_d
+        mean = weighted / total  # E_p[logit - peak]
+        spread = 0.0
+        for start in range(0, n_vocab, block):
+            m = min(block, n_vocab - start)
+            part = f32(0.0)
+            for t in range(m):
+                d = row[start + t] - peak - f32(mean)
+                part += e[start + t] * d * d
+            spread += part
+        log_total = math.log(total)
+        figures[i, 0] = float(chosen - peak) - log_total
+        figures[i, 1] = 1 + above
+        figures[i, 2] = log_total - mean
+        figures[i, 3] = spread / total
+        for j in range(top):
+            best_lp[i, j] = float(vals[j] - peak) - log_total
+    return figures, best_ids, best_lp
+
+
+def read_at(logits, targets, top=0):
+    """reading.read_at on the kernel: the records of each row's target."""
+    from ..reading import blank
+
+    figures, best_ids, best_lp = read_rows(np.ascontiguousarray(logits, f32), np.asarray(targets, np.int64), top)
+    out = blank(len(targets), top)
+    out["logprob"], out["rank"], out["entropy"], out["variance"] = figures.T
+    out["top"], out["top_logprob"] = best_ids, best_lp
+    return out
+
+
+# Replaces reading.cross_at (Binoculars' cross term): two rows' maxes, then their exps and one weighted
+# sum in a single pass, rows over threads.
+@njit(parallel=True, **jit)
+def cross_at(observer, performer):  # [n, n_vocab] x 2 -> [n] float64: -sum softmax(observer) * log_softmax(performer)
+    n, n_vocab = observer.shape
+    out = np.empty(n, np.float64)
+    block = 1024
+    for i in prange(n):
+        q, p = observer[i], performer[i]
+        eq, ep, ints = np.empty(block, f32), np.empty(block, f32), np.empty(block, np.int32)
+        peak_q, peak_p = f32(-np.inf), f32(-np.inf)
+        for t in range(n_vocab):
+            peak_q, peak_p = max(peak_q, q[t]), max(peak_p, p[t])
+        total_q, total_p, weighted = 0.0, 0.0, 0.0
+        for start in range(0, n_vocab, block):
+            m = min(block, n_vocab - start)
+            for t in range(m):
+                eq[t], ep[t] = q[start + t] - peak_q, p[start + t] - peak_p
+            part_w = f32(0.0)
+            _exp_(eq, m, ints)
+            for t in range(m):
+                part_w += eq[t] * (p[start + t] - peak_p)
+            _exp_(ep, m, ints)
+            part_q, part_p = f32(0.0), f32(0.0)
+            for t in range(m):
+                part_q += eq[t]
+                part_p += ep[t]
+            total_q += part_q
+            total_p += part_p
+            weighted += part_w
+        out[i] = math.log(total_p) - weighted / total_q
+    return out
+
+
 @njit(inline="always", **jit)
 def _layer_norm_into(out, x, weight, bias, eps):
     n = x.size

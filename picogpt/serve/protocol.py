@@ -173,8 +173,10 @@ def token_text(tokenizer, token):
 
 class Logprobs:
     """The legacy `logprobs` object of one choice, from the engine's entries (front.Entry: token,
-    logprob or None, the most likely [(token, logprob)] or None): the k most likely of each and the
-    token itself, and text_offset, the characters of the text before each token."""
+    logprob or None, the most likely [(token, logprob)] or None, rank, entropy): the k most likely of
+    each and the token itself, and text_offset, the characters of the text before each token; and
+    picogpt's token_ranks (1: the most likely) and token_entropies (nats), None at a prompt's first
+    token, in fields OpenAI's clients ignore (docs/reading.md)."""
 
     def __init__(self, tokenizer, k, after=b""):
         """after: the bytes of the text before the first token (an echoed prompt), for text_offset."""
@@ -186,7 +188,10 @@ class Logprobs:
         """The object for these entries, the ones after those shaped before (offsets run on)."""
         name = lambda t: token_text(self.tokenizer, t)  # noqa: E731
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token, logprob, top in entries:
+        out |= {"token_ranks": [], "token_entropies": []}  # picogpt's own, which OpenAI's clients ignore
+        for token, logprob, top, rank, entropy in entries:
+            out["token_ranks"].append(rank)
+            out["token_entropies"].append(entropy)
             out["tokens"].append(name(token))
             out["token_logprobs"].append(logprob)
             out["top_logprobs"].append(

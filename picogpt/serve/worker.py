@@ -160,7 +160,7 @@ class Worker:
         )
         for k, v in self.engine.cache:  # touch every page now: faulting them in mid-request stalled its first steps
             k.fill(0), v.fill(0)
-        self.front = Front(self.engine, model.tokenizer)
+        self.front = Front(self.engine, model.tokenizer, model.reader().kernels)
         self.inbox, self.lock, self.outstanding = queue.SimpleQueue(), threading.Lock(), 0
         self.jobs = {}  # Handle.id -> (job, choice index) while it runs
         self.first, self.last = {}, {}  # job -> its first token's time; Handle.id -> its last token's
