@@ -9,6 +9,7 @@ import asyncio
 import errno
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -18,8 +19,9 @@ import uuid
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from .. import budget
 from .. import tokenizer as tok
@@ -29,6 +31,9 @@ from .protocol import BadRequest, Choice, options_of, prompts_of, requests_of
 from .worker import Busy, Error, Job, Metrics, Worker
 
 MAX_BODY = 1 << 20  # bytes of a request body: 413 beyond (a full context of token ids is under 10 kB)
+PAGE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "page"
+)  # the page at /, its HTML, CSS and JS (docs/page.md)
 
 
 def error(status, message, kind="invalid_request_error", param=None, code=None, headers=None):
@@ -150,6 +155,10 @@ async def chat(request):
         status=400,
         code="unsupported_endpoint",
     )
+
+
+async def page(request):
+    return FileResponse(os.path.join(PAGE, "index.html"))
 
 
 async def prometheus(request):
@@ -290,7 +299,7 @@ async def sse(request, job, choices, reply, o, usage):
 
 async def not_found(request, exc):
     status = getattr(exc, "status_code", 404)
-    message = f"no route {request.method} {request.url.path}: see /v1/completions, /v1/models, /health, /tokenize, /detokenize, /metrics"
+    message = f"no route {request.method} {request.url.path}: see / (the page), /v1/completions, /v1/models, /health, /tokenize, /detokenize, /metrics"
     if status == 405:
         message = f"{request.url.path} does not take {request.method}"
     request.app.state.metrics.requests.labels(str(status)).inc()
@@ -307,6 +316,8 @@ def app(name, metrics=None):
         Route("/tokenize", handled(tokenize), methods=["POST"]),
         Route("/detokenize", handled(detokenize), methods=["POST"]),
         Route("/metrics", handled(prometheus, logged=False), methods=["GET"]),
+        Route("/", handled(page, needs_model=False, logged=False), methods=["GET"]),  # served while the model loads too
+        Mount("/page", StaticFiles(directory=PAGE)),
     ]
     web = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, HTTPException: not_found})
     web.state.name, web.state.metrics, web.state.worker, web.state.stopping, web.state.created = (
