@@ -298,3 +298,21 @@ def test_the_server_gives_each_tokens_rank_and_entropy():
         assert all(rank == 1 for rank in lp["token_ranks"][len(prompt) :])  # greedy
     finally:
         stop(process)
+
+
+@settings(max_examples=200, deadline=None)
+@given(spec=st.text(alphabet=st.sampled_from(list("min-k+=,. 0123456789zlibgtrfastdeoc\n\x00é")), max_size=40))
+def test_any_features_option_is_a_feature_list_or_one_line_naming_the_fix(spec):
+    """--features of any text: a list of known features with k in (0, 100], or a ValueError of one
+    line that names what to write."""
+    from picogpt import features
+
+    try:
+        wanted = features.parse(spec)
+    except ValueError as e:
+        message = str(e)
+        assert message and "\n" not in message
+        assert any(word in message for word in ("choose from", "takes no k", "percentage", "name at least one"))
+        return
+    assert wanted and all(w.feature.name in features.FEATURES for w in wanted)
+    assert all(0 < w.k <= 100 for w in wanted if w.feature.takes_k)
