@@ -278,7 +278,7 @@ class Model(Inside):
             at=at,
             skip=skip,
             kv_dtype=self.kv_dtype,
-            observer=self.observer(observer),
+            observer=self.observer_rows(observer),
         )
         for text, ids_, lp in itertools.islice(zip(texts, ids, many), skip, None):
             if wanted is None:
@@ -286,7 +286,7 @@ class Model(Inside):
             else:
                 yield {
                     **scoring.summary(self.tokenizer, ids_, lp["logprob"]),
-                    "features": features_of(lp, text.encode("utf-8"), wanted),
+                    "features": feature_table.of(lp, text.encode("utf-8"), wanted),
                 }
 
     def read(self, text, top=5, stride=None, observer=None, progress=None):
@@ -310,7 +310,7 @@ class Model(Inside):
             stride,
             at=self.reader(top),
             kv_dtype=self.kv_dtype,
-            observer=self.observer(observer),
+            observer=self.observer_rows(observer),
             progress=progress,
         )
         return out
@@ -323,8 +323,8 @@ class Model(Inside):
         """reading.Reader, on the kernels unless the model runs on NumPy."""
         return reading.Reader(top, kernels=self.forward is not model.gpt2)
 
-    def observer(self, other):
-        """A second model's rows() for Binoculars, checked to share this model's tokenizer."""
+    def observer_rows(self, other):
+        """A second model's rows() for Binoculars (None without one), checked to share this model's tokenizer."""
         if other is None:
             return None
         probe = "The observer reads 12 tokens, même en français."
@@ -370,7 +370,7 @@ class Model(Inside):
             **scoring.summary(self.tokenizer, ids, records["logprob"]),
             "ids": ids,
             "logprobs": records["logprob"],
-            "features": features_of(records, text.encode("utf-8"), wanted),
+            "features": feature_table.of(records, text.encode("utf-8"), wanted),
         }
 
 
@@ -382,10 +382,6 @@ def parse_features(features, observer):
     if feature_table.needs_observer(wanted) and observer is None:
         raise ValueError("the feature 'binoculars' needs a second model: give an observer (--observer MODEL)")
     return wanted
-
-
-def features_of(records, text, wanted):
-    return feature_table.of(records, text, wanted)
 
 
 def text_of(i, text):
