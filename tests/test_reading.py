@@ -316,3 +316,29 @@ def test_any_features_option_is_a_feature_list_or_one_line_naming_the_fix(spec):
         return
     assert wanted and all(w.feature.name in features.FEATURES for w in wanted)
     assert all(0 < w.k <= 100 for w in wanted if w.feature.takes_k)
+
+
+@pytest.mark.slow
+def test_gpt2_shaped_long_document_against_the_formulas(tmp_path):
+    """GPT-2's real shapes (12 layers, width 768, context 1024, random weights): a document of 1.4
+    contexts, in windows, every figure and feature against the float64 formulas (the observer: itself)."""
+    from conftest import random_gpt2
+
+    m = picogpt.load(
+        save_checkpoint(random_gpt2(seed=2, n_embd=768, n_layer=12, n_head=12, n_positions=1024), str(tmp_path))
+    )
+    ids = np.random.default_rng(4).integers(0, 50257, 1434).tolist()
+    text = m.tokenizer.decode(ids)
+    ids = m.tokenizer.encode(text)
+    logits = full_logits(m, ids)
+    parts = [oracle(logits[i : i + 200], ids[i : i + 201], logits[i : i + 200]) for i in range(0, len(logits), 200)]
+    o = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    r = m.read(text, top=3)
+    np.testing.assert_allclose(r.logprob[1:], o["logprob"], atol=1e-3)
+    np.testing.assert_allclose(r.entropy[1:], o["entropy"], atol=1e-3)
+    np.testing.assert_allclose(r.variance[1:], o["variance"], rtol=1e-3, atol=1e-3)
+    close_ranks(r.rank[1:], o["rank"], logits, ids)
+    got = m.score(text, features=ALL, observer=m)["features"]
+    want = paper_features({**o, "rank": r.rank[1:]}, text)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-4), key
