@@ -332,7 +332,7 @@ class Model(Inside):
             probe
         ):
             raise ValueError(
-                "the observer must share this model's tokenizer (GPT-2's: any GPT-2 checkpoint, or the tiny model)"
+                "the observer must have this model's tokenizer: another GPT-2 checkpoint beside a GPT-2, the tiny model itself beside tiny"
             )
         warmup.warm_up(other, score=True, say=warn)
         return other.rows()

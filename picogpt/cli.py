@@ -353,7 +353,7 @@ def corpus(args, plan, interrupt):
                 args.model, backend=args.backend, dtype=args.dtype, revision=args.revision, kv_dtype=args.kv_dtype
             )
             counts = (
-                corpus.score(model, job, progress, observer=observer_of(args))
+                corpus.score(model, job, progress, observer=observer_of(args, model))
                 if scoring
                 else corpus.generate(model, job, plan.params, progress, steer=steer_of(args, plan, model))
             )
@@ -439,13 +439,21 @@ def convert(args):
     warn(f"wrote {args.out_folder}: {args.dtype} weights, {size / 1e6:.1f} MB; load it with --model {args.out_folder}")
 
 
-def observer_of(args):
-    """score's --observer, loaded as --model is (None without one)."""
+def observer_of(args, model):
+    """score's --observer, loaded as --model is (None without one); BadOption unless it shares
+    `model`'s tokenizer."""
     from .api import load
 
     if not getattr(args, "observer", None):
         return None
-    return load(args.observer, backend=args.backend, dtype=args.dtype, revision=args.revision, kv_dtype=args.kv_dtype)
+    observer = load(
+        args.observer, backend=args.backend, dtype=args.dtype, revision=args.revision, kv_dtype=args.kv_dtype
+    )
+    try:
+        model.observer_rows(observer)
+    except ValueError as e:
+        raise BadOption(f"--observer {args.observer}: {e}") from None
+    return observer
 
 
 def score(args, plan, interrupt):
@@ -469,7 +477,7 @@ def score(args, plan, interrupt):
         )
     if stride >= n_ctx:
         raise BadOption(f"--stride must be less than the model's context of {n_ctx} tokens, got {stride}")
-    observer = observer_of(args)
+    observer = observer_of(args, model)
     with tqdm(
         total=max(len(ids) - 1, 0),
         unit="tok",
@@ -479,10 +487,7 @@ def score(args, plan, interrupt):
     ) as bar:
         progress = lambda n: (interrupt.poll(), bar.update(n))  # noqa: E731
         if args.tokens or args.features:
-            try:
-                records = model.records(ids, args.top if args.tokens else 0, stride, observer, progress)
-            except ValueError as e:  # an observer with another tokenizer
-                raise BadOption(str(e)) from None
+            records = model.records(ids, args.top if args.tokens else 0, stride, observer, progress)
             logprobs = records["logprob"]
         else:
             logprobs = model.logprobs(ids, stride, progress=progress)

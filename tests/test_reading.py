@@ -247,7 +247,7 @@ def test_cli_tokens_features_and_jsonl_agree(tmp_path):
             assert whole["features"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
-def test_cli_tokens_table_and_bad_options(tmp_path):
+def test_cli_tokens_table_and_bad_options(tmp_path, tiny):
     path = tmp_path / "t.txt"
     path.write_text("The cat sat on the mat.")
     out = run("score", str(path), "--model", "tiny", "--tokens", "--top", "2", "--features", "gltr,min-k=10")
@@ -271,6 +271,12 @@ def test_cli_tokens_table_and_bad_options(tmp_path):
     bad = run("score", "--jsonl", str(path), "--model", "tiny", "--tokens")
     assert bad.returncode == 2
     assert_one_line_error(bad, "--tokens")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": "The cat sat."}) + "\n")
+    for source in ([str(path)], ["--jsonl", str(corpus)]):  # an observer with GPT-2's tokenizer beside tiny's
+        bad = run("score", *source, "--model", "tiny", "--features", "binoculars", "--observer", tiny[0])
+        assert bad.returncode == 2, bad.stderr
+        assert_one_line_error(bad, "--observer", "tokenizer")
 
 
 def test_the_server_gives_each_tokens_rank_and_entropy():
