@@ -204,6 +204,7 @@ def one_at_a_time(hf, tokenizer, docs, n_ctx, stride):
     each token's rank by sorting the vocabulary, as GLTR's code does (argsort, then where the token
     is); logprob, entropy and variance as above; each document's features by doc_features."""
     import torch
+    from bench_corpus import windows_of
 
     out = []
     with torch.inference_mode():
@@ -212,8 +213,6 @@ def one_at_a_time(hf, tokenizer, docs, n_ctx, stride):
             if len(ids) < 2:
                 out.append({"nll": None, "features": None})
                 continue
-            from bench_corpus import windows_of
-
             parts = []
             for begin, first, end in windows_of(len(ids), n_ctx, stride):
                 logits = hf(torch.tensor([ids[begin:end]])).logits[0, first - 1 - begin : end - 1 - begin].float()

@@ -463,7 +463,7 @@ def score(args, plan, interrupt):
 
     from . import features
     from .api import load
-    from .reading import Reading
+    from .reading import Reading, piece
     from .scoring import summary
 
     text = read_text(args.file)
@@ -502,7 +502,7 @@ def score(args, plan, interrupt):
         totals["features"] = features.of(records, text.encode("utf-8"), features.parse(args.features))
     reading = Reading.of(model.tokenizer, ids, records) if args.tokens else None
     if args.json:
-        pieces = [model.tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace") for t in ids]
+        pieces = [piece(model.tokenizer, t) for t in ids]
         tokens = [
             {"id": t, "text": p, "logprob": None if i == 0 else float(lp)}
             for i, (t, p, lp) in enumerate(zip(ids, pieces, logprobs))
@@ -524,6 +524,8 @@ def score(args, plan, interrupt):
 
 def print_reading(tokenizer, reading):
     """score --tokens: a line a token, its text quoted as JSON does (spaces and newlines seen)."""
+    from .reading import piece
+
     print(f"{'token':<16} {'id':>6} {'logprob':>8} {'rank':>6} {'entropy':>7}  top")
     for i, (token, t) in enumerate(zip(reading.tokens, reading.ids)):
         shown = json.dumps(token, ensure_ascii=False)
@@ -531,7 +533,7 @@ def print_reading(tokenizer, reading):
             print(f"{shown:<16} {t:>6}")
             continue
         top = ", ".join(
-            f"{json.dumps(tokenizer.decode_single_token_bytes(int(a)).decode('utf-8', errors='replace'), ensure_ascii=False)} {lp:.2f}"
+            f"{json.dumps(piece(tokenizer, a), ensure_ascii=False)} {lp:.2f}"
             for a, lp in zip(reading.top[i], reading.top_logprob[i])
         )
         print(f"{shown:<16} {t:>6} {reading.logprob[i]:>8.3f} {reading.rank[i]:>6} {reading.entropy[i]:>7.3f}  {top}")

@@ -103,6 +103,11 @@ class Reader(NamedTuple):
         return blank(n, self.top)
 
 
+def piece(tokenizer, token):
+    """A token's text, a part of a character shown as U+FFFD."""
+    return tokenizer.decode_single_token_bytes(int(token)).decode("utf-8", errors="replace")
+
+
 class Reading(NamedTuple):
     """A text as the model read it (Model.read): per token, arrays [n] (the first token's figures NaN
     and rank 0: nothing comes before it), and the top tokens [n, top]."""
@@ -119,13 +124,13 @@ class Reading(NamedTuple):
 
     @classmethod
     def of(cls, tokenizer, ids, records):
-        pieces = [tokenizer.decode_single_token_bytes(int(t)).decode("utf-8", errors="replace") for t in ids]
-        return cls(np.asarray(ids, np.int64), pieces, *(records[f] for f in cls._fields[2:]))
+        return cls(
+            np.asarray(ids, np.int64), [piece(tokenizer, t) for t in ids], *(records[f] for f in cls._fields[2:])
+        )
 
     def rows(self, tokenizer):
         """Each token as a dict (picogpt score --tokens --json): text, id, logprob, rank, entropy,
         variance, cross (with an observer), top."""
-        name = lambda t: tokenizer.decode_single_token_bytes(int(t)).decode("utf-8", errors="replace")  # noqa: E731
         out = []
         for i, (t, text) in enumerate(zip(self.ids, self.tokens)):
             first = i == 0
@@ -141,7 +146,7 @@ class Reading(NamedTuple):
                     "top": []
                     if first
                     else [
-                        {"id": int(a), "text": name(a), "logprob": float(lp)}
+                        {"id": int(a), "text": piece(tokenizer, a), "logprob": float(lp)}
                         for a, lp in zip(self.top[i], self.top_logprob[i])
                     ],
                 }

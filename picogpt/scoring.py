@@ -31,11 +31,10 @@ def windows(n_tokens, n_ctx, stride):
         prev_end, begin = end, begin + stride
 
 
-def logprobs(forward, params, config, ids, stride=None, progress=None, kv_dtype="float32", at=log_softmax_at):
+def logprobs(forward, params, config, ids, stride=None, progress=None, kv_dtype="float32"):
     """The log-probability of each token of `ids` given the ones before it: float64 [len(ids)], the
     first entry NaN (nothing comes before it). forward is model.gpt2 or kernels.gpt2; progress(n) is
-    called with the number of tokens each window scores; kv_dtype: the cache's (model.kv_cache).
-    at: log_softmax_at, or a reading.Reader for each token's records (reading.py) instead."""
+    called with the number of tokens each window scores; kv_dtype: the cache's (model.kv_cache)."""
     n_ctx, n_head = config["n_positions"], config["n_head"]
     stride = stride_for(stride, n_ctx)
     ids = np.asarray(ids)
@@ -50,19 +49,19 @@ def logprobs(forward, params, config, ids, stride=None, progress=None, kv_dtype=
     ids = ids.astype(np.int64)
     run = dict(n_head=n_head, eps=config.get("layer_norm_epsilon", 1e-5))
     cache = model.kv_cache(config["n_layer"], n_head, n_ctx, config["n_embd"], dtype=kv_dtype)
-    out = blank(at, len(ids))
+    out = np.full(len(ids), np.nan)
     for begin, first, end in windows(len(ids), n_ctx, stride):
         # The context up to `first` gives the logits for token `first`; tokens first .. end-2, run
         # against the cache, give those for first+1 .. end-1. Token end-1 itself predicts nothing here.
         logits = forward(ids[begin:first], **params, **run, cache=cache, past=0, last=True)  # [1, n_vocab]
         check_finite(logits, f"token {first}")
-        out[first] = at(logits, ids[first : first + 1])[0]
+        out[first] = log_softmax_at(logits, ids[first : first + 1])[0]
         if end - first > 1:
             logits = forward(
                 ids[first : end - 1], **params, **run, cache=cache, past=first - begin
             )  # [end-1-first, n_vocab]
             check_finite(logits, f"tokens {first + 1} to {end - 1}")
-            out[first + 1 : end] = at(logits, ids[first + 1 : end])
+            out[first + 1 : end] = log_softmax_at(logits, ids[first + 1 : end])
         if progress:
             progress(end - first)
     return out
