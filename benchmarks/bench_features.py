@@ -7,7 +7,7 @@ against computing them as users do today, transformers' logits then the statisti
 
 A corpus of random-token documents as bench_corpus.py builds them (lengths log-uniform in --low ..
 --high; the ones over gpt2's context of 1,024 are scored in sliding windows, stride 512), gpt2's real
-shapes with random weights. Engines, each over the whole corpus (text in, figures out), interleaved,
+shapes with random weights. Engines, each in a process of its own (workers.py), each over the whole corpus (text in, figures out), interleaved,
 best of --repeats (every time is in the JSON), after an untimed warm-up on the 4 shortest documents:
 - picogpt plain: `Model.score_many(docs)`, every result consumed;
 - picogpt, every one-model feature: `Model.score_many(docs, features=FEATURES)` (below);
@@ -283,8 +283,9 @@ def main():
     import numba
     import torch
     import transformers
-    from bench_corpus import corpus, job_flops, sgemm_rate, timed
+    from bench_corpus import corpus, job_flops, sgemm_rate
     from compare_torch import random_checkpoint
+    from workers import Worker
 
     import picogpt
     from picogpt import threads
@@ -293,19 +294,9 @@ def main():
     cpus = threads.available()
     if args.threads:
         threads.use(args.threads, why="--threads")
-    n_threads = args.threads or cpus.n
-    torch.set_num_threads(n_threads)
     folder = checkpoint(args.folder, lambda f: random_checkpoint("gpt2", f))
     observer_folder = checkpoint(args.observer, observer_checkpoint)
-    models = {dtype: picogpt.load(folder, dtype=dtype) for dtype in args.dtypes}
-    want_binoculars = "binoculars" not in args.skip
-    observers = {dtype: picogpt.load(observer_folder, dtype=dtype) for dtype in args.dtypes} if want_binoculars else {}
-    hf = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="sdpa").eval()
-    hf_observer = None
-    if want_binoculars and "transformers-binoculars" not in args.skip:
-        hf_observer = transformers.GPT2LMHeadModel.from_pretrained(observer_folder, attn_implementation="sdpa").eval()
-
-    model = models[args.dtypes[0]]
+    model = picogpt.load(folder)  # its tokenizer and config: this process times nothing but the sgemm rate
     tokenizer, config = model.tokenizer, model.config
     n_ctx, stride = config["n_positions"], config["n_positions"] // 2
     docs = corpus(np.random.default_rng(0), tokenizer, args.docs, args.low, args.high)
@@ -315,34 +306,12 @@ def main():
     rate = sgemm_rate()
     limit = scored / (flops / rate)
 
-    engines = {}  # name: (picogpt's dtype or None for transformers, kind, fn(docs) -> each document's results)
-    for dtype in args.dtypes:
-        m, o = models[dtype], observers.get(dtype)
-        engines[f"picogpt plain, {dtype}"] = (dtype, "plain", lambda d, m=m: picogpt_run(m, d))
-        engines[f"picogpt, every feature, {dtype}"] = (dtype, "features", lambda d, m=m: picogpt_run(m, d, FEATURES))
-        if o is not None:
-            engines[f"picogpt, binoculars (2 models), {dtype}"] = (
-                dtype,
-                "binoculars",
-                lambda d, m=m, o=o: picogpt_run(m, d, "binoculars", o),
-            )
-    way = lambda kind, observer=None: (
-        lambda d: transformers_way(  # noqa: E731
-            kind, hf, tokenizer, d, n_ctx, stride, args.top, observer
-        )
-    )
-    if "transformers-plain" not in args.skip:
-        engines["transformers plain (log_softmax, gather), float32"] = (None, "plain", way("plain"))
-    engines["transformers way, every feature, float32"] = (None, "features", way("features"))
-    if "one-at-a-time" not in args.skip:
-        engines[ONE] = (None, "one", lambda d: one_at_a_time(hf, tokenizer, d, n_ctx, stride))
-    if hf_observer is not None:
-        engines["transformers way, binoculars (2 models), float32"] = (
-            None,
-            "binoculars",
-            way("binoculars", hf_observer),
-        )
-
+    engines = table(args)
+    setup = os.path.join(tempfile.mkdtemp(prefix="bench-features-"), "setup.json")
+    with open(setup, "w") as f:
+        json.dump({"args": vars(args), "folder": folder, "observer": observer_folder, "docs": docs}, f)
+    print(f"starting {len(engines)} workers, one an engine", file=sys.stderr, flush=True)
+    started = {name: Worker(name, f"{setup}#{name}", script=__file__) for name in engines}
     versions = (
         f"picogpt {picogpt.__version__}, numpy {np.__version__}, numba {numba.__version__}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}"
@@ -350,7 +319,7 @@ def main():
     windowed = sum(n > n_ctx for n in lengths)
     header = [
         f"host: {os.cpu_count()} cores ({cpus.why}), kernels {target.name()}; sgemm {rate / 1e9:.1f} GFLOP/s; {versions}",
-        f"threads: picogpt {threads.describe()}, torch {torch.get_num_threads()}",
+        f"threads: picogpt {threads.describe()}, torch {args.threads or cpus.n}; each engine in a process of its own",
         f"corpus: {args.docs} random-token docs of {min(lengths)} to {max(lengths)} tokens ({args.low}-{args.high} "
         f"log-uniform), {windowed} over the context of {n_ctx} (windows, stride {stride}), {scored} scored tokens; "
         f"gpt2's shapes, random weights; best of {args.repeats}; arithmetic limit {limit:.0f} scored tok/s",
@@ -359,18 +328,21 @@ def main():
     for line in header:
         print(line, file=sys.stderr, flush=True)
 
-    # Warm-up, untimed: compiles (or loads) picogpt's kernels; torch's first passes
-    for _, _, fn in engines.values():
-        fn(sorted(docs, key=len)[:4])
-
     times = {name: [] for name in engines}
     results = {}
-    for r in range(args.repeats):
-        for name, (_, _, fn) in engines.items():
-            time.sleep(1.0)  # the last engine's idle threads stop spinning before this one starts
-            seconds = timed(lambda fn=fn, name=name: results.__setitem__(name, fn(docs)))
-            times[name].append(seconds)
-            print(f"  run {r + 1}: {name}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    try:
+        for worker in started.values():  # warm-up, untimed: picogpt's kernels compiled or loaded; torch's first passes
+            worker.ask("warm")
+        for r in range(args.repeats):
+            for name, worker in started.items():
+                time.sleep(1.0)  # the last engine's idle threads stop spinning before this one starts
+                answer = worker.ask("all")
+                results[name] = answer["results"]
+                times[name].append(answer["seconds"])
+                print(f"  run {r + 1}: {name}: {answer['seconds']:.2f} s", file=sys.stderr, flush=True)
+    finally:
+        for worker in started.values():
+            worker.close()
     best = {name: min(t) for name, t in times.items()}
 
     # Equality: every picogpt row against the transformers row of its kind (plain: the nll alone)
@@ -448,7 +420,7 @@ def main():
             "cores": os.cpu_count(),
             "cpus": cpus.why,
             "kernels": target.name(),
-            "threads": {"picogpt": threads.describe(), "torch": torch.get_num_threads()},
+            "threads": {"picogpt": threads.describe(), "torch": args.threads or cpus.n},
             "versions": versions,
             "sgemm_flops": rate,
             "when": time.strftime("%Y-%m-%d %H:%M"),
@@ -465,5 +437,86 @@ def main():
         sys.exit(f"bench_features: the transformers way's features disagree with picogpt's: {', '.join(failed)}")
 
 
+def table(args):
+    """The engines timed, in order: name -> (picogpt's dtype, or None for transformers; kind; make),
+    make(folder, observer folder) -> fn(docs) -> each document's results. Only a worker calls make."""
+    import picogpt
+
+    def way(kind, observed=False):
+        def make(folder, observer):
+            import transformers
+
+            load = lambda f: transformers.GPT2LMHeadModel.from_pretrained(f, attn_implementation="sdpa").eval()  # noqa: E731
+            hf, model = load(folder), picogpt.load(folder)
+            seen = load(observer) if observed else None
+            n_ctx = model.config["n_positions"]
+            return lambda d: transformers_way(kind, hf, model.tokenizer, d, n_ctx, n_ctx // 2, args.top, seen)
+
+        return make
+
+    def one(folder, observer):
+        import transformers
+
+        hf, model = (
+            transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="sdpa").eval(),
+            picogpt.load(folder),
+        )
+        n_ctx = model.config["n_positions"]
+        return lambda d: one_at_a_time(hf, model.tokenizer, d, n_ctx, n_ctx // 2)
+
+    def on(dtype, features=None, observed=False):
+        def make(folder, observer):
+            m = picogpt.load(folder, dtype=dtype)
+            o = picogpt.load(observer, dtype=dtype) if observed else None
+            return lambda d: picogpt_run(m, d, features, o)
+
+        return make
+
+    engines = {}
+    for dtype in args.dtypes:
+        engines[f"picogpt plain, {dtype}"] = (dtype, "plain", on(dtype))
+        engines[f"picogpt, every feature, {dtype}"] = (dtype, "features", on(dtype, FEATURES))
+        if "binoculars" not in args.skip:
+            engines[f"picogpt, binoculars (2 models), {dtype}"] = (dtype, "binoculars", on(dtype, "binoculars", True))
+    if "transformers-plain" not in args.skip:
+        engines["transformers plain (log_softmax, gather), float32"] = (None, "plain", way("plain"))
+    engines["transformers way, every feature, float32"] = (None, "features", way("features"))
+    if "one-at-a-time" not in args.skip:
+        engines[ONE] = (None, "one", one)
+    if "binoculars" not in args.skip and "transformers-binoculars" not in args.skip:
+        engines["transformers way, binoculars (2 models), float32"] = (None, "binoculars", way("binoculars", True))
+    return engines
+
+
+def worker(spec):
+    """In an engine's own process: build the engine `spec` names (SETUP.json#NAME), then answer "warm"
+    (the 4 shortest documents, untimed by the caller's figures) and "all" with its seconds and results."""
+    import torch
+    from workers import serve
+
+    from picogpt import threads
+
+    path, name = spec.split("#", 1)
+    with open(path) as f:
+        setup = json.load(f)
+    args = argparse.Namespace(**setup["args"])
+    if args.threads:
+        threads.use(args.threads, why="--threads")
+    torch.set_num_threads(args.threads or threads.available().n)
+    fn = table(args)[name][2](setup["folder"], setup["observer"])
+    docs = setup["docs"]
+
+    def handle(what):
+        chosen = docs if what == "all" else sorted(docs, key=len)[:4]
+        start = time.perf_counter()
+        results = fn(chosen)
+        return {"seconds": time.perf_counter() - start, "results": results}
+
+    serve(handle)
+
+
 if __name__ == "__main__":
-    main()
+    if "--worker" in sys.argv:
+        worker(sys.argv[sys.argv.index("--worker") + 1])
+    else:
+        main()
